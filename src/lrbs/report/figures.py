@@ -1,0 +1,570 @@
+"""Figures used across lrbs: training curves, curves, bars, heatmaps, contours, schedules.
+
+Every function builds a ``matplotlib.figure.Figure`` directly (never through ``pyplot``), so there is no
+global figure registry, no GUI backend and no shared state: it is safe in threads and in headless runs. Style
+is set per call (explicit font sizes and colours), never through ``rcParams``. Colours are the Okabe-Ito
+palette, which stays distinguishable with the common forms of colour blindness (Okabe & Ito, 2008); maps
+use viridis.
+
+Each function takes ``ax=None`` (draw into a new figure) or an existing ``Axes``, and returns the figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, LrbsTypeError, ShapeError, check_choice, check_int, check_number
+
+__all__ = [
+    "PALETTE",
+    "plot_fit",
+    "plot_curves",
+    "plot_bars",
+    "plot_heatmap",
+    "plot_contour",
+    "plot_schedule",
+    "ema",
+    "log_levels",
+]
+
+# Okabe & Ito (2008), "Color Universal Design"; yellow last because it is faint on white.
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+_LINESTYLES = ("-", "--", ":", "-.")
+_FONT = {"title": 10, "label": 9, "tick": 8, "legend": 8, "annot": 7}
+_SIZE = (6.4, 3.6)
+
+
+# --------------------------------------------------------------------------- helpers
+def _new_axes(ax: Any, figsize: tuple[float, float] = _SIZE, ncols: int = 1) -> tuple[Any, list[Any]]:
+    """``(figure, [axes...])``: a fresh constrained-layout figure, or the figure of the given ``ax``."""
+    if ax is None:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize, layout="constrained")
+        axes = list(np.atleast_1d(fig.subplots(1, ncols, squeeze=False)).ravel())
+        return fig, axes
+    axes = list(ax) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
+    for a in axes:
+        if not hasattr(a, "plot") or not hasattr(a, "figure"):
+            raise LrbsTypeError(
+                f"ax={a!r} is not allowed: must be a matplotlib Axes (or None for a new figure)"
+            )
+    return axes[0].figure, axes
+
+
+def _style(ax: Any, title: str = "", xlabel: str = "", ylabel: str = "", grid: bool = True) -> None:
+    if title:
+        ax.set_title(title, fontsize=_FONT["title"])
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=_FONT["label"])
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=_FONT["label"])
+    ax.tick_params(labelsize=_FONT["tick"])
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    if grid:
+        ax.grid(True, which="major", color="#d0d7de", linewidth=0.6, alpha=0.8)
+        ax.set_axisbelow(True)
+
+
+def _legend(ax: Any) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if any(lbl and not lbl.startswith("_") for lbl in labels):
+        ax.legend(fontsize=_FONT["legend"], frameon=False)
+
+
+def _color(i: int) -> str:
+    return PALETTE[i % len(PALETTE)]
+
+
+def _linestyle(i: int) -> str:
+    return _LINESTYLES[(i // len(PALETTE)) % len(_LINESTYLES)]
+
+
+def _array1d(name: str, x: Any) -> np.ndarray:
+    try:
+        a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise LrbsTypeError(f"{name} is not allowed: must be an array of numbers ({e})") from None
+    if a.ndim != 1:
+        raise ShapeError(f"{name} has shape {a.shape}: must be 1-D")
+    return a
+
+
+def _tick_text(v: Any) -> str:
+    from .html import fmt
+
+    return fmt(v, digits=3)
+
+
+def ema(values: np.ndarray, beta: float) -> np.ndarray:
+    """Bias-corrected exponential moving average (as in TensorBoard / Adam): ``m_t / (1 - beta^(t+1))``."""
+    out = np.empty(len(values))
+    m = 0.0
+    for t, v in enumerate(values):
+        m = beta * m + (1.0 - beta) * v
+        out[t] = m / (1.0 - beta ** (t + 1))
+    return out
+
+
+# --------------------------------------------------------------------------- training curves
+def _fit_parts(r: Any, i: int) -> tuple[dict, list]:
+    if isinstance(r, Mapping) and "history" in r and "evals" in r:
+        return r["history"], r["evals"]
+    if hasattr(r, "history") and hasattr(r, "evals"):
+        return r.history, r.evals
+    raise LrbsTypeError(
+        f"results[{i}]={type(r).__name__} is not allowed: "
+        "must be a FitResult (or a dict with 'history' and 'evals')"
+    )
+
+
+def _default_label(r: Any, i: int) -> str:
+    cfg = getattr(r, "config", None) or (r.get("config") if isinstance(r, Mapping) else None) or {}
+    parts = [f"{k}={_tick_text(cfg[k])}" for k in ("lr", "batch_size") if _is_num(cfg.get(k))]
+    return ", ".join(parts).replace("batch_size", "B") or f"run {i + 1}"
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+
+
+def plot_fit(
+    results: Any,
+    labels: Sequence[str] | None = None,
+    ax: Any = None,
+    *,
+    x: str = "step",
+    smooth: float = 0.9,
+    logy: bool = False,
+    title: str = "",
+) -> Any:
+    """Training loss per step (smoothed) and test accuracy per evaluation, for one or several runs.
+
+    The smoothed loss is the bias-corrected exponential moving average
+    ``m_t = smooth * m_{t-1} + (1 - smooth) * loss_t``, shown as ``m_t / (1 - smooth^(t+1))``; the raw loss is
+    drawn faintly behind it. A diverged run's curve stops at its last finite loss.
+
+    Args:
+        results: a ``FitResult`` (``.history`` with ``step, samples, lr, batch_size, loss``; ``.evals`` a
+            list of dicts with ``step, test_acc, ...``), a dict with the same keys, or a list of them.
+        labels: one legend label per run (default: ``lr=..., B=...`` from the run's config).
+        ax: None (a new figure with two panels), a pair of Axes, or one Axes (accuracy on a twin y axis).
+        x: ``"step"`` or ``"samples"`` (training examples seen: the fair axis to compare batch sizes).
+        smooth: the EMA factor in ``[0, 1)``; 0 draws the raw loss only.
+        logy: log scale for the loss.
+        title: a title over the figure.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Raises:
+        LrbsTypeError: If a result has no history/evals.
+        ConfigError: If ``labels`` does not have one label per run, or ``x``/``smooth`` is not allowed.
+    """
+    runs = list(results) if isinstance(results, (list, tuple)) else [results]
+    if not runs:
+        raise ConfigError("results=[] is not allowed: give at least one FitResult")
+    parts = [_fit_parts(r, i) for i, r in enumerate(runs)]
+    if labels is None:
+        labels = [_default_label(r, i) for i, r in enumerate(runs)]
+    elif isinstance(labels, str) or len(labels) != len(runs):
+        raise ConfigError(f"labels={labels!r} is not allowed: must be a list of {len(runs)} str, one per run")
+    check_choice("x", x, ("step", "samples"))
+    smooth = check_number("smooth", smooth, low=0.0, high=1.0, low_inclusive=True, high_inclusive=False)
+
+    fig, axes = _new_axes(ax, figsize=(9.0, 3.4), ncols=2)
+    ax_loss = axes[0]
+    ax_acc = axes[1] if len(axes) > 1 else ax_loss.twinx()
+    for i, ((hist, evals), label) in enumerate(zip(parts, labels)):
+        xs = np.asarray(hist[x], dtype=np.float64)
+        loss = np.asarray(hist["loss"], dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(loss))
+        n = int(bad[0]) if bad.size else len(loss)
+        c, ls = _color(i), _linestyle(i)
+        if smooth > 0 and n > 1:
+            ax_loss.plot(xs[:n], loss[:n], color=c, alpha=0.2, linewidth=0.8)
+            ax_loss.plot(xs[:n], ema(loss[:n], smooth), color=c, linestyle=ls, linewidth=1.5, label=label)
+        else:
+            ax_loss.plot(xs[:n], loss[:n], color=c, linestyle=ls, linewidth=1.5, label=label)
+        ev = [e for e in evals if _is_num(e.get("test_acc"))]
+        if ev:
+            if x == "samples" and not all("samples" in e for e in ev):
+                ex = np.interp([e["step"] for e in ev], np.asarray(hist["step"], float), xs)
+            else:
+                ex = np.array([e[x] for e in ev], dtype=np.float64)
+            ax_acc.plot(
+                ex, [e["test_acc"] for e in ev], color=c, linestyle=ls, marker="o", markersize=3, label=label
+            )
+    if logy:
+        ax_loss.set_yscale("log")
+    xlabel = "step" if x == "step" else "training examples seen"
+    _style(ax_loss, "training loss" + (" (smoothed)" if smooth > 0 else ""), xlabel, "loss")
+    _style(
+        ax_acc, "test accuracy" if ax_acc is not ax_loss else "", xlabel, "test accuracy", grid=ax_acc in axes
+    )
+    _legend(ax_loss)
+    if title:
+        fig.suptitle(title, fontsize=_FONT["title"] + 1)
+    return fig
+
+
+# --------------------------------------------------------------------------- generic plots
+def plot_curves(
+    x: Any,
+    ys: Mapping[str, Any] | Any,
+    xlabel: str = "",
+    ylabel: str = "",
+    logx: bool = False,
+    logy: bool = False,
+    title: str = "",
+    *,
+    sds: Mapping[str, Any] | None = None,
+    ax: Any = None,
+) -> Any:
+    """Several curves ``y(x)`` on one axes, with optional ``±sd`` bands.
+
+    On a log axis, non-positive values are not drawn (matplotlib's "mask" rule). NaN values leave gaps.
+
+    Args:
+        x: the shared x values, shape ``(n,)``.
+        ys: ``{label: y}`` with each ``y`` of shape ``(n,)`` (a single array is drawn without a legend).
+        xlabel, ylabel, title: text.
+        logx, logy: log scales.
+        sds: ``{label: sd}`` (a subset of ``ys``' labels): a band ``y - sd .. y + sd`` is shaded.
+        ax: an Axes to draw into, or None.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Raises:
+        ShapeError: If a curve's length differs from ``x``'s, or ``x`` is not 1-D.
+        ConfigError: If ``logx`` is set and ``x`` has no positive value, or ``sds`` names an unknown curve.
+    """
+    xv = _array1d("x", x)
+    curves = dict(ys) if isinstance(ys, Mapping) else {"": ys}
+    sds = dict(sds or {})
+    for k in sds:
+        if k not in curves:
+            raise ConfigError(f"sds has the key {k!r}, which is not a curve; curves: {list(curves)}")
+    if logx and not np.any(xv > 0):
+        raise ConfigError(f"logx=True is not allowed with x={xv.tolist()[:5]}...: it has no positive value")
+    fig, (axis,) = _new_axes(ax)
+    for i, (label, y) in enumerate(curves.items()):
+        yv = _array1d(f"ys[{label!r}]", y)
+        if yv.shape != xv.shape:
+            raise ShapeError(f"ys[{label!r}] has {yv.size} values but x has {xv.size}: they must match")
+        axis.plot(xv, yv, color=_color(i), linestyle=_linestyle(i), linewidth=1.5, label=label or None)
+        if label in sds:
+            sd = _array1d(f"sds[{label!r}]", sds[label])
+            if sd.shape != xv.shape:
+                raise ShapeError(f"sds[{label!r}] has {sd.size} values but x has {xv.size}: they must match")
+            axis.fill_between(xv, yv - sd, yv + sd, color=_color(i), alpha=0.2, linewidth=0)
+    if logx:
+        axis.set_xscale("log")
+    if logy:
+        axis.set_yscale("log")
+    _style(axis, title, xlabel, ylabel)
+    _legend(axis)
+    return fig
+
+
+def plot_bars(
+    labels: Sequence[str],
+    means: Any,
+    sds: Any = None,
+    ylabel: str = "",
+    title: str = "",
+    *,
+    ax: Any = None,
+) -> Any:
+    """Bars with ``±sd`` error bars; a NaN mean is marked ``n/a`` instead of a bar.
+
+    Args:
+        labels: one label per bar.
+        means: the bar heights.
+        sds: the error-bar half-lengths (standard deviations or errors), or None.
+        ylabel, title: text.
+        ax: an Axes to draw into, or None.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Raises:
+        ShapeError: If ``labels``, ``means`` and ``sds`` differ in length.
+    """
+    labels = [str(v) for v in labels]
+    m = _array1d("means", means)
+    if m.size != len(labels):
+        raise ShapeError(f"means has {m.size} values but labels has {len(labels)}: they must match")
+    s = None if sds is None else _array1d("sds", sds)
+    if s is not None and s.size != m.size:
+        raise ShapeError(f"sds has {s.size} values but means has {m.size}: they must match")
+    fig, (axis,) = _new_axes(ax, figsize=(max(3.2, 0.7 * len(labels) + 1.5), 3.4))
+    pos = np.arange(len(labels))
+    colors = [_color(i) for i in range(len(labels))]
+    axis.bar(pos, np.nan_to_num(m, nan=0.0), color=colors, width=0.65, alpha=0.9)
+    if s is not None:
+        axis.errorbar(pos, m, yerr=s, fmt="none", ecolor="#24292f", elinewidth=1.0, capsize=4)
+    for p in pos[np.isnan(m)]:
+        axis.text(p, 0, "n/a", ha="center", va="bottom", fontsize=_FONT["annot"], color="#59636e")
+    axis.set_xticks(pos, labels, rotation=30 if max(map(len, labels), default=0) > 8 else 0, ha="right")
+    _style(axis, title, "", ylabel)
+    axis.grid(False, axis="x")
+    return fig
+
+
+def _grid(Z: Any, xs: Any, ys: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    z = np.asarray(Z, dtype=np.float64)
+    xv, yv = _array1d("xs", xs), _array1d("ys", ys)
+    if z.shape != (yv.size, xv.size):
+        raise ShapeError(
+            f"Z has shape {z.shape} but must be (len(ys), len(xs)) = ({yv.size}, {xv.size}): rows follow ys"
+        )
+    return z, xv, yv
+
+
+def plot_heatmap(
+    Z: Any,
+    xs: Any,
+    ys: Any,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str = "",
+    log: bool = False,
+    *,
+    annotate: bool | None = None,
+    cbar_label: str = "",
+    ax: Any = None,
+) -> Any:
+    """A grid of values over two settings (e.g. test accuracy over LR x batch size), one cell per setting.
+
+    Cells are equal-sized whatever the spacing of ``xs`` and ``ys`` (sweeps are usually log-spaced); tick
+    labels give the values. NaN cells (e.g. diverged runs) are drawn light grey.
+
+    Args:
+        Z: values, shape ``(len(ys), len(xs))``: ``Z[i, j]`` is at ``(xs[j], ys[i])``.
+        xs, ys: the settings along each axis.
+        xlabel, ylabel, title: text.
+        log: logarithmic colour scale (non-positive values are then drawn as missing).
+        annotate: write each value in its cell (default: when the grid has at most 120 cells).
+        cbar_label: the colour bar's label.
+        ax: an Axes to draw into, or None.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Raises:
+        ShapeError: If ``Z`` is not ``(len(ys), len(xs))``.
+    """
+    from matplotlib.colors import LogNorm, Normalize
+
+    z, xv, yv = _grid(Z, xs, ys)
+    zm = np.ma.masked_invalid(np.where(z > 0, z, np.nan) if log else z)
+    fig, (axis,) = _new_axes(ax, figsize=(max(4.0, 0.6 * xv.size + 2.2), max(3.0, 0.45 * yv.size + 1.4)))
+    norm = None
+    if zm.count():
+        lo, hi = float(zm.min()), float(zm.max())
+        norm = (
+            LogNorm(lo, hi if hi > lo else lo * 1.0001)
+            if log
+            else Normalize(lo, hi if hi > lo else lo + 1e-12)
+        )
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#e5e7eb")
+    im = axis.imshow(zm, origin="lower", aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    axis.set_xticks(np.arange(xv.size), [_tick_text(v) for v in xv])
+    axis.set_yticks(np.arange(yv.size), [_tick_text(v) for v in yv])
+    if annotate is None:
+        annotate = z.size <= 120
+    if annotate:
+        for (i, j), v in np.ndenumerate(z):
+            if np.isfinite(v) and norm is not None and not (log and v <= 0):
+                r, g, b, _ = cmap(norm(v))
+                color = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+            else:
+                color = "#59636e"
+            axis.text(j, i, _tick_text(v), ha="center", va="center", fontsize=_FONT["annot"], color=color)
+    cb = fig.colorbar(im, ax=axis)
+    cb.ax.tick_params(labelsize=_FONT["tick"])
+    if cbar_label:
+        cb.set_label(cbar_label, fontsize=_FONT["label"])
+    _style(axis, title, xlabel, ylabel, grid=False)
+    return fig
+
+
+def log_levels(Z: Any, n: int = 20) -> np.ndarray:
+    """``n`` log-spaced contour levels from the smallest positive finite value of ``Z`` to its largest.
+
+    Raises:
+        ConfigError: If ``Z`` has no positive finite value.
+    """
+    z = np.asarray(Z, dtype=np.float64)
+    pos = z[np.isfinite(z) & (z > 0)]
+    if pos.size == 0:
+        raise ConfigError("Z has no positive finite value: log-spaced levels need one (use log=False)")
+    lo, hi = float(pos.min()), float(pos.max())
+    if hi <= lo:
+        hi = lo * 1.01
+    return np.geomspace(lo, hi, n)
+
+
+def _colorbar_ticks(cb: Any, levels: np.ndarray) -> None:
+    """About six of the contour levels as colour-bar ticks, written with :func:`~lrbs.report.html.fmt`."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    idx = np.unique(np.linspace(0, len(levels) - 1, min(6, len(levels))).round().astype(int))
+    cb.ax.yaxis.set_major_locator(FixedLocator(levels[idx]))
+    cb.ax.yaxis.set_minor_locator(NullLocator())
+    cb.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick_text(v)))
+    cb.ax.tick_params(labelsize=_FONT["tick"])
+
+
+def plot_contour(
+    Z: Any,
+    xs: Any,
+    ys: Any,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str = "",
+    log: bool = True,
+    *,
+    levels: int | Sequence[float] = 20,
+    filled: bool = True,
+    points: Mapping[str, tuple[float, float]] | None = None,
+    cbar_label: str = "loss",
+    ax: Any = None,
+) -> Any:
+    """Contours of a surface on a grid, e.g. a 2-D loss-landscape slice (Li et al., 2018).
+
+    Levels are log-spaced by default (:func:`log_levels`), so both the basin floor and the walls show.
+    NaN values (e.g. points where the loss overflowed) leave gaps.
+
+    Args:
+        Z: values, shape ``(len(ys), len(xs))``: ``Z[i, j]`` is at ``(xs[j], ys[i])``.
+        xs, ys: the grid coordinates (increasing).
+        xlabel, ylabel, title: text.
+        log: log-spaced levels and a log colour scale.
+        levels: the number of levels, or the levels themselves.
+        filled: filled contours (``contourf``) with line contours on top; else lines only.
+        points: ``{label: (x, y)}`` markers, e.g. the trained minima of a connectivity plane.
+        cbar_label: the colour bar's label.
+        ax: an Axes to draw into, or None.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Raises:
+        ShapeError: If ``Z`` is not ``(len(ys), len(xs))``.
+        ConfigError: If ``log`` is set and ``Z`` has no positive value, or ``levels`` is not allowed.
+    """
+    from matplotlib.colors import LogNorm
+
+    z, xv, yv = _grid(Z, xs, ys)
+    if isinstance(levels, (int, np.integer)) and not isinstance(levels, bool):
+        n = check_int("levels", levels, low=2)
+        finite = z[np.isfinite(z)]
+        if log:
+            lv = log_levels(z, n)
+        elif finite.size:
+            lo, hi = float(finite.min()), float(finite.max())
+            lv = np.linspace(lo, hi if hi > lo else lo + 1.0, n)
+        else:
+            lv = np.linspace(0.0, 1.0, n)
+    else:
+        lv = _array1d("levels", levels)
+        if lv.size < 2 or np.any(np.diff(lv) <= 0):
+            raise ConfigError(f"levels={lv.tolist()} is not allowed: must be at least 2 increasing values")
+    zm = np.ma.masked_invalid(np.where(z > 0, z, np.nan) if log else z)
+    fig, (axis,) = _new_axes(ax, figsize=(4.8, 4.0))
+    norm = LogNorm(lv[0], lv[-1]) if log else None
+    if zm.count() == 0:
+        axis.text(0.5, 0.5, "no finite values", transform=axis.transAxes, ha="center", va="center")
+    elif filled:
+        cs = axis.contourf(xv, yv, zm, levels=lv, cmap="viridis", norm=norm, extend="both")
+        axis.contour(xv, yv, zm, levels=lv, colors="white", linewidths=0.4, alpha=0.6)
+        cb = fig.colorbar(cs, ax=axis)
+        _colorbar_ticks(cb, lv)
+        cb.set_label(cbar_label, fontsize=_FONT["label"])
+    else:
+        cs = axis.contour(xv, yv, zm, levels=lv, cmap="viridis", norm=norm, linewidths=1.0)
+        axis.clabel(cs, fontsize=_FONT["annot"], fmt=_tick_text)
+    for i, (label, (px, py)) in enumerate((points or {}).items()):
+        axis.plot(
+            [px], [py], marker="o", markersize=6, color=_color(i + 1), markeredgecolor="white", label=label
+        )
+    _style(axis, title, xlabel, ylabel, grid=False)
+    _legend(axis)
+    return fig
+
+
+def plot_schedule(
+    schedules: Mapping[str, Any],
+    n: int,
+    *,
+    ylabel: str = "learning rate",
+    logy: bool = False,
+    title: str = "",
+    ax: Any = None,
+) -> Any:
+    """The first ``n`` values of one or several schedules (LR, momentum or batch size) against the step.
+
+    Args:
+        schedules: ``{label: schedule}``; a schedule is an lrbs ``Schedule`` (``.values(n)``), any callable
+            ``step -> value``, or an array of at least ``n`` values.
+        n: the number of steps to draw.
+        ylabel, title: text.
+        logy: log scale for the values.
+        ax: an Axes to draw into, or None.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Raises:
+        LrbsTypeError: If ``schedules`` is not a dict or an entry is not a schedule.
+        ShapeError: If an array has fewer than ``n`` values.
+    """
+    if not isinstance(schedules, Mapping):
+        raise LrbsTypeError(f"schedules={schedules!r} is not allowed: must be a dict {{label: schedule}}")
+    n = check_int("n", n, low=1)
+    fig, (axis,) = _new_axes(ax)
+    steps = np.arange(n)
+    for i, (label, s) in enumerate(schedules.items()):
+        values, integer = _schedule_values(label, s, n)
+        axis.plot(
+            steps,
+            values,
+            color=_color(i),
+            linestyle=_linestyle(i),
+            linewidth=1.5,
+            label=label,
+            drawstyle="steps-post" if integer else "default",
+        )
+    if logy:
+        axis.set_yscale("log")
+    _style(axis, title, "step", ylabel)
+    _legend(axis)
+    return fig
+
+
+def _schedule_values(label: str, s: Any, n: int) -> tuple[np.ndarray, bool]:
+    if hasattr(s, "values") and callable(s.values) and not isinstance(s, Mapping):
+        return np.asarray(s.values(n), dtype=np.float64), bool(getattr(s, "integer", False))
+    if isinstance(s, Callable):
+        return np.array([float(s(t)) for t in range(n)]), False
+    try:
+        a = np.asarray(s, dtype=np.float64)
+    except (TypeError, ValueError):
+        a = None
+    if a is None or a.ndim != 1:
+        raise LrbsTypeError(
+            f"schedules[{label!r}]={s!r} is not allowed: "
+            "must be a Schedule, a callable step -> value, or a 1-D array"
+        )
+    if a.size < n:
+        raise ShapeError(f"schedules[{label!r}] has {a.size} values but n={n} steps are drawn")
+    return a[:n], False
