@@ -1,0 +1,129 @@
+"""``lrbs sweep SPEC.toml``: run an LR x batch-size grid from a TOML spec, print the table.
+
+The spec has three tables (see ``examples/sweep.toml`` and ``docs/sweep.md``)::
+
+    [base]            training options shared by every run (lrbs.train.CONFIG_DEFAULTS)
+    [grid]            option = [values...]; the runs are the cartesian product
+    [sweep]           measure, backend, store, max_concurrency, ray_address, num_cpus_per_task, ...
+
+Command-line options override the ``[sweep]`` table. A relative ``store`` in the spec is relative to the spec
+file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, LrbsTypeError, closest
+
+TABLES = ("base", "grid", "sweep")
+SWEEP_OPTIONS = (
+    "measure",
+    "backend",
+    "store",
+    "max_concurrency",
+    "ray_address",
+    "num_cpus_per_task",
+    "num_gpus_per_task",
+    "max_retries",
+    "measure_samples",
+    "measure_seed",
+    "connect_timeout",
+)
+
+
+def _toml() -> Any:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib
+
+
+def load_spec(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read and check a sweep spec: ``{"base": {...}, "grid": {...}, "sweep": {...}}``.
+
+    Raises:
+        ConfigError: missing file, malformed TOML (the message has the line and column), unknown tables or
+            ``[sweep]`` options (the closest name is suggested), a missing ``[grid]``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"spec={str(path)!r} does not exist: give the path of a TOML sweep spec")
+    toml = _toml()
+    try:
+        data = toml.loads(path.read_text(encoding="utf-8"))
+    except toml.TOMLDecodeError as e:  # the message ends with "(at line L, column C)"
+        raise ConfigError(f"spec={str(path)!r} is not valid TOML: {e}") from None
+    for name in data:
+        if name not in TABLES:
+            hint = closest(name, TABLES)
+            did = f" Did you mean {hint!r}?" if hint else ""
+            raise ConfigError(
+                f"spec={str(path)!r}: unknown table [{name}].{did} Allowed: {', '.join(TABLES)}"
+            )
+        if not isinstance(data[name], dict):
+            raise LrbsTypeError(f"spec={str(path)!r}: {name} must be a table [{name}], got {data[name]!r}")
+    if "grid" not in data:
+        raise ConfigError(f"spec={str(path)!r} has no [grid] table: give at least one option = [values]")
+    opts = dict(data.get("sweep", {}))
+    for k in opts:
+        if k not in SWEEP_OPTIONS:
+            hint = closest(k, SWEEP_OPTIONS)
+            did = f" Did you mean {hint!r}?" if hint else ""
+            raise ConfigError(
+                f"spec={str(path)!r}: unknown [sweep] option {k!r}.{did} Allowed: {', '.join(SWEEP_OPTIONS)}"
+            )
+    if isinstance(opts.get("store"), str) and not Path(opts["store"]).is_absolute():
+        opts["store"] = str(path.parent / opts["store"])
+    return {"base": dict(data.get("base", {})), "grid": dict(data["grid"]), "sweep": opts}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sweep",
+        help="train an LR x batch-size grid from a TOML spec (local or Ray)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("spec", help="the TOML spec ([base], [grid], [sweep])")
+    p.add_argument("--backend", choices=("local", "ray"), help="override [sweep] backend")
+    p.add_argument(
+        "--address", dest="ray_address", help="an existing Ray cluster, e.g. 10.0.0.1:6379 or auto"
+    )
+    p.add_argument("--store", help="results store (SQLite); finished runs in it are skipped")
+    p.add_argument("--max-concurrency", type=int, help="runs in flight at once")
+    p.add_argument("--measure", nargs="+", help="measures after training (top_eigenvalue, trace, keskar)")
+    p.add_argument("--heatmap", metavar="FILE", help="also save a heatmap (png/svg/pdf) of --metric")
+    p.add_argument("--metric", default="test_acc", help="the heatmap's metric (default test_acc)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ..sweep import sweep
+
+    spec = load_spec(args.spec)
+    opts = dict(spec["sweep"])
+    for k in ("backend", "ray_address", "store", "max_concurrency", "measure"):
+        v = getattr(args, k, None)
+        if v is not None:
+            opts[k] = v
+    result = sweep(spec["base"], spec["grid"], progress=not args.no_progress, **opts)
+    console = Console()
+    console.print(result.table(title=f"sweep {Path(args.spec).name}"))
+    cached = result.settings["num_cached"]
+    failed = sum(r.status == "failed" for r in result.runs)
+    console.print(
+        f"{len(result)} runs ({cached} from the store, {failed} failed) in "
+        f"{result.settings['wall_time']:.1f} s"
+        + (f"; store: {result.settings['store']}" if result.settings["store"] else "")
+    )
+    if args.heatmap:
+        result.heatmap(args.metric).savefig(args.heatmap, dpi=120, bbox_inches="tight")
+        console.print(f"heatmap of {args.metric}: {args.heatmap}")
+    return 1 if failed else 0

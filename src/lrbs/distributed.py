@@ -1,0 +1,511 @@
+"""Data-parallel large-batch training under ``torchrun`` (DDP), with the gradient noise scale for free.
+
+``torchrun --nproc-per-node N -m lrbs train --ddp ...`` (or :func:`ddp_train` in a script started by torchrun)
+trains one config on N processes: gloo on CPU, nccl on GPU.
+
+*Batches.* ``config["batch_size"]`` is the **global** batch ``B``; each rank computes the gradient of
+``B / N`` samples and DDP averages them, so the update is that of one process at batch ``B``. Every rank
+draws the same seeded global batch (the sampler of :func:`lrbs.train.fit`: consecutive seeded permutations of
+the training set) and takes its own contiguous slice of it, so the ranks see disjoint samples
+(DistributedSampler semantics) and **always the same number of batches**: no padding and no dropped tail are
+needed, and no rank can wait forever for another. ``B`` must be divisible by ``N`` (checked at every step of
+a batch-size schedule). The same config therefore trains the same model on any number of ranks, up to
+floating-point reduction order.
+
+*LR rules.* ``lr_rule="linear"`` (Goyal et al. 2017: ``lr = lr0 * B / B0``) or ``"sqrt"`` (Hoffer et al. 2017)
+scale the LR tuned at ``base_batch_size`` ``B0`` by the **global** batch, never the per-rank one (the
+recurring bug of reference §6b), optionally after ``warmup`` steps of linear warmup.
+
+*Noise scale.* :class:`DDPNoiseScale` is a DDP communication hook (the k-diffusion approach, McCandlish et al.
+2018, App. A): it records ``|bucket|^2`` before the all-reduce (the per-rank gradient, ``B_small = B / N``)
+and after the averaging all-reduce (the global gradient, ``B_big = B``); one scalar all-reduce gives the mean
+per-rank norm.
+
+References:
+    Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", arXiv 1706.02677.
+    McCandlish et al., "An Empirical Model of Large-Batch Training", arXiv 1812.06162.
+    Hoffer et al., "Train longer, generalize better", arXiv 1705.08741.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import ConfigError, check_choice, check_int, check_number
+
+__all__ = ["DDPNoiseScale", "ddp_train", "init_process_group", "two_batch_noise_scale"]
+
+LR_RULES = ("linear", "sqrt")
+
+
+# --------------------------------------------------------------------------------------------- estimator
+def two_batch_noise_scale(
+    g_small_sq: float, g_big_sq: float, b_small: float, b_big: float
+) -> tuple[float, float]:
+    """Unbiased estimates of ``|G|^2`` and ``tr(Sigma)`` from squared gradient norms at two batch sizes.
+
+    .. math::
+        |G|^2 \\approx \\frac{B_b |G_b|^2 - B_s |G_s|^2}{B_b - B_s}, \\qquad
+        \\mathrm{tr}\\Sigma \\approx \\frac{|G_s|^2 - |G_b|^2}{1/B_s - 1/B_b}
+
+    (McCandlish et al. 2018, Appendix A). Both gradients must be taken at the same weights; ``|G_s|^2`` is the
+    mean over the small batches. ``B_simple = tr(Sigma) / |G|^2``.
+
+    Raises:
+        ConfigError: ``b_small >= b_big`` or a batch size <= 0.
+    """
+    b_s, b_b = check_number("b_small", b_small, low=0.0), check_number("b_big", b_big, low=0.0)
+    if b_s >= b_b:
+        raise ConfigError(f"b_small={b_small!r} is not allowed: must be < b_big={b_big!r}")
+    g2 = (b_b * g_big_sq - b_s * g_small_sq) / (b_b - b_s)
+    trace = (g_small_sq - g_big_sq) / (1.0 / b_s - 1.0 / b_b)
+    return float(g2), float(trace)
+
+
+@dataclass
+class DDPNoiseScale:
+    """A DDP communication hook that averages gradients and reads the gradient noise scale on the way.
+
+    Register with ``ddp_model.register_comm_hook(None, noise.hook)``; after each backward call
+    :meth:`update` (it does the one scalar all-reduce and updates the EMAs). Inside the hook, for every
+    bucket: ``|g_rank|^2`` is accumulated before the all-reduce and ``|mean_r g_r|^2`` after it.
+
+    EMAs of ``|G|^2`` and ``tr(Sigma)`` are kept **separately** (a ratio of EMAs, not an EMA of the ratio),
+    debiased by ``1 - beta^t``, each clamped at >= 1e-8 in ``b_simple``.
+
+    Attributes:
+        beta: EMA factor.
+        process_group: the data-parallel group (default: the world).
+        enabled: set False to pass gradients through without recording (e.g. SAM's second pass).
+        records: per update: ``g_small_sq`` (mean per-rank), ``g_big_sq``, ``g2``, ``trace``, ``b_simple``.
+    """
+
+    beta: float = 0.99
+    process_group: Any = None
+    enabled: bool = True
+    records: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in _GNS_KEYS})
+
+    def __post_init__(self) -> None:
+        self.beta = check_number(
+            "beta", self.beta, low=0.0, high=1.0, high_inclusive=False, low_inclusive=True
+        )
+        self._small = torch.zeros((), dtype=torch.float64)
+        self._big = torch.zeros((), dtype=torch.float64)
+        self._ema_g2 = self._ema_tr = 0.0
+        self._t = 0
+
+    def hook(self, state, bucket):  # no annotations: DDP checks them against its own types
+        """The hook: ``(state, GradBucket) -> Future[Tensor]`` with the averaged bucket."""
+        buf = bucket.buffer()
+        world = dist.get_world_size(self.process_group)
+        if self.enabled:
+            self._small = self._small.to(buf.device) + buf.detach().double().square().sum()
+        buf.div_(world)
+        fut = dist.all_reduce(buf, group=self.process_group, async_op=True).get_future()
+
+        def after(f: torch.futures.Future) -> torch.Tensor:
+            out = f.value()[0]
+            if self.enabled:
+                self._big = self._big.to(out.device) + out.detach().double().square().sum()
+            return out
+
+        return fut.then(after)
+
+    def update(self, b_small: int, b_big: int, extra: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Reduce the per-rank norms (one all-reduce, with ``extra`` scalars riding along), update the EMAs.
+
+        Args:
+            b_small: the per-rank batch. b_big: the global batch.
+            extra: a 1-D float tensor averaged over ranks in the same all-reduce (e.g. the loss).
+
+        Returns:
+            ``extra`` averaged over ranks.
+        """
+        world = dist.get_world_size(self.process_group)
+        payload = torch.cat(
+            [
+                self._small.reshape(1).cpu(),
+                (extra if extra is not None else torch.zeros(0)).double().reshape(-1).cpu(),
+            ]
+        )
+        payload = _all_reduce_mean(payload, self.process_group, self._small.device, world)
+        small, big = float(payload[0]), float(self._big)
+        self._small = torch.zeros((), dtype=torch.float64)
+        self._big = torch.zeros((), dtype=torch.float64)
+        if b_small < b_big:
+            g2, tr = two_batch_noise_scale(small, big, b_small, b_big)
+            if math.isfinite(g2) and math.isfinite(tr):
+                self._t += 1
+                self._ema_g2 = self.beta * self._ema_g2 + (1 - self.beta) * g2
+                self._ema_tr = self.beta * self._ema_tr + (1 - self.beta) * tr
+        else:  # one rank: no second batch size, no estimate
+            g2 = tr = math.nan
+        rec = {"g_small_sq": small, "g_big_sq": big, "g2": g2, "trace": tr, "b_simple": self.b_simple}
+        for k, v in rec.items():
+            self.records[k].append(v)
+        return None if extra is None else payload[1:]
+
+    @property
+    def b_simple(self) -> float:
+        """``max(EMA[tr Sigma], 1e-8) / max(EMA[|G|^2], 1e-8)`` (debiased EMAs); NaN before any estimate."""
+        if self._t == 0:
+            return math.nan
+        debias = 1 - self.beta**self._t if self.beta > 0 else 1.0
+        return max(self._ema_tr / debias, 1e-8) / max(self._ema_g2 / debias, 1e-8)
+
+
+_GNS_KEYS = ("g_small_sq", "g_big_sq", "g2", "trace", "b_simple")
+
+
+def _all_reduce_mean(t: torch.Tensor, group: Any, device: torch.device, world: int) -> torch.Tensor:
+    t = t.to(device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return (t / world).cpu()
+
+
+# --------------------------------------------------------------------------------------------- process group
+def init_process_group(backend: str | None = None) -> tuple[int, int, bool]:
+    """Join the process group that ``torchrun`` describes in the environment (``RANK``, ``WORLD_SIZE``, ...).
+
+    Without torchrun's variables a one-process gloo group is created (a file store in a temporary folder), so
+    the same code runs in a plain ``python`` process.
+
+    Args:
+        backend: ``"gloo"`` or ``"nccl"``; default nccl when CUDA is available, else gloo.
+
+    Returns:
+        ``(rank, world_size, created)``; ``created`` is False when a group already existed.
+
+    Raises:
+        ConfigError: an unknown backend, or nccl without CUDA.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    check_choice("backend", backend, ("gloo", "nccl"))
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("backend='nccl' is not allowed without CUDA: use 'gloo' on CPU")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, init_method="env://")
+    else:
+        path = os.path.join(tempfile.mkdtemp(prefix="lrbs_pg_"), "store")
+        dist.init_process_group(backend, init_method=f"file://{path}", rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+# --------------------------------------------------------------------------------------------- training
+def ddp_train(
+    config: dict[str, Any],
+    *,
+    lr_rule: str | None = None,
+    base_batch_size: int | None = None,
+    sync_bn: bool = False,
+    store: Any = None,
+    checkpoint: str | os.PathLike | None = None,
+    noise_scale: bool = True,
+    noise_beta: float = 0.99,
+    return_model: bool = False,
+) -> Any:
+    """Train ``config`` data-parallel on the ranks that ``torchrun`` started (or on one process without it).
+
+    ``config`` holds the options of :func:`lrbs.train.train_config`; its ``batch_size`` is the **global**
+    batch. Rank ``r`` of ``N`` computes the gradient of slice ``r`` of every global batch; DDP averages the
+    gradients. With ``lr_rule``, the LR is ``scale_lr(lr, B_global, base_batch_size, rule)`` (linear:
+    ``lr * B / B0``; sqrt: ``lr * sqrt(B / B0)``), optionally preceded by ``config["warmup"]`` steps of linear
+    warmup. A non-finite loss (averaged over ranks, so every rank decides alike) ends the run as ``diverged``.
+
+    Args:
+        config: training options (:data:`lrbs.train.CONFIG_DEFAULTS`); ``lr_rule``, ``base_batch_size`` and
+            ``warmup`` may also be given there (the keyword arguments win).
+        lr_rule: ``"linear"``, ``"sqrt"`` or None (the LR as given).
+        base_batch_size: the batch ``B0`` at which ``lr`` was tuned (required with ``lr_rule``).
+        sync_bn: convert BatchNorm layers to ``SyncBatchNorm`` (statistics over the global batch); default:
+            each rank normalises with its own batch statistics, and rank 0's running statistics are broadcast.
+        store: a :class:`~lrbs.store.Store` or a path; only rank 0 writes (kind ``"fit"``).
+        checkpoint: rank 0 writes the final weights here (safetensors).
+        noise_scale: read the gradient noise scale with :class:`DDPNoiseScale` (needs >= 2 ranks for values).
+        noise_beta: its EMA factor.
+        return_model: return ``(model, result)`` on every rank instead.
+
+    Returns:
+        A :class:`lrbs.train.FitResult` on rank 0 and None on the other ranks (or ``(model, result)`` on every
+        rank with ``return_model``). Its history has the per-step global loss and ``gns_*`` columns
+        (``gns_g_small_sq``, ``gns_g_big_sq``, ``gns_g2``, ``gns_trace``, ``gns_b_simple``).
+
+    Raises:
+        ConfigError: bad options, a global batch not divisible by the number of ranks, ``lr_rule`` without
+            ``base_batch_size``.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from . import schedules
+    from .data import load_dataset
+    from .models import build_model
+    from .optim import frozen_running_stats
+    from .train import (
+        FitResult,
+        _as_schedule,
+        _is_sam,
+        _jsonable,
+        _make_optimizer,
+        _parse_spec,
+        _Sampler,
+        _set_group_values,
+        evaluate,
+        normalize_config,
+        save_checkpoint,
+    )
+
+    cfg = normalize_config(dict(config))
+    rule = lr_rule if lr_rule is not None else cfg.get("lr_rule")
+    b0 = base_batch_size if base_batch_size is not None else cfg.get("base_batch_size")
+    warm = cfg.get("warmup")
+    if rule is not None:
+        check_choice("lr_rule", rule, LR_RULES)
+        if b0 is None:
+            raise ConfigError(f"lr_rule={rule!r} needs base_batch_size=: the batch at which lr was tuned")
+        b0 = check_int("base_batch_size", b0, low=1)
+    if warm is not None:
+        warm = check_int("warmup", warm, low=1)
+    noise_beta = check_number(
+        "noise_beta", noise_beta, low=0.0, high=1.0, low_inclusive=True, high_inclusive=False
+    )
+
+    rank, world, created = init_process_group()
+    try:
+        device = (
+            torch.device(f"cuda:{torch.cuda.current_device()}")
+            if dist.get_backend() == "nccl"
+            else torch.device("cpu")
+        )
+        ds = load_dataset(cfg["dataset"], **(cfg["dataset_opts"] or {}))
+        mseed = cfg["seed"] if cfg["model_seed"] is None else cfg["model_seed"]
+        model = build_model(cfg["model"], dataset=ds, seed=mseed, **(cfg["model_opts"] or {}))
+        if sync_bn:
+            if device.type == "cpu":
+                raise ConfigError(
+                    "sync_bn=True is not allowed on CPU: SyncBatchNorm runs only on GPUs (nccl)"
+                )
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(device)
+        x_train, y_train = ds.train.x.to(device), ds.train.y.to(device)
+        test = (ds.test.x.to(device), ds.test.y.to(device))
+        n_train = len(y_train)
+
+        bs_s = _as_schedule("batch_size", _parse_spec("batch_size", cfg["batch_size"]), integer=True)
+        lr_spec = _parse_spec("lr", cfg["lr"])
+        B = int(bs_s(0))
+        _check_global_batch(B, world, n_train, 0)
+        lr_factor = 1.0
+        if rule is not None:
+            lr_factor = B / b0 if rule == "linear" else math.sqrt(B / b0)
+            lr_spec = schedules.scale_lr(lr_spec if callable(lr_spec) else float(lr_spec), B, b0, rule)
+        if warm is not None:
+            base = lr_spec if isinstance(lr_spec, schedules.Schedule) else schedules.constant(float(lr_spec))
+            lr_spec = schedules.warmup(base, warm)
+        lr_s = _as_schedule("lr", lr_spec)
+        mom_s = (
+            _as_schedule("momentum", _parse_spec("momentum", cfg["momentum"]))
+            if cfg["momentum"] is not None
+            else None
+        )
+        if cfg["steps"] is not None:
+            steps, max_samples = check_int("steps", cfg["steps"], low=1), None
+        else:
+            max_samples = int(math.ceil(check_number("epochs", cfg["epochs"], low=0.0) * n_train))
+            steps = 10**9
+        micro = (
+            check_int("max_micro_batch", cfg["max_micro_batch"], low=1) if cfg["max_micro_batch"] else None
+        )
+        total_est = steps if max_samples is None else max(1, max_samples // B)
+        eval_every = check_int("eval_every", cfg["eval_every"] or max(1, total_est // 20), low=1)
+
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        hook = DDPNoiseScale(beta=noise_beta) if noise_scale else None
+        if hook is not None:
+            ddp.register_comm_hook(None, hook.hook)
+        opt = _make_optimizer(
+            cfg["optimizer"], model, lr_s(0), mom_s(0) if mom_s else 0.0, cfg["weight_decay"], cfg["rho"]
+        )
+        base_lr = opt.param_groups[0]["lr"] or 1.0
+        ratios = [g["lr"] / base_lr if base_lr else 1.0 for g in opt.param_groups]
+        sam = _is_sam(opt)
+        lossf = nn.functional.cross_entropy
+
+        ddp_info = {
+            "world_size": world,
+            "backend": dist.get_backend(),
+            "global_batch": B,
+            "per_rank_batch": B // world,
+            "lr_rule": rule,
+            "base_batch_size": b0,
+            "lr_factor": lr_factor,
+            "warmup": warm,
+            "sync_bn": bool(sync_bn),
+            "sampler": "shared seeded global batch, contiguous slice per rank",
+        }
+        record = {
+            "model": getattr(model, "lrbs_spec", {"name": cfg["model"]}),
+            "dataset": ds.describe(),
+            "train_config": _jsonable(cfg),
+            "ddp": ddp_info,
+        }
+        db, own_db, run_key = _open_store(store, rank)
+        if db is not None:
+            run_key = db.start_run(record, kind="fit")
+
+        hist: dict[str, list] = {"step": [], "samples": [], "lr": [], "batch_size": [], "loss": []}
+        hist.update({f"gns_{k}": [] for k in _GNS_KEYS})
+        evals: list[dict] = []
+        status, diverged_at = "completed", None
+        t_start = time.perf_counter()
+
+        def do_eval(step: int, samples: int) -> None:
+            tr, te = evaluate(model, (x_train, y_train)), evaluate(model, test)
+            row = {
+                "step": step,
+                "samples": samples,
+                "train_loss": tr["loss"],
+                "train_acc": tr["accuracy"],
+                "test_loss": te["loss"],
+                "test_acc": te["accuracy"],
+            }
+            if hook is not None:
+                row["b_simple"] = hook.b_simple
+            evals.append(row)
+
+        model.train()
+        try:
+            with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+                torch.manual_seed(cfg["seed"])
+                sampler = _Sampler(n_train, torch.Generator(device="cpu").manual_seed(cfg["seed"]))
+                step = samples = 0
+                while step < steps and (max_samples is None or samples < max_samples):
+                    B = int(bs_s(step))
+                    _check_global_batch(B, world, n_train, step)
+                    b = B // world
+                    cur_lr = float(lr_s(step))
+                    _set_group_values(opt, cur_lr, ratios, float(mom_s(step)) if mom_s else None)
+                    idx = sampler.take(B)[rank * b : (rank + 1) * b].to(device)
+                    xb, yb = x_train[idx], y_train[idx]
+                    opt.zero_grad(set_to_none=True)
+                    loss_val = _backward(ddp, lossf, xb, yb, micro or b)
+                    local = torch.tensor([loss_val], dtype=torch.float64)
+                    if hook is not None:
+                        loss_val = float(hook.update(b, B, extra=local)[0])
+                    else:
+                        loss_val = float(_all_reduce_mean(local, None, device, world)[0])
+                    if not math.isfinite(
+                        loss_val
+                    ):  # the same decision on every rank: no rank is left waiting
+                        status, diverged_at = "diverged", step
+                        break
+                    if sam:
+                        opt.first_step(zero_grad=True)
+                        if hook is not None:
+                            hook.enabled = False
+                        with frozen_running_stats(model):
+                            _backward(ddp, lossf, xb, yb, micro or b)
+                        if hook is not None:
+                            hook.enabled = True
+                        opt.second_step(zero_grad=False)
+                    else:
+                        opt.step()
+                    samples += B
+                    for k, v in (
+                        ("step", step),
+                        ("samples", samples),
+                        ("lr", cur_lr),
+                        ("batch_size", B),
+                        ("loss", loss_val),
+                    ):
+                        hist[k].append(v)
+                    for k in _GNS_KEYS:
+                        hist[f"gns_{k}"].append(hook.records[k][-1] if hook is not None else math.nan)
+                    step += 1
+                    if step % eval_every == 0:
+                        do_eval(step, samples)
+                if status == "completed" and (not evals or evals[-1]["step"] != step):
+                    do_eval(step, samples)
+        except BaseException as e:
+            if db is not None:
+                db.fail_run(run_key, f"{type(e).__name__}: {e}")
+                if own_db:
+                    db.close()
+            raise
+        wall = time.perf_counter() - t_start
+        final = {k: v for k, v in (evals[-1] if evals else {}).items() if isinstance(v, (int, float))}
+        if status == "diverged":
+            final = {"train_loss": float("nan"), "diverged_at": diverged_at, "step": diverged_at}
+        history = {k: np.asarray(v) for k, v in hist.items()}
+        if checkpoint is not None and status == "completed" and rank == 0:
+            save_checkpoint(model, checkpoint, meta={"lrbs": "ddp_train"})
+        result = FitResult(status, history, evals, final, wall, record, diverged_at, run_key)
+        if db is not None:
+            rows = [(int(s), "train_loss", float(v)) for s, v in zip(history["step"], history["loss"])]
+            rows += [(int(s), "lr", float(v)) for s, v in zip(history["step"], history["lr"])]
+            rows += [
+                (int(s), "gns_b_simple", float(v)) for s, v in zip(history["step"], history["gns_b_simple"])
+            ]
+            for e in evals:
+                rows += [(int(e["step"]), k, float(v)) for k, v in e.items() if k != "step"]
+            db.finish_run(run_key, status, result=_jsonable(result.to_dict()), metrics=rows)
+            if own_db:
+                db.close()
+        ddp_model = model
+    finally:
+        if created:
+            dist.destroy_process_group()
+    if return_model:
+        return ddp_model, result
+    return result if rank == 0 else None
+
+
+def _backward(ddp: nn.Module, lossf: Any, xb: torch.Tensor, yb: torch.Tensor, micro: int) -> float:
+    """Forward/backward of the rank's batch in micro-batches; DDP synchronises only on the last one."""
+    b, total = len(yb), 0.0
+    starts = list(range(0, b, micro))
+    for i, s in enumerate(starts):
+        ctx = ddp.no_sync() if i < len(starts) - 1 else contextlib.nullcontext()
+        with ctx:
+            xm, ym = xb[s : s + micro], yb[s : s + micro]
+            lo = lossf(ddp(xm), ym) * (len(ym) / b)
+            lo.backward()
+        total += float(lo.detach())
+    return total
+
+
+def _check_global_batch(B: int, world: int, n_train: int, step: int) -> None:
+    if isinstance(B, bool) or B < 1 or n_train < B:
+        raise ConfigError(
+            f"batch_size={B!r} (global, step {step}) is not allowed: must be >= 1 and <= {n_train}"
+        )
+    if B % world:
+        raise ConfigError(
+            f"batch_size={B} (global, step {step}) is not allowed on {world} ranks: the global batch must be "
+            f"divisible by the number of ranks (e.g. {max(world, B - B % world)})"
+        )
+
+
+def _open_store(store: Any, rank: int) -> tuple[Any, bool, None]:
+    if store is None or rank != 0:
+        return None, False, None
+    from .store import Store
+
+    if isinstance(store, Store):
+        return store, False, None
+    return Store(store), True, None

@@ -1,0 +1,931 @@
+"""LR x batch-size sweeps: a grid of training runs, locally or as Ray tasks, resumable through the store.
+
+A sweep is the cartesian product of a ``grid`` of training options over a ``base`` config. Every cell is one
+:func:`lrbs.train.train_config` run; its key is the hash of its canonical config (:func:`lrbs.store.key_for`),
+so a sweep started again skips the runs that the store already holds as finished and redoes the rest. Workers
+(a process pool or Ray tasks) only compute and return plain dicts; the driver is the only writer to SQLite.
+
+After training, optional *measures* are computed on the trained model on a fixed, seeded subset of the
+training data (:data:`MEASURES`): the top Hessian eigenvalue, the Hessian trace, Keskar et al.'s sharpness.
+
+The heatmap of a sweep draws a metric over (batch size, LR) on log axes with the lines of constant ``lr / B``
+overlaid: the "temperature" of SGD, which Smith & Le (2018) and Goyal et al. (2017) tie to generalization and
+to the linear scaling rule.
+
+References:
+    Smith & Le, "A Bayesian Perspective on Generalization and Stochastic Gradient Descent", ICLR 2018.
+    Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", arXiv 1706.02677.
+    Keskar et al., "On Large-Batch Training for Deep Learning: Generalization Gap and Sharp Minima",
+    ICLR 2017.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import (
+    ConfigError,
+    DependencyError,
+    LrbsError,
+    LrbsTypeError,
+    check_choice,
+    check_int,
+    check_number,
+    closest,
+    unknown_name,
+)
+
+__all__ = [
+    "MEASURES",
+    "SweepResult",
+    "SweepRun",
+    "evaluate_grid",
+    "grid_configs",
+    "landscape_2d_ray",
+    "sweep",
+]
+
+BACKENDS = ("local", "ray")
+RAY_HINT = "pip install lrbs[ray]"
+
+
+# --------------------------------------------------------------------------------------------- measures
+def _scalar(result: Any, *names: str) -> float:
+    """The number in an analysis result: the first attribute among ``names`` (first entry of a sequence)."""
+    for name in names:
+        value = getattr(result, name, None)
+        if value is None and isinstance(result, Mapping):
+            value = result.get(name)
+        if value is None:
+            continue
+        if isinstance(value, (torch.Tensor, np.ndarray, list, tuple)):
+            value = np.asarray(value, dtype=np.float64).reshape(-1)[0]
+        return float(value)
+    return float(result)
+
+
+def _top_eigenvalue(obj: Any, seed: int) -> float:
+    from .curvature import hessian_eigenvalues
+
+    return _scalar(hessian_eigenvalues(obj, k=1, seed=seed), "values", "value")
+
+
+def _trace(obj: Any, seed: int) -> float:
+    from .curvature import hessian_trace
+
+    return _scalar(hessian_trace(obj, seed=seed), "value", "trace", "estimate")
+
+
+def _keskar(obj: Any, seed: int) -> float:
+    from .sharpness import keskar_sharpness
+
+    return _scalar(keskar_sharpness(obj, seed=seed), "value", "sharpness", "phi")
+
+
+#: Measurements run after training, on the trained model and a fixed seeded subset of the training data
+#: (``measure_samples`` samples, BatchNorm in eval mode): name -> (module it needs, description, function).
+MEASURES: dict[str, tuple[str, str, Callable[[Any, int], float]]] = {
+    "top_eigenvalue": ("lrbs.curvature", "largest Hessian eigenvalue (Lanczos)", _top_eigenvalue),
+    "trace": ("lrbs.curvature", "Hessian trace (Hutch++)", _trace),
+    "keskar": ("lrbs.sharpness", "Keskar et al. 2017 sharpness, epsilon=1e-3, full space", _keskar),
+}
+
+
+def _check_measures(measure: Any) -> tuple[str, ...]:
+    if isinstance(measure, str):
+        measure = (measure,)
+    if not isinstance(measure, (list, tuple)):
+        raise LrbsTypeError(
+            f"measure={measure!r} is not allowed: must be a list of names from {sorted(MEASURES)}"
+        )
+    out = []
+    for name in measure:
+        if name not in MEASURES:
+            raise unknown_name("measure", name, MEASURES)
+        if name not in out:
+            out.append(name)
+    for name in out:  # fail before anything runs, not in every worker
+        module = MEASURES[name][0]
+        try:
+            __import__(module)
+        except ImportError as e:
+            raise DependencyError(
+                f"measure={name!r} needs {module}, which cannot be imported ({e}); drop the measure or "
+                "install a complete lrbs"
+            ) from None
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------- the worker
+def _run_task(task: dict[str, Any]) -> dict[str, Any]:
+    """Train one config and measure it; never raises: a failure comes back as ``status="failed"``.
+
+    Runs in a worker process (Ray task, process pool) or in the driver; returns plain JSON-able data.
+    """
+    fault = task.get("fault") or {}
+    marker = fault.get("exit_once")
+    if marker and not os.path.exists(marker):  # test hook: a worker that dies the first time it runs
+        Path(marker).write_text(str(os.getpid()))
+        os._exit(1)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(int(task["threads"]))
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {
+        "status": "failed",
+        "final": {},
+        "measures": {},
+        "history": {},
+        "evals": [],
+        "error": None,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
+    try:
+        from .objective import Objective
+        from .train import _jsonable, train_config
+
+        model, res = train_config(task["config"])
+        out["status"] = res.status
+        out["final"] = _jsonable(dict(res.final))
+        out["history"] = {k: np.asarray(v).tolist() for k, v in res.history.items()}
+        out["evals"] = _jsonable(res.evals)
+        if res.status == "completed" and task["measure"]:
+            from .data import load_dataset
+
+            cfg = res.config["train_config"]
+            ds = load_dataset(cfg["dataset"], **(cfg["dataset_opts"] or {}))
+            obj = Objective(
+                model, None, ds.train, max_samples=task["measure_samples"], seed=task["measure_seed"]
+            )
+            for name in task["measure"]:
+                out["measures"][name] = MEASURES[name][2](obj, task["measure_seed"])
+            out["measure_settings"] = {**obj.settings(), "seed": task["measure_seed"]}
+    except Exception as e:  # a failing run is recorded, it never stops the sweep
+        out["status"] = "failed"
+        tb = traceback.format_exc(limit=-3)
+        out["error"] = f"{type(e).__name__}: {e}\n{tb}"
+    finally:
+        torch.set_num_threads(threads_before)
+    out["wall_time"] = time.perf_counter() - t0
+    return out
+
+
+# --------------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class SweepRun:
+    """One cell of a sweep.
+
+    Attributes:
+        key: the store key (hash of ``store_config``).
+        params: the grid values of this cell, e.g. ``{"lr": 0.1, "batch_size": 32, "seed": 0}``.
+        config: the full normalized training config.
+        status: ``"completed"``, ``"diverged"`` or ``"failed"``.
+        final: final metrics (train/test loss and accuracy, ``gap`` = test_loss - train_loss, ``acc_gap`` =
+            train_acc - test_acc).
+        measures: the measures (e.g. ``top_eigenvalue``).
+        error: the error text of a failed run.
+        wall_time: seconds in the worker.
+        cached: True when the run was found finished in the store and not recomputed.
+    """
+
+    key: str
+    params: dict[str, Any]
+    config: dict[str, Any]
+    status: str
+    final: dict[str, float]
+    measures: dict[str, float]
+    error: str | None = None
+    wall_time: float | None = None
+    cached: bool = False
+
+    def row(self) -> dict[str, Any]:
+        """One flat dict: grid values, status, final metrics, measures, key."""
+        keep = ("train_loss", "train_acc", "test_loss", "test_acc", "gap", "acc_gap")
+        return {
+            **self.params,
+            "status": self.status,
+            **{k: self.final.get(k) for k in keep if k in self.final},
+            **self.measures,
+            "key": self.key,
+            "cached": self.cached,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "params": self.params,
+            "config": self.config,
+            "status": self.status,
+            "final": self.final,
+            "measures": self.measures,
+            "error": self.error,
+            "wall_time": self.wall_time,
+            "cached": self.cached,
+        }
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """The table of a sweep: one :class:`SweepRun` per grid cell, in grid order.
+
+    Attributes:
+        runs: the runs.
+        grid: the grid (key -> list of values).
+        base: the base config.
+        settings: backend, measures, store path, concurrency, wall time.
+    """
+
+    runs: tuple[SweepRun, ...]
+    grid: dict[str, list]
+    base: dict[str, Any]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat dict per run (see :meth:`SweepRun.row`)."""
+        return [r.row() for r in self.runs]
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        """The rows, JSON-able."""
+        from .train import _jsonable
+
+        return _jsonable(self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        from .train import _jsonable
+
+        return _jsonable(
+            {
+                "grid": self.grid,
+                "base": self.base,
+                "settings": self.settings,
+                "runs": [r.to_dict() for r in self.runs],
+            }
+        )
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def table(self, title: str | None = "sweep") -> Any:
+        """A rich ``Table`` of the rows (grid values, status, final metrics, measures)."""
+        from rich.table import Table
+
+        rows = self.rows
+        cols: list[str] = []
+        for r in rows:
+            cols += [k for k in r if k not in cols and k not in ("key", "cached")]
+        table = Table(title=title)
+        for c in cols:  # fold, never truncate, numbers; the status stays on one line
+            if c == "status":
+                table.add_column(c, justify="left", no_wrap=True, min_width=9)
+            else:
+                table.add_column(c, justify="right", overflow="fold")
+        for r in rows:
+            table.add_row(*[_fmt(r.get(c)) for c in cols])
+        return table
+
+    def pivot(self, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(batch_sizes, lrs, values)`` with ``values[i, j]`` the mean of ``metric`` over the runs (e.g.
+        seeds) at ``lrs[i]``, ``batch_sizes[j]``; NaN where no run finished.
+
+        Raises:
+            ConfigError: unknown metric (the message lists the available ones), or non-numeric lr / batch
+                size.
+        """
+        rows = self.rows
+        known = sorted(
+            {k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k != "cached"}
+        )
+        if metric not in known:
+            raise unknown_name("metric", metric, known)
+        lrs, bss = [], []
+        for run in self.runs:
+            lr, b = run.config.get("lr"), run.config.get("batch_size")
+            for name, v in (("lr", lr), ("batch_size", b)):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ConfigError(f"heatmap needs numeric {name} values, got {name}={v!r} (a schedule?)")
+            lrs.append(float(lr))
+            bss.append(float(b))
+        lr_axis, b_axis = np.array(sorted(set(lrs))), np.array(sorted(set(bss)))
+        total = np.zeros((len(lr_axis), len(b_axis)))
+        count = np.zeros_like(total)
+        for row, lr, b in zip(rows, lrs, bss):
+            v = row.get(metric)
+            if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+                i, j = int(np.searchsorted(lr_axis, lr)), int(np.searchsorted(b_axis, b))
+                total[i, j] += v
+                count[i, j] += 1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        return b_axis, lr_axis, values
+
+    def heatmap(self, metric: str = "test_acc", ax: Any = None, temperature_lines: bool = True) -> Any:
+        """Draw ``metric`` over batch size (x) and learning rate (y), log axes, mean over seeds.
+
+        The dashed lines are lines of constant ``lr / B`` (Smith & Le 2018's noise "temperature"; Goyal et al.
+        2017's linear scaling rule keeps a run on one of them), through the grid's lr/B ratios (at most 9).
+
+        Args:
+            metric: ``test_acc``, ``test_loss``, ``train_loss``, ``gap``, ``acc_gap`` or a measure name.
+            ax: a matplotlib Axes to draw into; default a new Figure.
+            temperature_lines: overlay the iso-``lr/B`` lines.
+
+        Returns:
+            The matplotlib Figure.
+        """
+        from matplotlib.figure import Figure
+
+        b_axis, lr_axis, values = self.pivot(metric)
+        if ax is None:
+            fig = Figure(figsize=(5.5, 4.2))
+            ax = fig.add_subplot(1, 1, 1)
+        else:
+            fig = ax.figure
+        bx, ly = _edges(b_axis), _edges(lr_axis)
+        mesh = ax.pcolormesh(bx, ly, np.ma.masked_invalid(values), shading="flat", cmap="viridis")
+        fig.colorbar(mesh, ax=ax, label=metric)
+        for i, lr in enumerate(lr_axis):
+            for j, b in enumerate(b_axis):
+                if math.isfinite(values[i, j]):
+                    ax.text(b, lr, f"{values[i, j]:.3g}", ha="center", va="center", fontsize=7, color="w")
+        if temperature_lines and len(b_axis) and len(lr_axis):
+            ratios = sorted({float(f"{lr / b:.6g}") for lr in lr_axis for b in b_axis})
+            if len(ratios) > 9:  # keep the picture readable: 9 log-spaced lines
+                ratios = [ratios[int(i)] for i in np.linspace(0, len(ratios) - 1, 9)]
+            xs = np.array([bx[0], bx[-1]])
+            for c in ratios:
+                ax.plot(xs, c * xs, "w--", lw=0.8, alpha=0.7)
+            ax.set_xlim(bx[0], bx[-1])
+            ax.set_ylim(ly[0], ly[-1])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel("learning rate")
+        ax.set_title(f"{metric} (dashed: constant lr/B)")
+        return fig
+
+
+def _edges(centres: np.ndarray) -> np.ndarray:
+    """Cell edges on a log axis: geometric midpoints, the outer edges mirrored."""
+    c = np.asarray(centres, dtype=float)
+    if len(c) == 1:
+        return np.array([c[0] / 1.5, c[0] * 1.5])
+    mid = np.sqrt(c[:-1] * c[1:])
+    return np.concatenate([[c[0] ** 2 / mid[0]], mid, [c[-1] ** 2 / mid[-1]]])
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+# --------------------------------------------------------------------------------------------- grid
+def grid_configs(
+    base_config: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]
+) -> list[tuple[dict, dict]]:
+    """The cartesian product of ``grid`` over ``base_config``: a list of ``(params, normalized config)``.
+
+    The order is that of :func:`itertools.product` over the grid keys in the order given (the last key varies
+    fastest).
+
+    Raises:
+        ConfigError: a grid key that training does not accept (the message lists the valid ones), an empty
+            list of values, or an invalid base config.
+        LrbsTypeError: the grid is not a dict of lists.
+    """
+    from .train import CONFIG_DEFAULTS, normalize_config
+
+    if not isinstance(base_config, Mapping):
+        raise LrbsTypeError(f"base_config={base_config!r} is not allowed: must be a dict of training options")
+    if not isinstance(grid, Mapping):
+        raise LrbsTypeError(f"grid={grid!r} is not allowed: must be a dict of option -> list of values")
+    values: dict[str, list] = {}
+    for k, v in grid.items():
+        if k not in CONFIG_DEFAULTS:
+            hint = closest(str(k), CONFIG_DEFAULTS)
+            did = f" Did you mean {hint!r}?" if hint else ""
+            raise ConfigError(
+                f"grid key {k!r} is not a training option.{did} "
+                f"Valid options: {', '.join(sorted(CONFIG_DEFAULTS))}"
+            )
+        if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, (list, tuple, np.ndarray, range)):
+            raise LrbsTypeError(f"grid[{k!r}]={v!r} is not allowed: must be a list of values")
+        if len(v) == 0:
+            raise ConfigError(f"grid[{k!r}]=[] is not allowed: must be a non-empty list of values")
+        values[k] = [x.item() if isinstance(x, np.generic) else x for x in v]
+    normalize_config(dict(base_config))  # a bad base config fails here, once, with its own message
+    out = []
+    for combo in itertools.product(*values.values()):
+        params = dict(zip(values, combo))
+        out.append((params, normalize_config({**base_config, **params})))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- ray plumbing
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise DependencyError(f"backend='ray' needs Ray, which is not installed: {RAY_HINT}") from None
+    return ray
+
+
+def _connect_ray(ray: Any, address: str | None, num_cpus: int | None, timeout: float) -> bool:
+    """Connect to (or start) a Ray cluster; True when this call started it (and so must shut it down)."""
+    if ray.is_initialized():
+        return False
+    kw = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if address is None:
+        ray.init(num_cpus=num_cpus, **kw)
+        return True
+    if address != "auto":  # fail fast: ray.init() retries an unreachable address for minutes
+        hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(
+                f"ray_address={address!r} is not allowed: must be 'host:port', 'ray://host:port' or 'auto'"
+            )
+        try:
+            socket.create_connection((host, int(port)), timeout=min(timeout, 5.0)).close()
+        except OSError as e:
+            raise LrbsError(f"cannot reach the Ray cluster at ray_address={address!r}: {e}") from None
+    box: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, **kw)
+        except BaseException as e:  # noqa: BLE001 - reported to the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise LrbsError(f"cannot connect to the Ray cluster at ray_address={address!r} within {timeout:g} s")
+    if "error" in box:
+        raise LrbsError(f"cannot connect to the Ray cluster at ray_address={address!r}: {box['error']}")
+    return True
+
+
+# --------------------------------------------------------------------------------------------- sweep
+def sweep(
+    base_config: Mapping[str, Any],
+    grid: Mapping[str, Sequence[Any]],
+    *,
+    measure: Sequence[str] = (),
+    backend: str = "local",
+    store: Any = None,
+    max_concurrency: int | None = None,
+    ray_address: str | None = None,
+    num_cpus_per_task: float = 1,
+    num_gpus_per_task: float = 0,
+    max_retries: int = 3,
+    measure_samples: int = 1000,
+    measure_seed: int = 0,
+    connect_timeout: float = 30.0,
+    progress: bool = True,
+    _fault: dict[str, str] | None = None,
+) -> SweepResult:
+    """Train every cell of an LR x batch-size (x seed x ...) grid, skip what the store already holds.
+
+    Each run is ``lrbs.train.train_config({**base_config, **cell})`` followed by the ``measure`` list on the
+    trained model. The run's store config is ``{"train": <normalized config>, "measure": [...],
+    "measure_samples": n, "measure_seed": s}`` (kind ``"sweep"``) and its key is :func:`lrbs.store.key_for`
+    of it: a run found ``completed`` or ``diverged`` is not recomputed; a ``failed`` one is retried. Workers
+    return plain dicts; only this process writes the store, each run in one transaction as soon as its result
+    arrives.
+
+    Args:
+        base_config: training options shared by every run (see :data:`lrbs.train.CONFIG_DEFAULTS`).
+        grid: option -> list of values, e.g. ``{"lr": [0.01, 0.1], "batch_size": [32, 256], "seed": [0, 1]}``.
+        measure: names from :data:`MEASURES` computed after training.
+        backend: ``"local"`` (in this process, or a process pool when ``max_concurrency > 1``) or ``"ray"``.
+        store: a :class:`lrbs.store.Store`, a path to one, or None (nothing is persisted or skipped).
+        max_concurrency: runs in flight at once (local default 1, Ray default all).
+        ray_address: an existing cluster (``"host:port"``, ``"ray://host:port"``, ``"auto"``); default: use
+            the running Ray instance or start a local one with ``ray.init(num_cpus=max_concurrency)``.
+        num_cpus_per_task: CPUs reserved per Ray task; also ``torch.set_num_threads`` inside every run (the
+            same thread count makes the local and Ray backends give bitwise equal results on CPU).
+        num_gpus_per_task: GPUs reserved per Ray task (fractions allowed).
+        max_retries: Ray re-runs a task whose worker process died this many times.
+        measure_samples, measure_seed: the fixed training subset of the measures.
+        connect_timeout: seconds to reach ``ray_address`` before giving up.
+        progress: show a rich progress bar.
+
+    Returns:
+        A :class:`SweepResult` with one run per grid cell, in grid order (duplicate cells are run once).
+
+    Raises:
+        ConfigError: bad grid or options (before anything runs); DependencyError: Ray or a measure's module
+        missing; LrbsError: the Ray cluster cannot be reached (nothing is written).
+    """
+    from .store import Store, key_for
+
+    cells = grid_configs(base_config, grid)
+    measure = _check_measures(measure)
+    check_choice("backend", backend, BACKENDS)
+    if max_concurrency is not None:
+        max_concurrency = check_int("max_concurrency", max_concurrency, low=1)
+    threads = check_number("num_cpus_per_task", num_cpus_per_task, low=0.0)
+    check_number("num_gpus_per_task", num_gpus_per_task, low=0.0, low_inclusive=True)
+    max_retries = check_int("max_retries", max_retries, low=0)
+    measure_samples = check_int("measure_samples", measure_samples, low=1)
+    connect_timeout = check_number("connect_timeout", connect_timeout, low=0.0)
+    if ray_address is not None and (not isinstance(ray_address, str) or backend != "ray"):
+        raise ConfigError(f"ray_address={ray_address!r} is not allowed: give a str, with backend='ray'")
+    if store is not None and not isinstance(store, (Store, str, os.PathLike)):
+        raise LrbsTypeError(f"store={store!r} is not allowed: must be a Store, a path or None")
+
+    tasks, seen = [], set()
+    for params, cfg in cells:
+        store_cfg = {
+            "train": cfg,
+            "measure": list(measure),
+            "measure_samples": measure_samples,
+            "measure_seed": measure_seed,
+        }
+        key = key_for(store_cfg)  # also rejects values with no JSON form, before anything runs
+        if key in seen:
+            continue
+        seen.add(key)
+        tasks.append(
+            {
+                "key": key,
+                "params": params,
+                "config": cfg,
+                "store_config": store_cfg,
+                "measure": measure,
+                "measure_samples": measure_samples,
+                "measure_seed": measure_seed,
+                "threads": max(1, int(threads)),
+                "fault": _fault,
+            }
+        )
+
+    ray = None
+    started_ray = False
+    if backend == "ray":
+        ray = _import_ray()
+        started_ray = _connect_ray(ray, ray_address, max_concurrency, connect_timeout)
+    own_store = isinstance(store, (str, os.PathLike))
+    db = Store(store) if own_store else store
+    t0 = time.perf_counter()
+    results: dict[str, SweepRun] = {}
+    try:
+        todo = []
+        for t in tasks:
+            rec = db.find(t["store_config"], kind="sweep") if db is not None else None
+            if rec is not None:
+                results[t["key"]] = _run_from_record(t, rec)
+            else:
+                todo.append(t)
+        with _Progress(progress, len(tasks), len(tasks) - len(todo)) as bar:
+
+            def collect(task: dict, out: dict) -> None:
+                run = _finish(db, task, out)
+                results[task["key"]] = run
+                bar.advance(run)
+
+            if backend == "ray":
+                _execute_ray(ray, todo, collect, db, max_concurrency, threads, num_gpus_per_task, max_retries)
+            else:
+                _execute_local(todo, collect, db, max_concurrency or 1)
+    finally:
+        if own_store and db is not None:
+            db.close()
+        if started_ray:
+            ray.shutdown()
+    settings = {
+        "backend": backend,
+        "measure": list(measure),
+        "measure_samples": measure_samples,
+        "measure_seed": measure_seed,
+        "num_cpus_per_task": num_cpus_per_task,
+        "num_gpus_per_task": num_gpus_per_task,
+        "max_concurrency": max_concurrency,
+        "store": None if db is None else str(db.path),
+        "wall_time": time.perf_counter() - t0,
+        "num_cached": sum(r.cached for r in results.values()),
+    }
+    runs = tuple(results[t["key"]] for t in tasks)
+    return SweepResult(runs, {k: list(v) for k, v in grid.items()}, dict(base_config), settings)
+
+
+def _start(db: Any, task: dict) -> None:
+    if db is not None:
+        db.start_run(task["store_config"], kind="sweep")
+
+
+def _finish(db: Any, task: dict, out: dict) -> SweepRun:
+    """Write one worker result to the store (one transaction) and build its row."""
+    final = dict(out.get("final") or {})
+    if "test_loss" in final and "train_loss" in final:
+        final["gap"] = _diff(final["test_loss"], final["train_loss"])
+    if "test_acc" in final and "train_acc" in final:
+        final["acc_gap"] = _diff(final["train_acc"], final["test_acc"])
+    status = out.get("status", "failed")
+    run = SweepRun(
+        task["key"],
+        task["params"],
+        task["config"],
+        status,
+        final,
+        dict(out.get("measures") or {}),
+        out.get("error"),
+        out.get("wall_time"),
+        False,
+    )
+    if db is not None:
+        result = {
+            "params": task["params"],
+            "status": status,
+            "final": final,
+            "measures": run.measures,
+            "measure_settings": out.get("measure_settings"),
+            "evals": out.get("evals", []),
+            "wall_time": out.get("wall_time"),
+            "worker": {"pid": out.get("pid"), "host": out.get("host")},
+        }
+        hist = out.get("history") or {}
+        rows = []
+        for name, col in (("train_loss", "loss"), ("lr", "lr"), ("batch_size", "batch_size")):
+            rows += [(int(s), name, float(v)) for s, v in zip(hist.get("step", []), hist.get(col, []))]
+        for e in out.get("evals", []):
+            rows += [
+                (int(e["step"]), k, float(v))
+                for k, v in e.items()
+                if k != "step" and isinstance(v, (int, float)) and v is not None
+            ]
+        if status == "failed":
+            db.finish_run(task["key"], "failed", result, rows, error=out.get("error") or "failed")
+        else:
+            db.finish_run(task["key"], status, result, rows)
+    return run
+
+
+def _diff(a: Any, b: Any) -> float | None:
+    if a is None or b is None:
+        return None
+    return float(a) - float(b)
+
+
+def _run_from_record(task: dict, rec: Any) -> SweepRun:
+    res = rec.result or {}
+    return SweepRun(
+        task["key"],
+        task["params"],
+        task["config"],
+        rec.status,
+        dict(res.get("final") or {}),
+        dict(res.get("measures") or {}),
+        rec.error,
+        res.get("wall_time"),
+        True,
+    )
+
+
+def _execute_local(todo: list[dict], collect: Callable, db: Any, workers: int) -> None:
+    if workers == 1 or len(todo) <= 1:
+        for t in todo:
+            _start(db, t)
+            collect(t, _run_task(t))
+        return
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    # fork on Linux: the workers start in milliseconds with torch already imported (as DataLoader workers do;
+    # each
+    # run sets its own thread count). Elsewhere spawn, which re-imports torch in every worker.
+    method = "fork" if sys.platform == "linux" else "spawn"
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method)) as pool:
+        queue, pending = list(todo), {}
+        while queue or pending:
+            while queue and len(pending) < workers:
+                t = queue.pop(0)
+                _start(db, t)
+                pending[pool.submit(_run_task, t)] = t
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                t = pending.pop(fut)
+                try:
+                    out = fut.result()
+                except Exception as e:  # a dead worker process (BrokenProcessPool)
+                    out = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                collect(t, out)
+
+
+def _execute_ray(
+    ray: Any,
+    todo: list[dict],
+    collect: Callable,
+    db: Any,
+    max_concurrency: int | None,
+    cpus: float,
+    gpus: float,
+    retries: int,
+) -> None:
+    remote = ray.remote(_run_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=retries)
+    limit = max_concurrency or len(todo) or 1
+    queue, pending = list(todo), {}
+    while queue or pending:
+        while queue and len(pending) < limit:
+            t = queue.pop(0)
+            _start(db, t)
+            pending[remote.remote(t)] = t
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            t = pending.pop(ref)
+            try:
+                out = ray.get(ref)
+            except Exception as e:  # the worker died more than max_retries times
+                out = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+            collect(t, out)
+
+
+class _Progress:
+    """A rich progress bar over the runs of a sweep (or nothing)."""
+
+    def __init__(self, enabled: bool, total: int, done: int):
+        self.enabled, self.total, self.done = enabled, total, done
+        self.bar = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]sweep[/]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[last]}"),
+                TimeElapsedColumn(),
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(
+                "sweep",
+                total=self.total,
+                completed=self.done,
+                last=f"{self.done} from the store" if self.done else "",
+            )
+        return self
+
+    def advance(self, run: SweepRun) -> None:
+        if self.bar is not None:
+            p = ", ".join(f"{k}={v}" for k, v in run.params.items())
+            acc = run.final.get("test_acc")
+            last = f"{p}: {run.status}" + (f" test_acc={acc:.3f}" if isinstance(acc, float) else "")
+            self.bar.update(self.task, advance=1, last=last)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# --------------------------------------------------------------------------------------------- landscape
+# shards
+def _grid_points(theta: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, ab: np.ndarray) -> torch.Tensor:
+    """``theta + alpha * d1 + beta * d2`` for each row ``(alpha, beta)`` of ``ab``, in the centre's dtype."""
+    a = torch.as_tensor(ab[:, 0], dtype=theta.dtype)[:, None]
+    b = torch.as_tensor(ab[:, 1], dtype=theta.dtype)[:, None]
+    return theta[None] + a * d1[None] + b * d2[None]
+
+
+def _eval_shard(
+    obj: Any,
+    theta: torch.Tensor,
+    d1: torch.Tensor,
+    d2: torch.Tensor,
+    ab: np.ndarray,
+    method: str,
+    threads: int | None = None,
+) -> dict[str, np.ndarray]:
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return obj.loss_many(_grid_points(theta, d1, d2, ab), method=method)
+
+
+def evaluate_grid(
+    obj: Any,
+    d1: torch.Tensor,
+    d2: torch.Tensor,
+    alphas: Sequence[float],
+    betas: Sequence[float],
+    *,
+    backend: str = "local",
+    shards: int = 4,
+    method: str = "sequential",
+    ray_address: str | None = None,
+    num_cpus_per_task: float = 1,
+    connect_timeout: float = 30.0,
+) -> dict[str, Any]:
+    """Loss and accuracy on the 2-D slice ``theta* + alpha * d1 + beta * d2`` (Li et al. 2018), in shards.
+
+    The ``len(alphas) * len(betas)`` points are split into ``shards`` contiguous pieces; each piece is one
+    :meth:`lrbs.objective.Objective.loss_many` call, either here (``backend="local"``) or in a Ray task that
+    receives the objective, the flat centre and the two directions (shared once through the object store) and
+    returns arrays; the driver stitches them. The values equal a single local ``loss_many`` call on the same
+    points exactly (the points are built by the same expression, ``method`` is fixed).
+
+    Args:
+        obj: an :class:`~lrbs.objective.Objective` (or a ``(model, data)`` pair); its centre is
+            ``obj.theta()``.
+        d1, d2: flat directions ``(n,)``.
+        alphas, betas: grid coordinates; the result is indexed ``[i, j] = (alphas[i], betas[j])``.
+        backend: ``"local"`` or ``"ray"``.
+        shards: number of pieces.
+        method: ``loss_many``'s method (``"sequential"`` or ``"batched"``), fixed so that shards agree.
+
+    Returns:
+        ``{"loss": (A, B), "accuracy": (A, B), "alphas", "betas", "settings"}``.
+
+    Raises:
+        ShapeError / ConfigError: directions of the wrong size, empty grids, bad backend; DependencyError: no
+        Ray.
+    """
+    from .errors import ShapeError
+    from .objective import Objective
+
+    if isinstance(obj, tuple) and len(obj) == 2:
+        obj = Objective(obj[0], None, obj[1])
+    if not isinstance(obj, Objective):
+        raise LrbsTypeError(
+            f"obj={type(obj).__name__} is not allowed: must be an Objective or a (model, data) pair"
+        )
+    check_choice("backend", backend, BACKENDS)
+    check_choice("method", method, ("sequential", "batched"))
+    shards = check_int("shards", shards, low=1)
+    theta = obj.theta()
+    dirs = []
+    for name, d in (("d1", d1), ("d2", d2)):
+        d = torch.as_tensor(d)
+        if d.shape != theta.shape:
+            raise ShapeError(
+                f"{name} has shape {tuple(d.shape)}: must be ({obj.num_params},), the objective's "
+                "flat parameter layout"
+            )
+        dirs.append(d.to(theta.dtype))
+    alphas = np.asarray(alphas, dtype=np.float64).reshape(-1)
+    betas = np.asarray(betas, dtype=np.float64).reshape(-1)
+    if len(alphas) == 0 or len(betas) == 0:
+        raise ConfigError(f"alphas and betas must be non-empty (got {len(alphas)} and {len(betas)} values)")
+    ab = np.stack(np.meshgrid(alphas, betas, indexing="ij"), -1).reshape(-1, 2)
+    pieces = [p for p in np.array_split(ab, min(shards, len(ab))) if len(p)]
+    if backend == "local":
+        outs = [_eval_shard(obj, theta, dirs[0], dirs[1], p, method) for p in pieces]
+    else:
+        ray = _import_ray()
+        started = _connect_ray(
+            ray, ray_address, None, check_number("connect_timeout", connect_timeout, low=0.0)
+        )
+        try:
+            shipped = _shippable(obj)
+            refs = [ray.put(x) for x in (shipped, theta, dirs[0], dirs[1])]
+            task = ray.remote(_eval_shard).options(num_cpus=num_cpus_per_task)
+            threads = max(1, int(num_cpus_per_task))
+            outs = ray.get([task.remote(*refs, p, method, threads) for p in pieces])
+        finally:
+            if started:
+                ray.shutdown()
+    shape = (len(alphas), len(betas))
+    loss = np.concatenate([o["loss"] for o in outs]).reshape(shape)
+    acc = np.concatenate([o["accuracy"] for o in outs]).reshape(shape)
+    settings = {**obj.settings(), "backend": backend, "shards": len(pieces), "method": method}
+    return {"loss": loss, "accuracy": acc, "alphas": alphas, "betas": betas, "settings": settings}
+
+
+def landscape_2d_ray(
+    obj: Any,
+    d1: torch.Tensor,
+    d2: torch.Tensor,
+    alphas: Sequence[float],
+    betas: Sequence[float],
+    *,
+    shards: int = 4,
+    **kw: Any,
+) -> dict[str, Any]:
+    """:func:`evaluate_grid` with ``backend="ray"``: a 2-D loss landscape evaluated as Ray shards."""
+    return evaluate_grid(obj, d1, d2, alphas, betas, backend="ray", shards=shards, **kw)
+
+
+def _shippable(obj: Any) -> Any:
+    """A shallow copy of the objective without its cached autograd graph (which cannot be pickled)."""
+    import copy
+
+    other = copy.copy(obj)
+    other._graph_cache = None
+    return other
