@@ -15,7 +15,9 @@ def snapshot_model(model: torch.nn.Module) -> dict:
     return {
         "params": {k: p.detach().clone() for k, p in model.named_parameters()},
         "requires_grad": {k: p.requires_grad for k, p in model.named_parameters()},
-        "grads": {k: None if p.grad is None else p.grad.detach().clone() for k, p in model.named_parameters()},
+        "grads": {
+            k: None if p.grad is None else p.grad.detach().clone() for k, p in model.named_parameters()
+        },
         "buffers": {k: b.detach().clone() for k, b in model.named_buffers()},
         "training": {k: m.training for k, m in model.named_modules()},
     }

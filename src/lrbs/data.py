@@ -7,6 +7,7 @@ arguments (4000 train / 1000 test, 40 features, 10 classes; Greydanus 2020, arXi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -146,10 +147,8 @@ def _mnist1d(cache: str | os.PathLike | None = None, limit: int | None = None) -
             "x_test": d["x_test"].astype(np.float32),
             "y_test": d["y_test"].astype(np.int64),
         }
-        try:
+        with contextlib.suppress(OSError):  # an unwritable cache only costs regeneration next time
             _atomic_savez(path, **arrays)
-        except OSError:
-            pass  # an unwritable cache only costs regeneration next time
     train = Split(torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"]))
     test = Split(torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"]))
     if limit is not None:
@@ -179,9 +178,19 @@ def _blobs(
         return Split(x.float(), y)
 
     return Dataset(
-        "blobs", num_classes, (num_features,), draw(n_train), draw(n_test),
-        {"n_train": n_train, "n_test": n_test, "num_features": num_features, "num_classes": num_classes,
-         "spread": spread, "seed": seed},
+        "blobs",
+        num_classes,
+        (num_features,),
+        draw(n_train),
+        draw(n_test),
+        {
+            "n_train": n_train,
+            "n_test": n_test,
+            "num_features": num_features,
+            "num_classes": num_classes,
+            "spread": spread,
+            "seed": seed,
+        },
     )
 
 
@@ -206,9 +215,19 @@ def _teacher(
         return Split(x.float(), y)
 
     return Dataset(
-        "teacher", num_classes, (num_features,), draw(n_train), draw(n_test),
-        {"n_train": n_train, "n_test": n_test, "num_features": num_features, "num_classes": num_classes,
-         "hidden": hidden, "seed": seed},
+        "teacher",
+        num_classes,
+        (num_features,),
+        draw(n_train),
+        draw(n_test),
+        {
+            "n_train": n_train,
+            "n_test": n_test,
+            "num_features": num_features,
+            "num_classes": num_classes,
+            "hidden": hidden,
+            "seed": seed,
+        },
     )
 
 
@@ -240,7 +259,9 @@ def _read_cifar_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _cifar10(path: str | os.PathLike | None = None, limit: int | None = None, seed: int = 0) -> Dataset:
     if path is None:
-        raise ConfigError("path=None is not allowed for 'cifar10': give the directory holding data_batch_*.bin")
+        raise ConfigError(
+            "path=None is not allowed for 'cifar10': give the directory holding data_batch_*.bin"
+        )
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"path={str(root)!r} is not a directory holding CIFAR-10 binary files")

@@ -45,8 +45,14 @@ def _act(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
 
 
-def _mlp(input_shape, num_classes, depth: int = 3, width: int = 100, activation: str = "relu",
-         batchnorm: bool = False) -> nn.Module:
+def _mlp(
+    input_shape,
+    num_classes,
+    depth: int = 3,
+    width: int = 100,
+    activation: str = "relu",
+    batchnorm: bool = False,
+) -> nn.Module:
     depth = check_int("depth", depth, low=1)
     width = check_int("width", width, low=1)
     d_in = 1
@@ -104,8 +110,9 @@ class _Block(nn.Module):
 
 
 class _ResNet(nn.Module):
-    def __init__(self, dims: int, in_ch: int, num_classes: int, depth: int, width: int, skip: bool,
-                 batchnorm: bool):
+    def __init__(
+        self, dims: int, in_ch: int, num_classes: int, depth: int, width: int, skip: bool, batchnorm: bool
+    ):
         super().__init__()
         conv_t = nn.Conv1d if dims == 1 else nn.Conv2d
         norm_t = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
@@ -116,7 +123,9 @@ class _ResNet(nn.Module):
 
         self.stem = conv(in_ch, width)
         self.stem_norm = norm_t(width) if batchnorm else nn.Identity()
-        self.blocks = nn.Sequential(*[_Block(conv, norm_t, width, skip, batchnorm) for _ in range((depth - 2) // 2)])
+        self.blocks = nn.Sequential(
+            *[_Block(conv, norm_t, width, skip, batchnorm) for _ in range((depth - 2) // 2)]
+        )
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x):
@@ -127,24 +136,31 @@ class _ResNet(nn.Module):
         return self.head(x.flatten(2).mean(-1))
 
 
-def _resnet1d(input_shape, num_classes, depth: int = 20, width: int = 16, skip: bool = True,
-              batchnorm: bool = True) -> nn.Module:
+def _resnet1d(
+    input_shape, num_classes, depth: int = 20, width: int = 16, skip: bool = True, batchnorm: bool = True
+) -> nn.Module:
     depth = check_int("depth", depth, low=2)
     if depth % 2:
-        raise ConfigError(f"depth={depth} is not allowed for resnet1d: must be even (stem + 2 per block + head)")
+        raise ConfigError(
+            f"depth={depth} is not allowed for resnet1d: must be even (stem + 2 per block + head)"
+        )
     in_ch = 1 if len(input_shape) == 1 else input_shape[0]
-    return _ResNet(1, in_ch, num_classes, depth, check_int("width", width, low=1), bool(skip), bool(batchnorm))
+    return _ResNet(
+        1, in_ch, num_classes, depth, check_int("width", width, low=1), bool(skip), bool(batchnorm)
+    )
 
 
-def _resnet(input_shape, num_classes, depth: int = 8, width: int = 16, skip: bool = True,
-            batchnorm: bool = True) -> nn.Module:
+def _resnet(
+    input_shape, num_classes, depth: int = 8, width: int = 16, skip: bool = True, batchnorm: bool = True
+) -> nn.Module:
     if len(input_shape) != 3:
         raise ConfigError(f"resnet needs image inputs (C, H, W), got input_shape={input_shape}")
     depth = check_int("depth", depth, low=2)
     if depth % 2:
         raise ConfigError(f"depth={depth} is not allowed for resnet: must be even")
-    return _ResNet(2, input_shape[0], num_classes, depth, check_int("width", width, low=1), bool(skip),
-                   bool(batchnorm))
+    return _ResNet(
+        2, input_shape[0], num_classes, depth, check_int("width", width, low=1), bool(skip), bool(batchnorm)
+    )
 
 
 def _convnet(input_shape, num_classes, width: int = 32, batchnorm: bool = False) -> nn.Module:
@@ -233,6 +249,11 @@ def build_model(
             torch.manual_seed(seed)
             body = make()
     model = _Checked(input_shape, body)
-    model.lrbs_spec = {"name": name, "input_shape": list(input_shape), "num_classes": num_classes,
-                       "seed": seed, **kw}
+    model.lrbs_spec = {
+        "name": name,
+        "input_shape": list(input_shape),
+        "num_classes": num_classes,
+        "seed": seed,
+        **kw,
+    }
     return model

@@ -39,7 +39,7 @@ def as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return data.x, data.y
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         return data[0], data[1]
-    if isinstance(data, torch.utils.data.DataLoader) or isinstance(data, Iterable):
+    if isinstance(data, (torch.utils.data.DataLoader, Iterable)):
         xs, ys = [], []
         for batch in data:
             if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
@@ -146,7 +146,9 @@ class Objective:
 
         named = [(k, p) for k, p in self._model.named_parameters() if p.requires_grad]
         if not named:
-            raise ConfigError("the model has no trainable parameters (requires_grad=True): nothing to analyse")
+            raise ConfigError(
+                "the model has no trainable parameters (requires_grad=True): nothing to analyse"
+            )
         self._layout = _Layout(
             tuple(k for k, _ in named), tuple(p.shape for _, p in named), tuple(p.numel() for _, p in named)
         )
@@ -156,7 +158,8 @@ class Objective:
         for p in self._model.parameters():
             p.requires_grad_(False)
         self._batches = [
-            (self._x[i : i + self.batch_size], self._y[i : i + self.batch_size]) for i in range(0, n, self.batch_size)
+            (self._x[i : i + self.batch_size], self._y[i : i + self.batch_size])
+            for i in range(0, n, self.batch_size)
         ]
         self.num_samples = n
         self._graph_cache: tuple[torch.Tensor, list] | None = None
@@ -196,7 +199,9 @@ class Objective:
                 )
             return params
         if not isinstance(params, Mapping):
-            raise LrbsTypeError(f"params={type(params).__name__} is not allowed: a dict of tensors or a flat tensor")
+            raise LrbsTypeError(
+                f"params={type(params).__name__} is not allowed: a dict of tensors or a flat tensor"
+            )
         missing = [k for k in self._layout.names if k not in params]
         if missing:
             raise ShapeError(f"params is missing {missing[0]!r} (and {len(missing) - 1} more)")
@@ -204,7 +209,9 @@ class Objective:
         for k, shape in zip(self._layout.names, self._layout.shapes):
             t = params[k]
             if t.shape != shape:
-                raise ShapeError(f"params[{k!r}] has shape {tuple(t.shape)} but the model needs {tuple(shape)}")
+                raise ShapeError(
+                    f"params[{k!r}] has shape {tuple(t.shape)} but the model needs {tuple(shape)}"
+                )
             out.append(t.reshape(-1))
         return torch.cat(out)
 
@@ -225,7 +232,9 @@ class Objective:
         theta = self._as_theta(params)
         if not torch.isfinite(theta).all():
             bad = int((~torch.isfinite(theta)).sum())
-            raise ConfigError(f"params has {bad} non-finite entries (NaN or inf): curvature is undefined there")
+            raise ConfigError(
+                f"params has {bad} non-finite entries (NaN or inf): curvature is undefined there"
+            )
         return theta
 
     # ------------------------------------------------------------------ settings
@@ -405,7 +414,9 @@ class Objective:
         return out
 
     def _choose_hvp(self, theta: torch.Tensor) -> str:
-        v = torch.randn(theta.shape, generator=torch.Generator().manual_seed(0), dtype=self.dtype).to(theta.device)
+        v = torch.randn(theta.shape, generator=torch.Generator().manual_seed(0), dtype=self.dtype).to(
+            theta.device
+        )
         timings = {}
         for name, fn in (("rev_rev", self._hvp_revrev), ("fwd_rev", self._hvp_fwdrev)):
             try:
@@ -482,7 +493,9 @@ class Objective:
                 b.copy_(self._buffers[k])
         return losses, accs
 
-    def _metrics_batched(self, stack: torch.Tensor, want_acc: bool, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    def _metrics_batched(
+        self, stack: torch.Tensor, want_acc: bool, chunk: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         K = stack.shape[0]
         losses, accs = np.empty(K), np.empty(K)
 

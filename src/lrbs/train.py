@@ -140,7 +140,9 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None) -> 
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or unsafe file
-        raise CheckpointError(f"checkpoint={str(path)!r} cannot be read (corrupt or not a tensor file): {e}") from None
+        raise CheckpointError(
+            f"checkpoint={str(path)!r} cannot be read (corrupt or not a tensor file): {e}"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint={str(path)!r} is not a state dict of tensors")
     if model is not None:
@@ -155,19 +157,21 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None) -> 
                 )
         extra = [k for k in state if k not in own]
         if extra:
-            raise CheckpointError(f"checkpoint={str(path)!r} has tensor {extra[0]!r} that the model does not have")
+            raise CheckpointError(
+                f"checkpoint={str(path)!r} has tensor {extra[0]!r} that the model does not have"
+            )
         model.load_state_dict(state)
     return state
 
 
 # --------------------------------------------------------------------------- helpers
-def _as_schedule(name: str, value: Any, *, integer: bool = False) -> Callable[[int], float]:
+def _as_schedule(name: str, value: Any, *, integer: bool = False, **bounds: Any) -> Callable[[int], float]:
     if callable(value):
         return value
     if integer:
         v = check_int(name, value, low=1)
         return lambda step: v
-    v = check_number(name, value, low=0.0)
+    v = check_number(name, value, **(bounds or {"low": 0.0}))
     return lambda step: v
 
 
@@ -221,15 +225,17 @@ class _Sampler:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _make_optimizer(optimizer: Any, model: nn.Module, lr0: float, momentum: float, weight_decay: float,
-                    rho: float | None) -> torch.optim.Optimizer:
+def _make_optimizer(
+    optimizer: Any, model: nn.Module, lr0: float, momentum: float, weight_decay: float, rho: float | None
+) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if isinstance(optimizer, torch.optim.Optimizer):
         return optimizer
     if isinstance(optimizer, str):
         from .optim import get_optimizer
 
-        return get_optimizer(optimizer, params, lr=lr0, momentum=momentum, weight_decay=weight_decay, rho=rho)
+        extra = {"rho": rho} if rho is not None else {}
+        return get_optimizer(optimizer, params, lr=lr0, momentum=momentum, weight_decay=weight_decay, **extra)
     if callable(optimizer):
         return optimizer(params)
     raise LrbsTypeError(
@@ -238,7 +244,9 @@ def _make_optimizer(optimizer: Any, model: nn.Module, lr0: float, momentum: floa
     )
 
 
-def _set_group_values(opt: torch.optim.Optimizer, lr: float, ratios: list[float], momentum: float | None) -> None:
+def _set_group_values(
+    opt: torch.optim.Optimizer, lr: float, ratios: list[float], momentum: float | None
+) -> None:
     for g, r in zip(opt.param_groups, ratios):
         g["lr"] = lr * r
         if momentum is not None:
@@ -250,15 +258,6 @@ def _set_group_values(opt: torch.optim.Optimizer, lr: float, ratios: list[float]
 
 def _is_sam(opt: torch.optim.Optimizer) -> bool:
     return hasattr(opt, "first_step") and hasattr(opt, "second_step")
-
-
-def _bn_momentum_zero(model: nn.Module) -> dict:
-    saved = {}
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            saved[m] = m.momentum
-            m.momentum = 0.0
-    return saved
 
 
 # --------------------------------------------------------------------------- fit
@@ -331,17 +330,25 @@ def fit(
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
     if x_train.device != device:
-        raise ConfigError(f"data is on device {x_train.device} but the model is on {device}: move one of them")
+        raise ConfigError(
+            f"data is on device {x_train.device} but the model is on {device}: move one of them"
+        )
     if (steps is None) == (epochs is None):
         raise ConfigError(f"give exactly one of steps= and epochs= (got steps={steps!r}, epochs={epochs!r})")
     lr_s = _as_schedule("lr", lr)
     bs_s = _as_schedule("batch_size", batch_size, integer=True)
-    mom_s = _as_schedule("momentum", momentum) if momentum is not None else None
+    mom_s = (
+        _as_schedule("momentum", momentum, low=0.0, low_inclusive=True, high=1.0, high_inclusive=False)
+        if momentum is not None
+        else None
+    )
     b0 = bs_s(0)
     for name, val in (("lr", lr_s(0)),):
         check_number(name, val, low=0.0)
     if isinstance(b0, bool) or not isinstance(b0, (int, np.integer)) or b0 < 1 or b0 > n_train:
-        raise ConfigError(f"batch_size={b0!r} is not allowed: must be an integer >= 1 and <= {n_train} (train size)")
+        raise ConfigError(
+            f"batch_size={b0!r} is not allowed: must be an integer >= 1 and <= {n_train} (train size)"
+        )
     if steps is not None:
         steps = check_int("steps", steps, low=1)
         max_samples = None
@@ -407,8 +414,14 @@ def fit(
     if progress:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        bar = Progress(TextColumn("[bold]fit[/]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                       TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), transient=True)
+        bar = Progress(
+            TextColumn("[bold]fit[/]"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeRemainingColumn(),
+            transient=True,
+        )
         bar.start()
         task = bar.add_task("fit", total=total_steps_est, loss=float("nan"))
 
@@ -417,8 +430,9 @@ def fit(
         torch.manual_seed(seed)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         sampler = _Sampler(n_train, gen)
-        state = TrainState(0, model, opt, lr_s(0), b0, float("nan"), 0, loss_fn=loss_fn,
-                           train_data=(x_train, y_train))
+        state = TrainState(
+            0, model, opt, lr_s(0), b0, float("nan"), 0, loss_fn=loss_fn, train_data=(x_train, y_train)
+        )
         for cb in callbacks:
             cb.on_start(state)
         samples = 0
@@ -432,7 +446,9 @@ def fit(
                     )
                 cur_lr = float(lr_s(step))
                 if not math.isfinite(cur_lr) or cur_lr < 0:
-                    raise ConfigError(f"lr schedule gave {cur_lr} at step {step}: must be a finite number >= 0")
+                    raise ConfigError(
+                        f"lr schedule gave {cur_lr} at step {step}: must be a finite number >= 0"
+                    )
                 _set_group_values(opt, cur_lr, ratios, float(mom_s(step)) if mom_s else None)
                 idx = sampler.take(b).to(device)
                 xb, yb = x_train[idx], y_train[idx]
@@ -448,15 +464,13 @@ def fit(
                     status, diverged_at = "diverged", step
                     break
                 if sam:
+                    from .optim import frozen_running_stats
+
                     opt.first_step(zero_grad=True)
-                    saved = _bn_momentum_zero(model)
-                    try:
+                    with frozen_running_stats(model):  # BN statistics are not updated by the second pass
                         for s in range(0, b, micro):
                             xm, ym = xb[s : s + micro], yb[s : s + micro]
                             (lossf(model(xm), ym) * (len(ym) / b)).backward()
-                    finally:
-                        for m, mom in saved.items():
-                            m.momentum = mom
                     opt.second_step(zero_grad=False)
                 else:
                     opt.step()
@@ -501,12 +515,15 @@ def fit(
         save_checkpoint(model, checkpoint, meta={"lrbs": "fit"})
     result = FitResult(status, history, evals, final, wall, cfg, diverged_at, run_key)
     if store is not None and run_key is not None:
-        rows = [(int(s), "train_loss", float(v)) for s, v in zip(history["step"], history["loss"])]
+        rows = [(int(s), "batch_loss", float(v)) for s, v in zip(history["step"], history["loss"])]
         rows += [(int(s), "lr", float(v)) for s, v in zip(history["step"], history["lr"])]
         rows += [(int(s), "batch_size", float(v)) for s, v in zip(history["step"], history["batch_size"])]
         for e in evals:
-            rows += [(int(e["step"]), k, float(v)) for k, v in e.items() if k not in ("step",) and
-                     isinstance(v, (int, float))]
+            rows += [
+                (int(e["step"]), k, float(v))
+                for k, v in e.items()
+                if k not in ("step",) and isinstance(v, (int, float))
+            ]
         store.finish_run(run_key, status, result=_jsonable(result.to_dict()), metrics=rows)
     return result
 
@@ -524,3 +541,118 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (int, str, bool)) or obj is None:
         return obj
     return repr(obj)
+
+
+# --------------------------------------------------------------------------- config-driven training
+#: The keys a training config (``lrbs train`` options, sweep grids) may hold, with their defaults.
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "model": "cnn1d",
+    "model_opts": {},
+    "dataset": "mnist1d",
+    "dataset_opts": {},
+    "optimizer": "sgd",
+    "lr": 0.1,
+    "batch_size": 128,
+    "steps": None,
+    "epochs": None,
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "rho": None,
+    "seed": 0,
+    "model_seed": None,
+    "eval_every": None,
+    "max_micro_batch": None,
+    "lr_rule": None,  # "linear" | "sqrt": scale lr from base_batch_size to the (global) batch (Goyal et al. 2017)
+    "base_batch_size": None,
+    "warmup": None,  # gradual warmup steps to the scaled LR
+}
+
+
+def _parse_spec(name: str, value: Any) -> Any:
+    """A schedule given as a string spec (``"cosine(start=0.1, steps=1000)"``) becomes a Schedule."""
+    if isinstance(value, str):
+        from .schedules import parse
+
+        return parse(value)
+    return value
+
+
+def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Fill defaults and reject unknown keys (the message lists the valid ones)."""
+    unknown = [k for k in config if k not in CONFIG_DEFAULTS]
+    if unknown:
+        from .errors import closest
+
+        hint = closest(unknown[0], CONFIG_DEFAULTS)
+        did = f" Did you mean {hint!r}?" if hint else ""
+        raise ConfigError(
+            f"unknown training option {unknown[0]!r}.{did} Valid options: {', '.join(sorted(CONFIG_DEFAULTS))}"
+        )
+    cfg = {**CONFIG_DEFAULTS, **config}
+    if cfg["steps"] is None and cfg["epochs"] is None:
+        raise ConfigError("give exactly one of steps= and epochs= (got neither)")
+    return cfg
+
+
+def train_config(
+    config: dict[str, Any],
+    *,
+    store: Any = None,
+    callbacks: Iterable[Callback] = (),
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = False,
+    dataset: Any = None,
+) -> tuple[nn.Module, FitResult]:
+    """Build the model and dataset named in ``config`` and train: the engine behind ``lrbs train`` and sweeps.
+
+    Args:
+        config: options as in :data:`CONFIG_DEFAULTS` (``model``, ``dataset``, ``optimizer``, ``lr`` (a number or a
+            schedule spec string), ``batch_size`` (an int or a spec), ``steps`` or ``epochs``, ``seed``, ...).
+            The model is initialised with ``model_seed`` (default: ``seed``).
+        dataset: an already loaded ``Dataset`` to reuse (must match ``config["dataset"]``).
+
+    Returns:
+        ``(model, FitResult)``; the result's config is the normalized ``config``.
+    """
+    from .data import load_dataset
+    from .models import build_model
+
+    cfg = normalize_config(config)
+    ds = dataset if dataset is not None else load_dataset(cfg["dataset"], **(cfg["dataset_opts"] or {}))
+    mseed = cfg["seed"] if cfg["model_seed"] is None else cfg["model_seed"]
+    model = build_model(cfg["model"], dataset=ds, seed=mseed, **(cfg["model_opts"] or {}))
+    lr = _parse_spec("lr", cfg["lr"])
+    batch = _parse_spec("batch_size", cfg["batch_size"])
+    if cfg["lr_rule"] is not None or cfg["warmup"]:
+        from .recipes import linear_scaling
+
+        if cfg["base_batch_size"] is None:
+            raise ConfigError("lr_rule/warmup need base_batch_size= (the batch size the lr was tuned for)")
+        lr = linear_scaling(
+            lr,
+            batch,
+            cfg["base_batch_size"],
+            rule=cfg["lr_rule"] or "linear",
+            warmup_steps=cfg["warmup"] or 0,
+        )
+    result = fit(
+        model,
+        ds,
+        optimizer=cfg["optimizer"],
+        lr=lr,
+        batch_size=batch,
+        steps=cfg["steps"],
+        epochs=cfg["epochs"],
+        momentum=_parse_spec("momentum", cfg["momentum"]),
+        weight_decay=cfg["weight_decay"],
+        rho=cfg["rho"],
+        seed=cfg["seed"],
+        eval_every=cfg["eval_every"],
+        max_micro_batch=cfg["max_micro_batch"],
+        callbacks=callbacks,
+        store=store,
+        checkpoint=checkpoint,
+        progress=progress,
+        config={"train_config": _jsonable(cfg)},
+    )
+    return model, result

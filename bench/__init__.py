@@ -1,0 +1,1 @@
+"""Benchmarks: our code against the peer tools on the same workload, in the same run."""

@@ -1,0 +1,78 @@
+"""The ``lrbs`` command: parses arguments, calls the public API, prints. Nothing else.
+
+Each subcommand is a module here with ``add_parser(subparsers)`` and ``run(args) -> int``. Errors that lrbs raises on
+purpose (``LrbsError``) print one line and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from ..errors import LrbsError
+
+# subcommand name -> module (imported lazily so `lrbs --version` stays fast)
+SUBCOMMANDS = {
+    "train": "train",
+    "study": "study",
+    "schedule": "schedule",
+    "find-lr": "find_lr",
+    "sharpness": "sharpness",
+    "landscape": "landscape",
+    "connect": "connect",
+    "noise-scale": "noise_scale",
+    "sweep": "sweep",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one clear line, exit status 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = _Parser(prog="lrbs", description="Learning rate and batch size: measure, choose, reproduce.")
+    parser.add_argument("--version", action="version", version=f"lrbs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, module in SUBCOMMANDS.items():
+        try:
+            mod = importlib.import_module(f".{module}", __name__)
+        except ImportError as e:  # a subcommand whose module is not available
+            p = sub.add_parser(name, help=f"(unavailable: {e})")
+            p.set_defaults(func=lambda args, e=e: _unavailable(e))
+            continue
+        mod.add_parser(sub)
+    return parser
+
+
+def _unavailable(e: Exception) -> int:
+    print(f"lrbs: error: this command is unavailable: {e}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LrbsError as e:
+        print(f"lrbs: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lrbs: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:  # console script
+    sys.exit(main())

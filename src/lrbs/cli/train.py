@@ -1,0 +1,73 @@
+"""``lrbs train``: train a model from the zoo on a dataset, with a progress bar and a final table."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import add_train_options, config_from_args
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (progress bar, final table, optional store/checkpoint)")
+    add_train_options(p)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument(
+        "--lr-rule", default=None, help="scale the LR with the batch: linear or sqrt (Goyal et al. 2017)"
+    )
+    p.add_argument("--base-batch", type=int, default=None, help="the batch size the given --lr was tuned for")
+    p.add_argument("--warmup", type=int, default=None, help="gradual warmup steps to the scaled LR")
+    p.add_argument("--store", default=None, help="SQLite store to record the run in")
+    p.add_argument("--checkpoint", default=None, help="write the final weights here (.safetensors)")
+    p.add_argument("--ddp", action="store_true", help="data-parallel training under torchrun (gloo on CPU)")
+    p.add_argument("--sync-bn", action="store_true", help="with --ddp: convert BatchNorm to SyncBatchNorm")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..errors import ConfigError
+    from ..train import train_config
+
+    if args.steps is None and args.epochs is None:
+        raise ConfigError("give --steps or --epochs")
+    cfg = config_from_args(args)
+    cfg["eval_every"] = args.eval_every
+    for key, val in (
+        ("lr_rule", args.lr_rule),
+        ("base_batch_size", args.base_batch),
+        ("warmup", args.warmup),
+    ):
+        if val is not None:
+            cfg[key] = val
+    console = Console()
+    store = None
+    if args.store:
+        from ..store import Store
+
+        store = Store(args.store)
+    try:
+        if args.ddp:
+            from ..distributed import ddp_train
+
+            result = ddp_train(cfg, store=store, sync_bn=args.sync_bn, checkpoint=args.checkpoint)
+            if result is None:  # not rank 0
+                return 0
+        else:
+            _, result = train_config(
+                cfg, store=store, checkpoint=args.checkpoint, progress=console.is_terminal
+            )
+    finally:
+        if store is not None:
+            store.close()
+    table = Table(title=f"lrbs train: {cfg['model']} on {cfg['dataset']} ({result.status})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in result.final.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    table.add_row("wall time (s)", f"{result.wall_time:.1f}")
+    if result.run_key:
+        table.add_row("store key", result.run_key[:16])
+    console.print(table)
+    return 0

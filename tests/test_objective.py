@@ -1,0 +1,193 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lrbs.errors import ConfigError, LrbsTypeError, ShapeError
+from lrbs.objective import Objective
+
+
+def tiny(bn: bool = False, act=nn.Tanh):
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 7)]
+    if bn:
+        layers.append(nn.BatchNorm1d(7))
+    layers += [act(), nn.Linear(7, 3)]
+    m = nn.Sequential(*layers).double()
+    if bn:  # non-trivial running statistics
+        m.train()
+        with torch.no_grad():
+            for _ in range(3):
+                m(torch.randn(16, 6, dtype=torch.float64) * 2 + 1)
+    return m
+
+
+def data(n=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def naive_metrics(model, theta, x, y, bn_mode):
+    m = copy.deepcopy(model)
+    torch.nn.utils.vector_to_parameters(theta, [p for p in m.parameters()])
+    m.train(bn_mode == "train")
+    with torch.no_grad():
+        out = m(x)
+        return float(nn.functional.cross_entropy(out, y)), float((out.argmax(1) == y).double().mean())
+
+
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("method", ["sequential", "batched"])
+def test_loss_many_equals_naive_loop(bn, method, untouched):
+    model = tiny(bn)
+    model.eval()
+    check = untouched(model)
+    x, y = data()
+    obj = Objective(model, data=(x, y), batch_size=16, bn="eval")
+    stack = obj.theta()[None] + 0.3 * torch.randn(5, obj.num_params, dtype=torch.float64)
+    got = obj.loss_many(stack, method=method)
+    for i in range(5):
+        lo, acc = naive_metrics(model, stack[i], x, y, "eval")
+        assert abs(got["loss"][i] - lo) < 1e-9
+        assert abs(got["accuracy"][i] - acc) < 1e-12
+    check()
+
+
+def test_train_mode_bn_uses_fixed_batch_statistics(untouched):
+    model = tiny(True)
+    check = untouched(model)
+    x, y = data(32)
+    obj = Objective(model, data=(x, y), bn="train")  # one batch: batch statistics of all 32 samples
+    theta = obj.theta() + 0.1
+    for method in ("sequential", "batched"):
+        lo = obj.loss_many(theta[None], method=method)["loss"][0]
+        ref, _ = naive_metrics(model, theta, x, y, "train")
+        assert abs(lo - ref) < 1e-9
+    check()
+
+
+def test_recompute_bn_matches_update_bn_reference():
+    model = tiny(True)
+    x, y = data(48)
+    obj = Objective(model, data=(x, y), batch_size=16, bn="recompute")
+    theta = obj.theta() * 1.1
+    # reference: fresh stats as an exact average over the three batches of 16 (Garipov's update_bn), then eval
+    m = copy.deepcopy(model)
+    torch.nn.utils.vector_to_parameters(theta, list(m.parameters()))
+    bnm = m[1]
+    bnm.reset_running_stats()
+    bnm.momentum = None
+    m.train()
+    with torch.no_grad():
+        for i in range(0, 48, 16):
+            m(x[i : i + 16])
+    m.eval()
+    with torch.no_grad():
+        ref = float(nn.functional.cross_entropy(m(x), y))
+    assert abs(obj.loss(theta) - ref) < 1e-9
+    assert abs(obj.loss_many(theta[None])["loss"][0] - ref) < 1e-9
+
+
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("method", ["rev_rev", "fwd_rev"])
+def test_hvp_equals_dense_hessian(bn, method, untouched):
+    model = tiny(bn, act=nn.Tanh)
+    model.eval()
+    check = untouched(model)
+    x, y = data()
+    obj = Objective(model, data=(x, y), batch_size=16)
+    theta = obj.theta()
+    H = torch.func.hessian(lambda t: obj.loss_tensor(t))(theta)
+    V = torch.randn(3, obj.num_params, dtype=torch.float64)
+    got = obj.hvp(theta, V, method=method)
+    torch.testing.assert_close(got, V @ H.T, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(obj.hvp(theta, V[0], method=method), H @ V[0], rtol=1e-9, atol=1e-11)
+    # grad against autograd on a naive copy
+    m = copy.deepcopy(model)
+    loss = nn.functional.cross_entropy(m(x), y)
+    ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(m.parameters()))])
+    torch.testing.assert_close(obj.grad(theta), ref, rtol=1e-10, atol=1e-12)
+    check()
+
+
+def test_hvp_auto_choice_and_cache():
+    model = tiny()
+    obj = Objective(model, data=data())
+    v = torch.randn(obj.num_params, dtype=torch.float64)
+    a = obj.hvp(obj.theta(), v)
+    assert obj.hvp_method in ("rev_rev", "fwd_rev")
+    b = obj.hvp(obj.theta(), v)
+    torch.testing.assert_close(a, b)
+    # a different point must not reuse the cached graph
+    c = obj.hvp(obj.theta() + 0.5, v, method="rev_rev")
+    d = obj.hvp(obj.theta() + 0.5, v, method="fwd_rev")
+    torch.testing.assert_close(c, d)
+    assert not torch.allclose(a, c)
+
+
+def test_dict_and_flat_forms_agree():
+    obj = Objective(tiny(), data=data())
+    p = obj.params()
+    assert torch.equal(obj.flatten(p), obj.theta())
+    g = obj.grad(p)
+    assert isinstance(g, dict) and set(g) == set(p)
+    assert torch.equal(obj.flatten(g), obj.grad(obj.theta()))
+    assert obj.loss(p) == obj.loss()
+
+
+def test_full_data_value_is_sample_weighted():
+    model = tiny()
+    x, y = data(37)
+    a = Objective(model, data=(x, y), batch_size=10).loss()  # batches 10,10,10,7
+    b = Objective(model, data=(x, y)).loss()
+    assert abs(a - b) < 1e-12
+
+
+def test_user_model_untouched_after_everything(untouched):
+    model = tiny(True)
+    model.train()
+    model[0].weight.requires_grad_(True)
+    model[3].bias.requires_grad_(False)
+    check = untouched(model)
+    obj = Objective(model, data=data(), bn="recompute")
+    th = obj.theta()
+    obj.loss_many(th[None] + torch.randn(3, obj.num_params, dtype=torch.float64))
+    obj.hvp(th, torch.ones_like(th))
+    obj.grad(th)
+    obj.metrics()
+    check()
+    assert obj.num_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_bad_inputs():
+    model = tiny()
+    with pytest.raises(ConfigError, match="bn='evl'.*Did you mean 'eval'"):
+        Objective(model, data=data(), bn="evl")
+    with pytest.raises(LrbsTypeError, match="model=int"):
+        Objective(3, data=data())
+    with pytest.raises(ConfigError, match="data=None"):
+        Objective(model)
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        Objective(model, data=data(), batch_size=0)
+    frozen = tiny()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        Objective(frozen, data=data())
+    with pytest.raises(ShapeError, match="must return a scalar"):
+        Objective(model, lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"), data=data())
+    x, y = data()
+    with pytest.raises(ConfigError, match="data is on device meta"):
+        Objective(model, data=(x.to("meta"), y.to("meta")))
+    obj = Objective(model, data=data())
+    with pytest.raises(ShapeError, match="parameter vector has shape"):
+        obj.loss(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ShapeError, match=r"v has shape \(2,\)"):
+        obj.hvp(obj.theta(), torch.zeros(2))
+    bad = obj.theta()
+    bad[0] = float("nan")
+    with pytest.raises(ConfigError, match="non-finite"):
+        obj.check_finite(bad)
+    with pytest.raises(ConfigError, match="empty"):
+        Objective(model, data=(x[:0], y[:0]))
