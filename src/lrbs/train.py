@@ -24,7 +24,16 @@ from torch import nn
 from .errors import CheckpointError, ConfigError, LrbsTypeError, check_int, check_number
 from .objective import as_tensors
 
-__all__ = ["fit", "FitResult", "TrainState", "Callback", "save_checkpoint", "load_checkpoint", "evaluate"]
+__all__ = [
+    "fit",
+    "FitResult",
+    "TrainState",
+    "Callback",
+    "StopAtTrainAccuracy",
+    "save_checkpoint",
+    "load_checkpoint",
+    "evaluate",
+]
 
 
 # --------------------------------------------------------------------------- results and callbacks
@@ -46,6 +55,8 @@ class TrainState:
     evals: list[dict] = field(default_factory=list)
     logs: dict[str, float] = field(default_factory=dict)
     stop: bool = False
+    last_eval: dict[str, float] = field(default_factory=dict)
+    max_micro_batch: int | None = None
 
 
 class Callback:
@@ -62,6 +73,23 @@ class Callback:
 
     def on_end(self, state: TrainState) -> None:  # noqa: B027
         pass
+
+
+class StopAtTrainAccuracy(Callback):
+    """End training once the training accuracy at an evaluation reaches ``threshold``.
+
+    Keskar et al. train small- and large-batch models until the training accuracy plateaus near 100%, so that a
+    generalization gap is not under-training in disguise.
+    """
+
+    def __init__(self, threshold: float):
+        self.threshold = check_number("stop_train_acc", threshold, low=0.0, high=1.0)
+        self.stopped_at: int | None = None
+
+    def on_eval(self, state: TrainState) -> None:
+        if state.last_eval.get("train_acc", 0.0) >= self.threshold:
+            state.stop = True
+            self.stopped_at = state.step
 
 
 @dataclass(frozen=True)
@@ -226,7 +254,13 @@ class _Sampler:
 
 
 def _make_optimizer(
-    optimizer: Any, model: nn.Module, lr0: float, momentum: float, weight_decay: float, rho: float | None
+    optimizer: Any,
+    model: nn.Module,
+    lr0: float,
+    momentum: float,
+    weight_decay: float,
+    rho: float | None,
+    opts: dict[str, Any] | None = None,
 ) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if isinstance(optimizer, torch.optim.Optimizer):
@@ -235,6 +269,7 @@ def _make_optimizer(
         from .optim import get_optimizer
 
         extra = {"rho": rho} if rho is not None else {}
+        extra.update(opts or {})
         return get_optimizer(optimizer, params, lr=lr0, momentum=momentum, weight_decay=weight_decay, **extra)
     if callable(optimizer):
         return optimizer(params)
@@ -273,6 +308,7 @@ def fit(
     momentum: float | Callable[[int], float] = 0.9,
     weight_decay: float = 0.0,
     rho: float | None = None,
+    optimizer_opts: dict[str, Any] | None = None,
     seed: int = 0,
     eval_every: int | None = None,
     eval_batch_size: int = 1000,
@@ -300,6 +336,7 @@ def fit(
         momentum: SGD momentum (or Adam's beta1), a float or a schedule.
         weight_decay: L2 weight decay of the optimizer.
         rho: SAM's neighbourhood size (for ``"sam"`` / ``"asam"``).
+        optimizer_opts: extra options of a named optimizer (e.g. ``{"base": "adam"}`` for SAM on Adam).
         seed: seeds the data order (and dropout, inside a forked RNG).
         eval_every: evaluate every this many steps (default: about 20 evaluations per run) and at the end.
         max_micro_batch: split a larger batch into accumulated micro-batches of at most this size (the effective
@@ -363,7 +400,9 @@ def fit(
     if eval_every is None:
         eval_every = max(1, total_steps_est // 20)
     eval_every = check_int("eval_every", eval_every, low=1)
-    opt = _make_optimizer(optimizer, model, lr_s(0), mom_s(0) if mom_s else 0.0, weight_decay, rho)
+    opt = _make_optimizer(
+        optimizer, model, lr_s(0), mom_s(0) if mom_s else 0.0, weight_decay, rho, optimizer_opts
+    )
     base = opt.param_groups[0]["lr"] or 1.0
     ratios = [g["lr"] / base if base else 1.0 for g in opt.param_groups]
     callbacks = list(callbacks)
@@ -379,6 +418,7 @@ def fit(
         "momentum": _describe(momentum),
         "weight_decay": weight_decay,
         "rho": rho,
+        "optimizer_opts": optimizer_opts,
         "seed": seed,
         "max_micro_batch": max_micro_batch,
         "eval_every": eval_every,
@@ -403,6 +443,7 @@ def fit(
             te = evaluate(model, test_data, loss_fn, eval_batch_size)
             row["test_loss"], row["test_acc"] = te["loss"], te["accuracy"]
         state.evals = evals
+        state.last_eval = row
         for cb in callbacks:
             cb.on_eval(state)
         row.update(state.logs)
@@ -431,7 +472,16 @@ def fit(
         gen = torch.Generator(device="cpu").manual_seed(seed)
         sampler = _Sampler(n_train, gen)
         state = TrainState(
-            0, model, opt, lr_s(0), b0, float("nan"), 0, loss_fn=loss_fn, train_data=(x_train, y_train)
+            0,
+            model,
+            opt,
+            lr_s(0),
+            b0,
+            float("nan"),
+            0,
+            loss_fn=loss_fn,
+            train_data=(x_train, y_train),
+            max_micro_batch=max_micro_batch,
         )
         for cb in callbacks:
             cb.on_start(state)
@@ -493,6 +543,8 @@ def fit(
                     row = do_eval(step, samples, state)
                     if not math.isfinite(row["train_loss"]):
                         status, diverged_at = "diverged", step
+                        break
+                    if state.stop:
                         break
         except BaseException as e:
             if bar is not None:
@@ -558,6 +610,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "momentum": 0.9,
     "weight_decay": 0.0,
     "rho": None,
+    "optimizer_opts": {},
     "seed": 0,
     "model_seed": None,
     "eval_every": None,
@@ -565,6 +618,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "lr_rule": None,  # "linear" | "sqrt": scale lr from base_batch_size to the (global) batch (Goyal et al. 2017)
     "base_batch_size": None,
     "warmup": None,  # gradual warmup steps to the scaled LR
+    "stop_train_acc": None,  # end the run once the training accuracy reaches this (Keskar's "until plateau")
 }
 
 
@@ -646,10 +700,14 @@ def train_config(
         momentum=_parse_spec("momentum", cfg["momentum"]),
         weight_decay=cfg["weight_decay"],
         rho=cfg["rho"],
+        optimizer_opts=cfg["optimizer_opts"] or None,
         seed=cfg["seed"],
         eval_every=cfg["eval_every"],
         max_micro_batch=cfg["max_micro_batch"],
-        callbacks=callbacks,
+        callbacks=[
+            *callbacks,
+            *([StopAtTrainAccuracy(cfg["stop_train_acc"])] if cfg["stop_train_acc"] else []),
+        ],
         store=store,
         checkpoint=checkpoint,
         progress=progress,

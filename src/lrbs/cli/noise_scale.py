@@ -1,0 +1,81 @@
+"""``lrbs noise-scale``: the simple gradient noise scale of a model (McCandlish et al. 2018), with its CI."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import json_dict
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "noise-scale",
+        help="gradient noise scale B_simple = tr(Sigma)/|G|^2 with a bootstrap CI (McCandlish et al. 2018)",
+    )
+    p.add_argument("--model", default="cnn1d", help="model name (see lrbs.list_models())")
+    p.add_argument("--model-opts", default=None, type=json_dict, help="JSON dict, e.g. '{\"depth\": 4}'")
+    p.add_argument("--dataset", default="mnist1d", help="dataset name (mnist1d, blobs, teacher, cifar10)")
+    p.add_argument("--dataset-opts", default=None, type=json_dict, help='JSON dict, e.g. \'{"path": "..."}\'')
+    p.add_argument("--checkpoint", default=None, help="load these weights (.safetensors) before measuring")
+    p.add_argument("--small-batch", type=int, default=32, help="B_s, the small batch (default 32)")
+    p.add_argument("--big-batch", type=int, default=1024, help="B_b, a multiple of B_s (default 1024)")
+    p.add_argument("--estimates", type=int, default=20, help="number of big batches drawn (default 20)")
+    p.add_argument("--train-steps", type=int, default=None, help="first train this many steps (fit defaults)")
+    p.add_argument("--optimizer", default="sgd", help="optimizer for --train-steps")
+    p.add_argument("--lr", type=float, default=0.1, help="LR for --train-steps")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size for --train-steps")
+    p.add_argument("--bn", default="eval", help="BatchNorm mode of the measurement: eval, train, recompute")
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..data import load_dataset
+    from ..models import build_model
+    from ..noise_scale import noise_scale
+
+    ds = load_dataset(args.dataset, **(args.dataset_opts or {}))
+    model = build_model(args.model, dataset=ds, seed=args.seed, **(args.model_opts or {}))
+    if args.checkpoint:
+        from ..train import load_checkpoint
+
+        load_checkpoint(args.checkpoint, model)
+    console = Console()
+    if args.train_steps:
+        from ..train import fit
+
+        fit(
+            model,
+            ds,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            steps=args.train_steps,
+            seed=args.seed,
+            progress=console.is_terminal,
+        )
+    res = noise_scale(
+        model,
+        ds,
+        small_batch=args.small_batch,
+        big_batch=args.big_batch,
+        num_estimates=args.estimates,
+        seed=args.seed,
+        confidence=args.confidence,
+        bn=args.bn,
+    )
+    table = Table(title=f"lrbs noise-scale: {args.model} on {args.dataset}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("B_simple = tr(Sigma)/|G|^2", f"{res.b_simple:.4g}")
+    table.add_row(f"{res.confidence:.0%} CI (bootstrap)", f"{res.ci_low:.4g} .. {res.ci_high:.4g}")
+    table.add_row("|G|^2", f"{res.grad_sq:.4g}")
+    table.add_row("tr(Sigma)", f"{res.trace_sigma:.4g}")
+    table.add_row("B_s / B_b / estimates", f"{res.small_batch} / {res.big_batch} / {res.num_estimates}")
+    table.add_row("bn / samples", f"{res.settings['bn']} / {res.settings['num_samples']}")
+    console.print(table)
+    return 0
