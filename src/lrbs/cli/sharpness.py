@@ -1,0 +1,142 @@
+"""``lrbs sharpness``: every sharpness measure of a checkpoint (or of a model trained first) in one table."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+from ._common import add_train_options, config_from_args, json_dict
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sharpness",
+        help="Hessian lambda_max, trace, Keskar, worst-case and average-case sharpness of a model",
+    )
+    add_train_options(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--checkpoint", default=None, help="weights to measure (.safetensors or a torch state dict)"
+    )
+    src.add_argument("--train", action="store_true", help="train first with the fit options, then measure")
+    p.add_argument("--measures", default=None, help="comma-separated names (default: all but negative_mass)")
+    p.add_argument("--max-samples", type=int, default=1024, help="seeded data subset shared by every measure")
+    p.add_argument("--bn", default="eval", help="BatchNorm treatment: eval, train or recompute")
+    p.add_argument(
+        "--eos-lr", type=float, default=None, help="learning rate for edge_of_stability (default --lr)"
+    )
+    p.add_argument(
+        "--options",
+        default=None,
+        type=json_dict,
+        help='per-measure options, JSON: \'{"worst_case": {"rho": 0.1}}\'',
+    )
+    p.add_argument("--store", default=None, help="SQLite store to record the result in (kind 'sharpness')")
+    p.set_defaults(func=run)
+
+
+def _measures(args: argparse.Namespace) -> list[str]:
+    from ..errors import unknown_name
+    from ..sharpness import DEFAULT_MEASURES, MEASURES
+
+    if args.measures is None:
+        return list(DEFAULT_MEASURES)
+    names = [m.strip() for m in args.measures.split(",") if m.strip()]
+    for name in names:  # checked before any training
+        if name not in MEASURES:
+            raise unknown_name("measure", name, MEASURES)
+    return names
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..data import load_dataset
+    from ..models import build_model
+    from ..objective import Objective
+    from ..sharpness import sharpness_report
+    from ..train import load_checkpoint, train_config
+
+    cfg = config_from_args(args)
+    measures = _measures(args)
+    lr = args.eos_lr
+    if lr is None and isinstance(cfg["lr"], float):
+        lr = cfg["lr"]
+    if lr is None and "edge_of_stability" in measures:
+        measures.remove("edge_of_stability")  # a schedule spec has no single lr; give --eos-lr for it
+    ds = load_dataset(cfg["dataset"], **cfg["dataset_opts"])
+    if args.train:
+        model, _ = train_config(cfg, dataset=ds)
+    else:
+        model = build_model(cfg["model"], dataset=ds, seed=cfg["seed"], **cfg["model_opts"])
+        load_checkpoint(args.checkpoint, model)
+    obj = Objective(model, data=ds, bn=args.bn)
+    config = {
+        "source": "train" if args.train else {"checkpoint": str(args.checkpoint)},
+        "model": cfg["model"],
+        "model_opts": cfg["model_opts"],
+        "dataset": cfg["dataset"],
+        "dataset_opts": cfg["dataset_opts"],
+        "train": cfg if args.train else None,
+        "measures": measures,
+        "max_samples": args.max_samples,
+        "bn": args.bn,
+        "seed": args.seed,
+        "lr": lr,
+        "momentum": args.momentum,
+        "options": args.options or {},
+    }
+    store = key = None
+    if args.store:
+        from ..store import Store
+
+        store = Store(args.store)
+        key = store.start_run(config, kind="sharpness", rerun=True)
+    try:
+        report = sharpness_report(
+            obj,
+            measures=measures,
+            max_samples=args.max_samples,
+            seed=args.seed,
+            lr=lr,
+            momentum=args.momentum if lr is not None else 0.0,
+            options=args.options,
+        )
+        if store is not None:
+            metrics = [(0, name, float(v)) for name, v in report.measures.items()]
+            store.finish_run(key, "completed", result=report.to_dict(), metrics=metrics)
+    except BaseException as e:
+        if store is not None:
+            store.fail_run(key, f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if store is not None:
+            store.close()
+    s = report.settings
+    table = Table(
+        title=f"lrbs sharpness: {cfg['model']} on {cfg['dataset']} ({s['num_samples']} samples, "
+        f"bn={s['bn']}, {s['num_params']} parameters)"
+    )
+    for col, justify in (
+        ("measure", "left"),
+        ("value", "right"),
+        ("stderr", "right"),
+        ("options", "left"),
+        ("seconds", "right"),
+    ):
+        table.add_column(col, justify=justify)
+    for row in report.rows():
+        opts = ", ".join(f"{k}={v}" for k, v in row["options"].items() if k != "seed")
+        table.add_row(row["measure"], _fmt(row["value"]), _fmt(row["stderr"]), opts, _fmt(row["seconds"]))
+    if key:
+        table.caption = f"store key {key[:16]}"
+    Console().print(table)
+    return 0

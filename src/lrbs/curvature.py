@@ -1,0 +1,919 @@
+"""The Hessian spectrum of an :class:`~lrbs.objective.Objective`: top eigenvalues, trace and spectral density.
+
+Every estimator here needs only Hessian-vector products, so it is written against a *block operator*
+``matmat(V) -> A V`` (``V`` of shape ``(k, n)``, each row multiplied, float64) and then applied to the Hessian
+of the full-data loss through ``Objective.hvp``. The operator-level functions (:func:`lanczos_eigenvalues`,
+:func:`power_iteration`, :func:`hutchinson_trace`, :func:`hutchpp_trace`, :func:`slq_density`) also accept an
+explicit symmetric matrix, which is how they are tested against closed forms.
+
+- Top eigenvalues: Lanczos with full reorthogonalization and a Ritz-residual stop (Golub & Van Loan, *Matrix
+  Computations*, §10.1), or power iteration as the baseline (PyHessian's method, Yao et al. 2020, arXiv
+  1912.07145, here with the same residual stop instead of its change-in-estimate rule).
+- Trace: Hutchinson's estimator and Hutch++ (Meyer et al. 2021, arXiv 2010.09649).
+- Spectral density: stochastic Lanczos quadrature with Gaussian smoothing (Ghorbani et al. 2019, arXiv
+  1901.10159).
+
+The Krylov bases and all reductions are kept in float64 whatever the Objective's dtype; only the HVPs run in
+it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from .errors import ConfigError, LrbsTypeError, ShapeError, check_choice, check_int, check_positive
+
+__all__ = [
+    "EigenResult",
+    "TraceResult",
+    "SpectralDensity",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "spectral_density",
+    "lanczos_eigenvalues",
+    "power_iteration",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "slq_density",
+    "hessian_operator",
+]
+
+MatMat = Callable[[torch.Tensor], torch.Tensor]
+WHICH = ("LA", "SA", "LM")
+
+
+# --------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class EigenResult:
+    """Extreme eigenvalues of a symmetric operator (the Hessian).
+
+    Attributes:
+        values: the eigenvalues, ``(k,)``: descending for ``which="LA"``, ascending for ``"SA"``, by
+            descending magnitude for ``"LM"``.
+        vectors: unit eigenvectors ``(k, n)`` (float64) when asked for, else None.
+        residuals: ``||H v_i - lambda_i v_i||`` per value (for Lanczos the Ritz residual ``|beta_m s_{m,i}|``,
+            which equals the true residual in exact arithmetic with full reorthogonalization).
+        rel_residuals: ``residuals / |values|``.
+        converged: every value met ``rel_residual <= tol``.
+        num_hvps: Hessian-vector products used.
+        steps: Lanczos steps (or power iterations, summed over eigenpairs).
+        method, which, tol, seed: the settings.
+        settings: the Objective's settings (bn mode, dtype, data fingerprint, ...); empty for a plain
+            operator.
+        wall_time: seconds.
+    """
+
+    values: np.ndarray
+    vectors: torch.Tensor | None
+    residuals: np.ndarray
+    rel_residuals: np.ndarray
+    converged: bool
+    num_hvps: int
+    steps: int
+    method: str
+    which: str
+    tol: float
+    seed: int
+    settings: dict[str, Any] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+    @property
+    def top(self) -> float:
+        """The first value (``lambda_max`` for ``which="LA"``)."""
+        return float(self.values[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary (eigenvectors are left out; store them with ``Store.save_arrays``)."""
+        return {
+            "values": [float(v) for v in self.values],
+            "residuals": [float(r) for r in self.residuals],
+            "rel_residuals": [float(r) for r in self.rel_residuals],
+            "converged": bool(self.converged),
+            "num_hvps": int(self.num_hvps),
+            "steps": int(self.steps),
+            "method": self.method,
+            "which": self.which,
+            "tol": self.tol,
+            "seed": self.seed,
+            "settings": dict(self.settings),
+            "wall_time": self.wall_time,
+        }
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """A stochastic trace estimate.
+
+    Attributes:
+        value: the estimate of ``tr(H)``.
+        stderr: its probe standard error (for Hutch++: of the Hutchinson part, conditional on the sketch).
+        num_hvps: Hessian-vector products used.
+        method: ``"hutchinson"`` or ``"hutch++"``.
+        seed: the probe seed.
+        settings: the Objective's settings.
+        wall_time: seconds.
+    """
+
+    value: float
+    stderr: float
+    num_hvps: int
+    method: str
+    seed: int
+    settings: dict[str, Any] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "stderr": self.stderr,
+            "num_hvps": self.num_hvps,
+            "method": self.method,
+            "seed": self.seed,
+            "settings": dict(self.settings),
+            "wall_time": self.wall_time,
+        }
+
+
+@dataclass(frozen=True)
+class SpectralDensity:
+    """Smoothed eigenvalue density from stochastic Lanczos quadrature.
+
+    Attributes:
+        grid: eigenvalue grid ``(G,)``.
+        density: the density on the grid, ``(G,)``; it integrates to 1.
+        nodes: Ritz values per run, ``(num_runs, m)`` (NaN-padded when a run ended early).
+        weights: their quadrature weights (squared first components of the Ritz vectors), same shape; each row
+            sums to 1.
+        sigma: the Gaussian smoothing width.
+        negative_mass: fraction of the spectral mass below 0 (``mean_runs sum_i w_i [theta_i < 0]``, from the
+            unsmoothed quadrature): how much of a saddle the point is.
+        num_runs, lanczos_steps, num_hvps, seed: the settings and cost.
+        settings: the Objective's settings.
+        wall_time: seconds.
+    """
+
+    grid: np.ndarray
+    density: np.ndarray
+    nodes: np.ndarray
+    weights: np.ndarray
+    sigma: float
+    negative_mass: float
+    num_runs: int
+    lanczos_steps: int
+    num_hvps: int
+    seed: int
+    settings: dict[str, Any] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary (grid and density as lists; the raw nodes and weights are left out)."""
+        return {
+            "grid": self.grid.tolist(),
+            "density": self.density.tolist(),
+            "sigma": self.sigma,
+            "negative_mass": self.negative_mass,
+            "num_runs": self.num_runs,
+            "lanczos_steps": self.lanczos_steps,
+            "num_hvps": self.num_hvps,
+            "seed": self.seed,
+            "settings": dict(self.settings),
+            "wall_time": self.wall_time,
+        }
+
+    def plot(self, ax: Any = None, *, log: bool = True) -> Any:
+        """Plot the density (log scale on the y axis by default, as in Ghorbani et al.); returns the axes."""
+        if ax is None:
+            from matplotlib.figure import Figure
+
+            ax = Figure(figsize=(5, 3.5)).add_subplot(1, 1, 1)
+        floor = 1e-12 * max(float(self.density.max()), 1e-300)
+        ax.plot(self.grid, np.maximum(self.density, floor) if log else self.density, lw=1.2)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density")
+        ax.set_title(f"Hessian spectral density (SLQ, {self.num_runs} runs x {self.lanczos_steps} steps)")
+        return ax
+
+
+# --------------------------------------------------------------------------- operators
+def _as_operator(op: MatMat | torch.Tensor | np.ndarray, n: int | None) -> tuple[MatMat, int]:
+    """An explicit symmetric matrix or a block matmat -> (float64 block matmat, n)."""
+    if isinstance(op, (torch.Tensor, np.ndarray)):
+        A = torch.as_tensor(op, dtype=torch.float64)
+        if A.dim() != 2 or A.shape[0] != A.shape[1]:
+            raise ShapeError(f"operator has shape {tuple(A.shape)}: an explicit matrix must be square (n, n)")
+        return (lambda V: V @ A.T), A.shape[0]
+    if not callable(op):
+        raise LrbsTypeError(
+            f"operator={type(op).__name__} is not allowed: a square matrix or a matmat callable"
+        )
+    if n is None:
+        raise ConfigError("n=None is not allowed with a matmat callable: give the operator's size n")
+    return op, check_int("n", n, low=1)
+
+
+def hessian_operator(obj: Any, params: Any = None) -> tuple[MatMat, torch.Tensor]:
+    """The Hessian of ``obj`` at ``params`` (default: its centre) as a float64 block matmat.
+
+    Returns:
+        ``(matmat, theta)``: ``matmat(V)`` maps ``(k, n)`` or ``(n,)`` float64 to ``H V`` (float64, same
+        shape), computed with ``obj.hvp`` in the Objective's dtype; ``theta`` is the (finite) point.
+
+    Raises:
+        ConfigError: non-finite parameters.
+    """
+    theta = obj.check_finite(obj.theta() if params is None else params)
+
+    def matmat(V: torch.Tensor) -> torch.Tensor:
+        return obj.hvp(theta, V.to(obj.dtype)).to(torch.float64)
+
+    return matmat, theta
+
+
+def _check_common(n: int, k: int, tol: float, which: str) -> tuple[int, float]:
+    k = check_int("k", k, low=1)
+    if k > n:
+        raise ConfigError(f"k={k} is not allowed: must be <= the number of parameters ({n})")
+    tol = check_positive("tol", tol)
+    check_choice("which", which, WHICH)
+    return k, tol
+
+
+def _start_vector(n: int, init: Any, seed: int) -> torch.Tensor:
+    if init is None:
+        g = torch.Generator().manual_seed(seed)
+        v = torch.randn(n, generator=g, dtype=torch.float64)
+    else:
+        v = torch.as_tensor(init).detach().to(dtype=torch.float64, device="cpu").reshape(-1).clone()
+        if v.shape != (n,):
+            raise ShapeError(f"init has {v.numel()} entries: must be a vector of the {n} parameters")
+        if not torch.isfinite(v).all() or float(v.norm()) == 0.0:
+            raise ConfigError("init must be a finite, non-zero vector")
+    return v / v.norm()
+
+
+def _select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
+    """Indices of the k wanted Ritz values, in output order."""
+    if which == "LA":
+        return np.argsort(-theta, kind="stable")[:k]
+    if which == "SA":
+        return np.argsort(theta, kind="stable")[:k]
+    return np.argsort(-np.abs(theta), kind="stable")[:k]
+
+
+# --------------------------------------------------------------------------- Lanczos
+class _Lanczos:
+    """Lanczos tridiagonalization with full (twice-repeated) Gram-Schmidt reorthogonalization.
+
+    ``Q`` holds the orthonormal basis (float64, on the operator's device), ``alpha``/``beta`` the tridiagonal.
+    """
+
+    def __init__(self, matmat: MatMat, v0: torch.Tensor, max_steps: int, restart_seed: int | None):
+        self.matmat = matmat
+        self.n = v0.numel()
+        self.Q = torch.zeros(max_steps, self.n, dtype=torch.float64, device=v0.device)
+        self.Q[0] = v0
+        self.alpha: list[float] = []
+        self.beta: list[float] = []  # beta[j] couples q_j and q_{j+1}
+        self.num_matvecs = 0
+        self.max_steps = max_steps
+        self.restart = torch.Generator().manual_seed(restart_seed) if restart_seed is not None else None
+        self.exhausted = False
+
+    @property
+    def m(self) -> int:
+        return len(self.alpha)
+
+    def step(self) -> None:
+        j = self.m
+        q = self.Q[j]
+        w = self.matmat(q[None])[0].to(torch.float64)
+        self.num_matvecs += 1
+        a = float(q @ w)
+        self.alpha.append(a)
+        w = w - a * q
+        if j > 0:
+            w = w - self.beta[j - 1] * self.Q[j - 1]
+        basis = self.Q[: j + 1]
+        for _ in range(2):  # "twice is enough" (Parlett)
+            w = w - basis.T @ (basis @ w)
+        b = float(w.norm())
+        scale = max(abs(a), self.beta[j - 1] if j > 0 else 0.0, 1e-300)
+        if j + 1 >= min(self.max_steps, self.n):
+            self.beta.append(b)
+            self.exhausted = j + 1 >= self.n
+            return
+        if b <= 1e-10 * scale:
+            # Invariant subspace found: exact Ritz pairs so far. Continue in a fresh direction (beta = 0
+            # decouples).
+            self.beta.append(0.0)
+            if self.restart is None:
+                self.exhausted = True
+                return
+            r = torch.randn(self.n, generator=self.restart, dtype=torch.float64).to(w.device)
+            for _ in range(2):
+                r = r - basis.T @ (basis @ r)
+            self.Q[j + 1] = r / r.norm()
+        else:
+            self.beta.append(b)
+            self.Q[j + 1] = w / b
+
+    def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ritz values (ascending), eigenvectors of T, and Ritz residuals ``|beta_m s_{m,i}|``."""
+        m = self.m
+        a = np.asarray(self.alpha)
+        if m == 1:
+            theta, S = a.copy(), np.ones((1, 1))
+        else:
+            theta, S = scipy.linalg.eigh_tridiagonal(a, np.asarray(self.beta[: m - 1]))
+        res = np.abs(self.beta[m - 1] * S[m - 1, :])
+        return theta, S, res
+
+
+def lanczos_eigenvalues(
+    operator: MatMat | torch.Tensor | np.ndarray,
+    n: int | None = None,
+    k: int = 1,
+    *,
+    which: str = "LA",
+    tol: float = 1e-4,
+    max_iter: int | None = None,
+    min_steps: int = 20,
+    seed: int = 0,
+    init: Any = None,
+    return_vectors: bool = False,
+) -> EigenResult:
+    """Extreme eigenvalues of a symmetric operator by Lanczos with full reorthogonalization.
+
+    Runs the Lanczos recurrence ``A Q_m = Q_m T_m + beta_m q_{m+1} e_m^T`` and, after ``min_steps`` steps,
+    stops as soon as the ``k`` wanted Ritz pairs ``(theta_i, Q_m s_i)`` of ``T_m`` have relative Ritz residual
+    ``|beta_m s_{m,i}| / |theta_i| <= tol`` (the residual ``||A y_i - theta_i y_i||``; eigenvalue errors are
+    ``O(residual^2 / gap)``). This is a residual test, not PyHessian's change-in-estimate rule.
+
+    Args:
+        operator: an explicit symmetric ``(n, n)`` matrix, or ``matmat(V)`` for ``V`` of shape ``(k, n)``.
+        n: the size (needed with a callable).
+        k: how many eigenvalues.
+        which: ``"LA"`` largest algebraic (the default: ``lambda_max`` is the sharpness direction, and a
+            negative eigenvalue of large magnitude is not "sharp"), ``"SA"`` smallest algebraic, ``"LM"``
+            largest magnitude.
+        tol: relative residual tolerance (> 0).
+        max_iter: at most this many steps (= matvecs); default ``min(n, max(100, 20 k))``.
+        min_steps: never stop before this many steps (guards against misconvergence to an inner eigenvalue).
+        seed: seed of the Gaussian start vector.
+        init: a start vector (warm start, e.g. the previous top eigenvector while tracking training).
+        return_vectors: also return the Ritz vectors ``(k, n)``.
+
+    Returns:
+        An :class:`EigenResult` (``settings`` empty).
+
+    Raises:
+        ConfigError: ``k > n``, ``tol <= 0``, unknown ``which``, bad ``max_iter``.
+        ShapeError: ``init`` of the wrong size; a non-square matrix.
+
+    References:
+        Lanczos (1950); Golub & Van Loan, *Matrix Computations* (4th ed.), §10.1; Parlett, *The Symmetric
+        Eigenvalue Problem* (reorthogonalization).
+    """
+    t0 = time.perf_counter()
+    matmat, n = _as_operator(operator, n)
+    k, tol = _check_common(n, k, tol, which)
+    if max_iter is None:
+        max_iter = min(n, max(100, 20 * k))
+    max_iter = min(check_int("max_iter", max_iter, low=k), n)
+    min_steps = min(check_int("min_steps", min_steps, low=1), max_iter)
+    v0 = _start_vector(n, init, seed)
+    lz = _Lanczos(matmat, v0, max_iter, restart_seed=seed + 1)
+    converged = False
+    while True:
+        lz.step()
+        m = lz.m
+        if m >= max(k, min_steps) or lz.exhausted or m >= max_iter:
+            theta, S, res = lz.ritz()
+            idx = _select(theta, min(k, m), which)
+            floor = 1e-12 * max(float(np.abs(theta).max()), 1e-300)
+            rel = res[idx] / np.maximum(np.abs(theta[idx]), floor)
+            converged = len(idx) == k and bool(np.all(rel <= tol))
+            if converged or lz.exhausted or m >= max_iter:
+                break
+    vectors = None
+    if return_vectors:
+        vectors = (torch.as_tensor(S[:, idx].T, dtype=torch.float64, device=lz.Q.device) @ lz.Q[:m]).cpu()
+    return EigenResult(
+        values=theta[idx].copy(),
+        vectors=vectors,
+        residuals=res[idx].copy(),
+        rel_residuals=rel,
+        converged=converged,
+        num_hvps=lz.num_matvecs,
+        steps=m,
+        method="lanczos",
+        which=which,
+        tol=tol,
+        seed=seed,
+        wall_time=time.perf_counter() - t0,
+    )
+
+
+# --------------------------------------------------------------------------- power iteration
+def _power_run(
+    matmat: MatMat,
+    n: int,
+    k: int,
+    tol: float,
+    max_iter: int,
+    v0: torch.Tensor,
+    shift: float,
+    sign: float,
+    seed: int,
+) -> tuple[list[float], list[torch.Tensor], list[float], int, int, bool]:
+    """Power iteration on ``sign * A - shift * I``, deflated by projection onto the found vectors."""
+    g = torch.Generator().manual_seed(seed + 1)
+    found: list[torch.Tensor] = []
+    values, residuals = [], []
+    count = steps = 0
+    ok = True
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        for u in found:
+            x = x - (u @ x) * u
+        return x
+
+    for i in range(k):
+        v = v0.clone() if i == 0 else torch.randn(n, generator=g, dtype=torch.float64)
+        v = project(v)
+        v = v / v.norm()
+        lam, res = 0.0, math.inf
+        for _ in range(max_iter):
+            w = project(sign * matmat(v[None])[0].to(torch.float64) - shift * v)
+            count += 1
+            steps += 1
+            lam = float(v @ w)
+            res = float((w - lam * v).norm())
+            if res <= tol * max(abs(lam + shift), 1e-300):  # relative to the unshifted eigenvalue
+                break
+            nw = float(w.norm())
+            if nw == 0.0:  # v is in the null space of the deflated operator
+                break
+            v = w / nw
+        else:
+            ok = False
+        found.append(v)
+        values.append(lam)
+        residuals.append(res)
+    return values, found, residuals, count, steps, ok
+
+
+def power_iteration(
+    operator: MatMat | torch.Tensor | np.ndarray,
+    n: int | None = None,
+    k: int = 1,
+    *,
+    which: str = "LA",
+    tol: float = 1e-4,
+    max_iter: int = 1000,
+    seed: int = 0,
+    init: Any = None,
+    return_vectors: bool = False,
+) -> EigenResult:
+    """Extreme eigenvalues by power iteration with deflation: the baseline (PyHessian's method).
+
+    Iterates ``v <- A v / ||A v||`` with the Rayleigh quotient ``lambda = v^T A v`` and stops when the
+    relative residual ``||A v - lambda v|| / |lambda| <= tol`` (the same test as :func:`lanczos_eigenvalues`).
+    Further eigenpairs are found on the operator projected orthogonally to the ones already found. Power
+    iteration converges to the largest *magnitude*; for ``which="LA"`` (``"SA"``) the operator is shifted by
+    ``-|lambda_LM|`` so that the algebraic order is the magnitude order (this costs one extra run when the
+    spectrum has large negative values). It needs about ``log(tol) / log(lambda_2 / lambda_1)`` matvecs per
+    eigenpair.
+
+    Args: as :func:`lanczos_eigenvalues`; ``max_iter`` counts iterations per eigenpair.
+
+    Returns:
+        An :class:`EigenResult`.
+
+    Raises:
+        ConfigError / ShapeError: as :func:`lanczos_eigenvalues`.
+    """
+    t0 = time.perf_counter()
+    matmat, n = _as_operator(operator, n)
+    k, tol = _check_common(n, k, tol, which)
+    max_iter = check_int("max_iter", max_iter, low=1)
+    v0 = _start_vector(n, init, seed)
+    sign = -1.0 if which == "SA" else 1.0
+    vals, vecs, res, count, steps, ok = _power_run(
+        matmat, n, 1 if which != "LM" else k, tol, max_iter, v0, 0.0, sign, seed
+    )
+    if which != "LM" and (k > 1 or vals[0] < 0):
+        shift = -abs(vals[0])  # sign*A - shift*I is positive semi-definite: magnitude order = algebraic order
+        vals, vecs, res, c2, s2, ok = _power_run(
+            matmat, n, k, tol, max_iter, vecs[0] if vals[0] > 0 else v0, shift, sign, seed
+        )
+        vals = [v + shift for v in vals]
+        count, steps = count + c2, steps + s2
+    values = sign * np.asarray(vals)
+    residuals = np.asarray(res)
+    rel = residuals / np.maximum(np.abs(values), 1e-300)
+    return EigenResult(
+        values=values,
+        vectors=torch.stack(vecs) if return_vectors else None,
+        residuals=residuals,
+        rel_residuals=rel,
+        converged=ok,
+        num_hvps=count,
+        steps=steps,
+        method="power",
+        which=which,
+        tol=tol,
+        seed=seed,
+        wall_time=time.perf_counter() - t0,
+    )
+
+
+# --------------------------------------------------------------------------- trace
+def _rademacher(rows: int, n: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 2, (rows, n), generator=g).to(torch.float64) * 2.0 - 1.0
+
+
+def hutchinson_trace(
+    operator: MatMat | torch.Tensor | np.ndarray,
+    n: int | None = None,
+    *,
+    num_matvecs: int = 100,
+    block: int = 10,
+    rtol: float | None = None,
+    seed: int = 0,
+) -> TraceResult:
+    """Girard-Hutchinson trace estimate with Rademacher probes, evaluated in blocks.
+
+    ``tr(A) ~= (1/m) sum_j z_j^T A z_j`` with ``z_j`` uniform on ``{-1, 1}^n``; its variance is ``2 (||A||_F^2
+    - sum_i A_ii^2) / m``. The standard error is the sample standard deviation over ``sqrt(m)``.
+
+    Args:
+        operator: an explicit symmetric matrix or a block matmat.
+        n: the size (with a callable).
+        num_matvecs: the budget ``m`` (>= 2).
+        block: probes per matmat call.
+        rtol: optional early stop: once at least two blocks are in, stop when ``stderr <= rtol * |estimate|``
+            (a confidence-interval criterion, unlike PyHessian's change of the running mean).
+        seed: probe seed.
+
+    Returns:
+        A :class:`TraceResult`.
+
+    References:
+        Hutchinson (1990), Commun. Stat. Simul. Comput. 19(2); Avron & Toledo (2011), J. ACM 58(2).
+    """
+    t0 = time.perf_counter()
+    matmat, n = _as_operator(operator, n)
+    m = check_int("num_matvecs", num_matvecs, low=2)
+    block = check_int("block", block, low=1)
+    if rtol is not None:
+        rtol = check_positive("rtol", rtol)
+    g = torch.Generator().manual_seed(seed)
+    samples: list[float] = []
+    while len(samples) < m:
+        b = min(block, m - len(samples))
+        Z = _rademacher(b, n, g)
+        samples.extend((Z * matmat(Z).to(torch.float64).cpu()).sum(1).tolist())
+        if rtol is not None and len(samples) >= 2 * min(block, m // 2):
+            mean, se = _mean_se(samples)
+            if se <= rtol * abs(mean):
+                break
+    mean, se = _mean_se(samples)
+    return TraceResult(mean, se, len(samples), "hutchinson", seed, wall_time=time.perf_counter() - t0)
+
+
+def _mean_se(samples: Sequence[float]) -> tuple[float, float]:
+    x = np.asarray(samples, dtype=np.float64)
+    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.inf
+    return float(x.mean()), se
+
+
+def hutchpp_trace(
+    operator: MatMat | torch.Tensor | np.ndarray,
+    n: int | None = None,
+    *,
+    num_matvecs: int = 99,
+    seed: int = 0,
+) -> TraceResult:
+    """Hutch++ trace estimate: an exact trace on a sketched top subspace plus Hutchinson on the rest.
+
+    With ``s = m // 3`` sketch probes ``S`` and ``g = m - 2 s`` residual probes ``G`` (Rademacher), ``Q =
+    orth(A S)``, ``tr(A) ~= tr(Q^T A Q) + (1/g) tr(G^T P A P G)`` with ``P = I - Q Q^T``. For PSD ``A`` this
+    needs ``O(1/eps)`` matvecs for relative error ``eps`` instead of Hutchinson's ``O(1/eps^2)``. The reported
+    standard error is that of the residual Hutchinson part given the sketch.
+
+    Args:
+        operator: an explicit symmetric matrix or a block matmat.
+        n: the size (with a callable).
+        num_matvecs: the budget ``m`` (>= 3); split into thirds.
+        seed: probe seed.
+
+    Returns:
+        A :class:`TraceResult`.
+
+    References:
+        Meyer, Musco, Musco & Woodruff, "Hutch++: Optimal Stochastic Trace Estimation", SOSA 2021 (arXiv
+        2010.09649), Algorithm 1.
+    """
+    t0 = time.perf_counter()
+    matmat, n = _as_operator(operator, n)
+    m = check_int("num_matvecs", num_matvecs, low=3)
+    g = torch.Generator().manual_seed(seed)
+    s = min(m // 3, n)
+    S = _rademacher(s, n, g)
+    Y = matmat(S).to(torch.float64).cpu()
+    Q, _ = torch.linalg.qr(Y.T)  # (n, s), orthonormal columns
+    AQ = matmat(Q.T.contiguous()).to(torch.float64).cpu()
+    low_rank = float((Q.T * AQ).sum())
+    r = m - 2 * s
+    G = _rademacher(r, n, g)
+    G = G - (G @ Q) @ Q.T
+    samples = (G * matmat(G).to(torch.float64).cpu()).sum(1).tolist()
+    mean, se = _mean_se(samples) if r > 1 else (float(samples[0]) if r == 1 else 0.0, math.inf if r else 0.0)
+    return TraceResult(low_rank + mean, se, 2 * s + r, "hutch++", seed, wall_time=time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- spectral density
+def slq_density(
+    operator: MatMat | torch.Tensor | np.ndarray,
+    n: int | None = None,
+    *,
+    num_runs: int = 10,
+    lanczos_steps: int = 80,
+    grid: int | Sequence[float] | np.ndarray | None = None,
+    sigma: float | None = None,
+    seed: int = 0,
+) -> SpectralDensity:
+    """Spectral density by stochastic Lanczos quadrature (SLQ), smoothed with a Gaussian.
+
+    For each run a unit Rademacher vector ``v`` starts ``m`` Lanczos steps (full reorthogonalization); the
+    Ritz values ``theta_i`` and weights ``w_i = s_{1,i}^2`` (squared first components of the eigenvectors of
+    ``T_m``) form a Gauss quadrature of the spectral measure ``v^T delta(A - t) v``, whose expectation is
+    ``(1/n) sum_j delta(lambda_j - t)``. The density is ``phi(t) = (1/R) sum_runs sum_i w_i N(t; theta_i,
+    sigma^2)``.
+
+    Args:
+        operator: an explicit symmetric matrix or a block matmat.
+        n: the size (with a callable).
+        num_runs: independent start vectors ``R``.
+        lanczos_steps: steps per run ``m`` (capped at ``n``).
+        grid: number of grid points, or the grid itself; default: enough points for ~8 per ``sigma`` over
+            ``[min theta - 6 sigma, max theta + 6 sigma]`` (at least 1000).
+        sigma: smoothing width; default ``(max theta - min theta) / m`` (eigenthings' choice).
+        seed: probe seed.
+
+    Returns:
+        A :class:`SpectralDensity`.
+
+    References:
+        Ghorbani, Krishnan & Xiao, "An Investigation into Neural Net Optimization via Hessian Eigenvalue
+        Density", ICML 2019 (arXiv 1901.10159); Lin, Saad & Yang, SIAM Review 58(1), 2016.
+    """
+    t0 = time.perf_counter()
+    matmat, n = _as_operator(operator, n)
+    runs = check_int("num_runs", num_runs, low=1)
+    steps = min(check_int("lanczos_steps", lanczos_steps, low=1), n)
+    if sigma is not None:
+        sigma = check_positive("sigma", sigma)
+    g = torch.Generator().manual_seed(seed)
+    nodes = np.full((runs, steps), np.nan)
+    weights = np.zeros((runs, steps))
+    count = 0
+    for r in range(runs):
+        v = _rademacher(1, n, g)[0] / math.sqrt(n)
+        lz = _Lanczos(matmat, v, steps, restart_seed=None)
+        while lz.m < steps and not lz.exhausted:
+            lz.step()
+        count += lz.num_matvecs
+        theta, S, _ = lz.ritz()
+        nodes[r, : lz.m] = theta
+        weights[r, : lz.m] = S[0, :] ** 2
+    lo, hi = float(np.nanmin(nodes)), float(np.nanmax(nodes))
+    if sigma is None:
+        sigma = max(hi - lo, 1e-6 * max(1.0, abs(lo), abs(hi))) / steps
+    if grid is None or isinstance(grid, (int, np.integer)):
+        span = (hi - lo) + 12 * sigma
+        points = (
+            check_int("grid", grid, low=2)
+            if grid is not None
+            else int(min(max(1000, 8 * span / sigma), 200_000))
+        )
+        t = np.linspace(lo - 6 * sigma, hi + 6 * sigma, points)
+    else:
+        t = np.asarray(grid, dtype=np.float64).reshape(-1)
+        if t.size < 2 or not np.all(np.isfinite(t)) or np.any(np.diff(t) <= 0):
+            raise ConfigError(
+                "grid must be an int >= 2 or an increasing, finite sequence of at least 2 points"
+            )
+    ok = np.isfinite(nodes)
+    th, w = nodes[ok], weights[ok]
+    density = np.zeros_like(t)
+    for c in range(0, th.size, 256):  # bounded memory: (G, 256) at a time
+        d = (t[:, None] - th[None, c : c + 256]) / sigma
+        density += (np.exp(-0.5 * d * d) * w[None, c : c + 256]).sum(1)
+    density /= runs * sigma * math.sqrt(2 * math.pi)
+    negative = float((weights * (np.nan_to_num(nodes, nan=0.0) < 0)).sum() / runs)
+    return SpectralDensity(
+        grid=t,
+        density=density,
+        nodes=nodes,
+        weights=weights,
+        sigma=float(sigma),
+        negative_mass=negative,
+        num_runs=runs,
+        lanczos_steps=steps,
+        num_hvps=count,
+        seed=seed,
+        wall_time=time.perf_counter() - t0,
+    )
+
+
+# --------------------------------------------------------------------------- on the Objective
+def _with_settings(result: Any, obj: Any, t0: float, **extra: Any) -> Any:
+    import dataclasses
+
+    settings = {**obj.settings(), "hvp_method": obj.hvp_method, **extra}
+    return dataclasses.replace(result, settings=settings, wall_time=time.perf_counter() - t0)
+
+
+def hessian_eigenvalues(
+    obj: Any,
+    k: int = 1,
+    *,
+    method: str = "lanczos",
+    which: str = "LA",
+    tol: float = 1e-4,
+    max_iter: int | None = None,
+    min_steps: int | None = None,
+    seed: int = 0,
+    return_vectors: bool = False,
+    init: Any = None,
+    params: Any = None,
+) -> EigenResult:
+    """Top-``k`` eigenvalues of the Hessian of the full-data loss of ``obj``.
+
+    ``H = nabla^2 L(theta)`` with ``L`` the sample-weighted mean loss over the Objective's fixed batches,
+    applied through ``obj.hvp``; the model itself is never touched. ``which="LA"`` (default) gives the largest
+    *algebraic*
+    eigenvalues: ``lambda_max`` is the curvature that limits the step size (``eta lambda_max < 2``).
+
+    Args:
+        obj: an :class:`~lrbs.objective.Objective`.
+        k: number of eigenvalues (``<= obj.num_params``).
+        method: ``"lanczos"`` (full reorthogonalization, Ritz-residual stop) or ``"power"`` (the baseline).
+        which: ``"LA"``, ``"SA"`` or ``"LM"`` (see :func:`lanczos_eigenvalues`).
+        tol: relative residual tolerance ``||H v - lambda v|| / |lambda|``.
+        max_iter: Lanczos steps (default ``min(n, max(100, 20 k))``) or power iterations per pair (default
+            1000).
+        min_steps: Lanczos steps before the residual test may stop it; default 20 from a random start and
+            ``k`` from a warm start ``init``.
+        seed: start-vector seed.
+        return_vectors: also return the eigenvectors ``(k, n)``.
+        init: warm-start vector (flat, ``(n,)``), e.g. the previous top eigenvector.
+        params: the point (dict or flat vector); default the Objective's centre.
+
+    Returns:
+        An :class:`EigenResult` whose ``settings`` record the Objective's (bn mode, dtype, data fingerprint,
+        ...).
+
+    Raises:
+        ConfigError: ``k > n``, ``tol <= 0``, unknown ``method``/``which``, non-finite parameters.
+        ShapeError: ``init`` of the wrong size.
+
+    Example:
+        >>> from lrbs.data import load_dataset
+        >>> from lrbs.models import build_model
+        >>> from lrbs.objective import Objective
+        >>> ds = load_dataset("blobs", n_train=64, n_test=8, num_features=4, num_classes=3, seed=0)
+        >>> obj = Objective(build_model("mlp", dataset=ds, depth=2, width=8), data=ds)
+        >>> res = hessian_eigenvalues(obj, k=2)
+        >>> bool(res.converged), res.values[0] >= res.values[1]
+        (True, True)
+
+    References:
+        Yao et al., "PyHessian", arXiv 1912.07145; Ghorbani et al. 2019, arXiv 1901.10159.
+    """
+    t0 = time.perf_counter()
+    check_choice("method", method, ("lanczos", "power"))
+    matmat, _ = hessian_operator(obj, params)
+    n = obj.num_params
+    if method == "lanczos":
+        if min_steps is None:
+            min_steps = 20 if init is None else k
+        res = lanczos_eigenvalues(
+            matmat,
+            n,
+            k,
+            which=which,
+            tol=tol,
+            max_iter=max_iter,
+            min_steps=min_steps,
+            seed=seed,
+            init=init,
+            return_vectors=return_vectors,
+        )
+    else:
+        res = power_iteration(
+            matmat,
+            n,
+            k,
+            which=which,
+            tol=tol,
+            max_iter=1000 if max_iter is None else max_iter,
+            seed=seed,
+            init=init,
+            return_vectors=return_vectors,
+        )
+    return _with_settings(res, obj, t0)
+
+
+def hessian_trace(
+    obj: Any,
+    *,
+    method: str = "hutch++",
+    num_hvps: int = 99,
+    seed: int = 0,
+    rtol: float | None = None,
+    params: Any = None,
+) -> TraceResult:
+    """Trace of the Hessian of the full-data loss by Hutch++ (default) or Hutchinson, with block probes.
+
+    Args:
+        obj: an :class:`~lrbs.objective.Objective`.
+        method: ``"hutch++"`` or ``"hutchinson"``.
+        num_hvps: the HVP budget.
+        seed: probe seed.
+        rtol: Hutchinson only: stop early once ``stderr <= rtol |estimate|``.
+        params: the point; default the Objective's centre.
+
+    Returns:
+        A :class:`TraceResult` (value, standard error, HVPs, settings).
+
+    Raises:
+        ConfigError: unknown method, a budget too small, non-finite parameters.
+
+    References:
+        Meyer et al., arXiv 2010.09649; Hutchinson (1990); Yao et al., arXiv 1912.07145 (Hessian trace of
+        networks).
+    """
+    t0 = time.perf_counter()
+    check_choice("method", method, ("hutch++", "hutchinson"))
+    matmat, _ = hessian_operator(obj, params)
+    if method == "hutch++":
+        if rtol is not None:
+            raise ConfigError(f"rtol={rtol!r} is not allowed with method='hutch++': only with 'hutchinson'")
+        res = hutchpp_trace(matmat, obj.num_params, num_matvecs=num_hvps, seed=seed)
+    else:
+        res = hutchinson_trace(matmat, obj.num_params, num_matvecs=num_hvps, seed=seed, rtol=rtol)
+    return _with_settings(res, obj, t0)
+
+
+def spectral_density(
+    obj: Any,
+    *,
+    num_runs: int = 10,
+    lanczos_steps: int = 80,
+    grid: int | Sequence[float] | np.ndarray | None = None,
+    sigma: float | None = None,
+    seed: int = 0,
+    params: Any = None,
+) -> SpectralDensity:
+    """Hessian eigenvalue density of the full-data loss by stochastic Lanczos quadrature (see
+    :func:`slq_density`).
+
+    Args:
+        obj: an :class:`~lrbs.objective.Objective`.
+        num_runs, lanczos_steps, grid, sigma, seed: as :func:`slq_density`.
+        params: the point; default the Objective's centre.
+
+    Returns:
+        A :class:`SpectralDensity` with ``negative_mass`` and ``plot(log=...)``.
+
+    Raises:
+        ConfigError: bad sizes, ``sigma <= 0``, a bad grid, non-finite parameters.
+
+    References:
+        Ghorbani et al., arXiv 1901.10159; Yao et al., arXiv 1912.07145.
+    """
+    t0 = time.perf_counter()
+    matmat, _ = hessian_operator(obj, params)
+    res = slq_density(
+        matmat,
+        obj.num_params,
+        num_runs=num_runs,
+        lanczos_steps=lanczos_steps,
+        grid=grid,
+        sigma=sigma,
+        seed=seed,
+    )
+    return _with_settings(res, obj, t0)
