@@ -468,28 +468,33 @@ class Objective:
         K = stack.shape[0]
         losses, accs = np.empty(K), np.empty(K)
         model = self._model
-        params = dict(model.named_parameters())
+        named = dict(model.named_parameters())
+        plist = [named[k] for k in self._layout.names]
+        numels = list(self._layout.numels)
+        buffers = dict(model.named_buffers())
+
+        def write(theta: torch.Tensor) -> None:
+            torch._foreach_copy_(plist, [c.view_as(p) for c, p in zip(torch.split(theta, numels), plist)])
+
         with torch.no_grad():
             for i in range(K):
                 theta = stack[i]
-                for k, t in self.unflatten(theta).items():
-                    params[k].copy_(t)
+                write(theta)
                 if self.bn == "recompute":
-                    buffers = self._recomputed_buffers(theta)
-                    for k, b in model.named_buffers():
-                        b.copy_(buffers[k])
-                total, correct = 0.0, 0
+                    for k, b in self._recomputed_buffers(theta).items():
+                        buffers[k].copy_(b)
+                total = torch.zeros((), dtype=torch.float64)
+                correct = torch.zeros((), dtype=torch.int64)
                 for x, y in self._batches:
                     out = model(x)
-                    total += float(self._loss_value(out, y)) * len(y)
+                    total += self._loss_value(out, y).double() * len(y)
                     if want_acc:
-                        correct += int((out.argmax(-1) == y).sum())
-                losses[i] = total / self.num_samples
-                accs[i] = correct / self.num_samples if want_acc else np.nan
+                        correct += (out.argmax(-1) == y).sum()
+                losses[i] = float(total) / self.num_samples
+                accs[i] = int(correct) / self.num_samples if want_acc else np.nan
             # restore the private copy's centre point and buffers
-            for k, t in self.unflatten(self._theta0).items():
-                params[k].copy_(t)
-            for k, b in model.named_buffers():
+            write(self._theta0)
+            for k, b in buffers.items():
                 b.copy_(self._buffers[k])
         return losses, accs
 

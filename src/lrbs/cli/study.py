@@ -1,0 +1,42 @@
+"""``lrbs study``: reproduce the seed's claims on the embedded MNIST-1D data and write an HTML report."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="reproduce every claim of the seed on MNIST-1D -> DIR/report.html")
+    p.add_argument("--quick", action="store_true", help="reduced budget (about 3 minutes on 2 cores)")
+    p.add_argument("--out", default="study", help="output directory (report.html, lab.sqlite, artifacts)")
+    p.add_argument("--papers", default=None, help="comma-separated subset of the paper modules")
+    p.add_argument("--backend", default="local", choices=["local", "ray"])
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 1 quick, 3 full)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..study import parse_papers, run_study
+
+    console = Console()
+    res = run_study(
+        args.out,
+        quick=args.quick,
+        papers=parse_papers(args.papers),
+        backend=args.backend,
+        seeds=args.seeds,
+        progress=console.is_terminal,
+        log=lambda m: console.print(m, markup=False),
+    )
+    table = Table(title=f"lrbs study ({res.seconds:.0f}s): {res.report}")
+    for c in ("claim", "verdict"):
+        table.add_column(c)
+    for r in res.papers.values():
+        for f in r.findings:
+            table.add_row(f.claim, f.verdict)
+    console.print(table)
+    console.print(f"report: {res.report}\nstore:  {res.store}")
+    return 0

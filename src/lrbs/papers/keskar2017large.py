@@ -1,0 +1,412 @@
+"""Keskar et al. 2017, "On Large-Batch Training for Deep Learning: Generalization Gap and Sharp Minima".
+
+arXiv 1609.04836. The seed's central claim: large-batch (LB) training converges to sharp minima (large positive
+Hessian eigenvalues) that generalize worse than the flat minima small batches (SB) find, and the gap is not
+over-fitting or under-training. Reproduced on MNIST-1D with the MNIST-1D MLP (Keskar's F1 is an MLP on MNIST):
+
+- SB = 64 vs LB = 1024 (25.6% of the 4000 training samples; Keskar: 10%), Adam (as Keskar), each trained until the
+  training accuracy reaches 99% (Keskar trains to a plateau near 100%) or a maximum number of epochs;
+- generalization gap, Keskar's epsilon-sharpness (full space and a random 100-dim subspace, eps = 1e-3,
+  10 L-BFGS-B iterations), the top Hessian eigenvalue (Lanczos) and the Hessian trace (Hutch++);
+- sharpness against batch size over >= 5 batch sizes; the parametric interpolation plot (alpha in [-1, 2]);
+- the remedies: small-batch warmup then the large batch (Keskar's "dynamic sampling"), and SAM at the large batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..report import Figure, Finding, Section, Table, plot_bars, plot_curves
+from ._common import Context, PaperResult, mean_sd, verdict
+
+NAME = "keskar2017large"
+TITLE = "Large-batch training: generalization gap and sharp minima (Keskar et al. 2017)"
+
+SB, LB = 64, 1024
+EPSILON = 1e-3
+
+
+def _config(ctx: Context, batch_size: int, seed: int, **extra) -> dict:
+    """The training config; ``extra`` overrides entries (e.g. a batch-size schedule spec)."""
+    n = len(ctx.dataset.train)
+    max_epochs = ctx.pick(40, 400)
+    steps_per_epoch = max(1, n // batch_size)
+    cfg = {
+        "model": "mlp",
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "momentum": 0.9,
+        "batch_size": batch_size,
+        "epochs": max_epochs,
+        "seed": seed,
+        "eval_every": steps_per_epoch * ctx.pick(2, 5),  # every 2 (5) epochs
+        "stop_train_acc": 0.99,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def _sharpness(ctx: Context, trained, *, subspace: bool = True) -> dict:
+    """Keskar phi (full space and 100-dim subspace), top eigenvalue and trace on the full training loss."""
+    from ..curvature import hessian_eigenvalues, hessian_trace
+    from ..sharpness import keskar_sharpness
+
+    def compute() -> dict:
+        obj = ctx.objective(trained.model)
+        out = {"train_loss": obj.loss()}
+        out["keskar"] = keskar_sharpness(obj, epsilon=EPSILON, max_iter=10, seed=0).value
+        if subspace:
+            out["keskar_sub100"] = keskar_sharpness(
+                obj, epsilon=EPSILON, subspace_dim=100, max_iter=10, seed=0
+            ).value
+        eig = hessian_eigenvalues(obj, k=1, tol=1e-3, seed=0)
+        out["top_eig"] = float(eig.values[0])
+        tr = hessian_trace(obj, num_hvps=ctx.pick(30, 60), seed=0)
+        out["trace"], out["trace_se"] = tr.value, tr.stderr
+        theta = obj.theta()
+        from ..models import build_model
+
+        init = build_model("mlp", dataset=ctx.dataset, seed=trained.config["seed"])
+        theta0 = torch.cat([p.detach().reshape(-1) for p in init.parameters()])
+        out["dist_from_init"] = float((theta - theta0.to(theta.dtype)).norm())
+        return out
+
+    return ctx.measure(NAME, "sharpness", {"run": trained.key, "subspace": subspace}, compute)
+
+
+def run(ctx: Context) -> PaperResult:
+    seeds = list(ctx.seeds)
+    ctx.log(f"[{NAME}] SB={SB} vs LB={LB}, seeds {seeds}")
+    runs = {}
+    for label, b in (("SB", SB), ("LB", LB)):
+        runs[label] = ctx.train_many(NAME, [_config(ctx, b, s) for s in seeds])
+    meas = {label: [_sharpness(ctx, t) for t in runs[label]] for label in runs}
+
+    def col(label, key):
+        if key in ("train_acc", "test_acc", "train_loss", "test_loss"):
+            return [t.final.get(key, float("nan")) for t in runs[label]]
+        if key == "gap":
+            return [t.final.get("train_acc", np.nan) - t.final.get("test_acc", np.nan) for t in runs[label]]
+        if key == "epochs":
+            return [t.history["samples"][-1] / len(ctx.dataset.train) for t in runs[label]]
+        return [m[key] for m in meas[label]]
+
+    keys = [
+        "train_acc",
+        "test_acc",
+        "gap",
+        "epochs",
+        "keskar",
+        "keskar_sub100",
+        "top_eig",
+        "trace",
+        "dist_from_init",
+    ]
+    stats = {label: {k: mean_sd(col(label, k)) for k in keys} for label in runs}
+    numbers: dict = {}
+    for label in runs:
+        for k in keys:
+            numbers[f"{label}_{k}_mean"], numbers[f"{label}_{k}_sd"] = stats[label][k]
+
+    # ---- per-seed table
+    rows = []
+    for label in runs:
+        for t, m in zip(runs[label], meas[label]):
+            rows.append(
+                [
+                    label,
+                    t.config["batch_size"],
+                    t.config["seed"],
+                    t.final.get("train_acc"),
+                    t.final.get("test_acc"),
+                    t.final.get("train_acc", np.nan) - t.final.get("test_acc", np.nan),
+                    m["keskar"],
+                    m["keskar_sub100"],
+                    m["top_eig"],
+                    (m["trace"], m["trace_se"]),
+                    m["dist_from_init"],
+                ]
+            )
+    per_seed = Table(
+        "Every seed (none selected or dropped)",
+        [
+            "run",
+            "batch",
+            "seed",
+            "train acc",
+            "test acc",
+            "gap",
+            "Keskar phi (full)",
+            "Keskar phi (100-dim)",
+            "top eigenvalue",
+            "trace (± se)",
+            "||theta - theta0||",
+        ],
+        rows,
+    )
+    summary = Table(
+        "SB vs LB (mean ± sd over seeds)",
+        ["quantity", f"SB (B={SB})", f"LB (B={LB})"],
+        [[k, stats["SB"][k], stats["LB"][k]] for k in keys],
+        note="Keskar phi: eps=1e-3, 10 L-BFGS-B iterations, full training loss; eigenvalue: Lanczos; trace: Hutch++.",
+    )
+
+    # ---- sharpness against batch size (seed 0)
+    batch_sizes = ctx.pick([64, 256, 1024], [32, 64, 128, 256, 512, 1024])
+    bs_runs = ctx.train_many(NAME, [_config(ctx, b, seeds[0]) for b in batch_sizes])
+    bs_meas = [_sharpness(ctx, t, subspace=False) for t in bs_runs]
+    bs_keskar = [m["keskar"] for m in bs_meas]
+    bs_eig = [m["top_eig"] for m in bs_meas]
+    bs_test = [t.final.get("test_acc", np.nan) for t in bs_runs]
+    rho_k = _spearman(batch_sizes, bs_keskar)
+    rho_e = _spearman(batch_sizes, bs_eig)
+    numbers.update(
+        {
+            "batch_sizes": batch_sizes,
+            "bs_keskar": bs_keskar,
+            "bs_top_eig": bs_eig,
+            "bs_test_acc": bs_test,
+            "spearman_keskar": rho_k,
+            "spearman_top_eig": rho_e,
+        }
+    )
+    fig_bs = plot_curves(
+        np.asarray(batch_sizes, float),
+        {"Keskar phi": np.asarray(bs_keskar), "top eigenvalue": np.asarray(bs_eig)},
+        xlabel="batch size",
+        ylabel="sharpness",
+        logx=True,
+        logy=True,
+        title=f"Sharpness against batch size (seed {seeds[0]})",
+    )
+
+    # ---- parametric interpolation SB -> LB (seed 0)
+    from ..landscape import interpolate
+
+    sb0, lb0 = runs["SB"][0], runs["LB"][0]
+    alphas = np.linspace(-1, 2, 25)
+
+    def interp() -> dict:
+        land = interpolate(
+            sb0.model,
+            lb0.model,
+            ctx.objective(sb0.model),
+            alphas,
+            test_obj=ctx.objective(sb0.model, split="test"),
+        )
+        return {"arrays": {k: np.asarray(v) for k, v in land.values.items()}}
+
+    iv = ctx.measure(NAME, "interpolation", {"a": sb0.key, "b": lb0.key, "alphas": alphas.tolist()}, interp)[
+        "arrays"
+    ]
+    fig_int = plot_curves(
+        alphas,
+        {k.replace("_", " "): iv[k] for k in sorted(iv) if "loss" in k},
+        xlabel="alpha (0 = SB, 1 = LB)",
+        ylabel="cross-entropy",
+        logy=True,
+        title="Parametric plot: (1 - alpha) SB + alpha LB",
+    )
+    fig_int_acc = plot_curves(
+        alphas,
+        {k.replace("_", " "): iv[k] for k in sorted(iv) if "acc" in k},
+        xlabel="alpha (0 = SB, 1 = LB)",
+        ylabel="accuracy",
+        title="Parametric plot: accuracy",
+    )
+
+    # ---- remedies at the large batch
+    warm_epochs = ctx.pick(4, 10)
+    warm_steps = warm_epochs * len(ctx.dataset.train) // SB
+    remedies = {
+        "LB": runs["LB"][0],
+        "SB warmup -> LB": ctx.train(
+            NAME,
+            {
+                **_config(ctx, LB, seeds[0]),
+                "batch_size": f"batch_step(sizes=[{SB}, {LB}], milestones=[{warm_steps}])",
+            },
+        ),
+        "SAM at LB": ctx.train(
+            NAME, _config(ctx, LB, seeds[0], optimizer="sam", rho=0.05, optimizer_opts={"base": "adam"})
+        ),
+        "SB": runs["SB"][0],
+    }
+    rem_meas = {k: _sharpness(ctx, t, subspace=False) for k, t in remedies.items()}
+    rem_rows = [
+        [k, t.final.get("train_acc"), t.final.get("test_acc"), rem_meas[k]["keskar"], rem_meas[k]["top_eig"]]
+        for k, t in remedies.items()
+    ]
+    rem_table = Table(
+        f"Remedies for the large batch (seed {seeds[0]})",
+        ["run", "train acc", "test acc", "Keskar phi", "top eigenvalue"],
+        rem_rows,
+        note=f"SB warmup: batch {SB} for {warm_epochs} epochs, then {LB}. SAM: rho=0.05 on Adam.",
+    )
+    for k in remedies:
+        tag = k.replace(" -> ", "_to_").replace(" ", "_")
+        numbers[f"remedy_{tag}_test_acc"] = remedies[k].final.get("test_acc")
+        numbers[f"remedy_{tag}_keskar"] = rem_meas[k]["keskar"]
+        numbers[f"remedy_{tag}_top_eig"] = rem_meas[k]["top_eig"]
+
+    # ---- training curves and bars
+    from ..report import plot_fit
+
+    fig_fit = (
+        plot_fit([runs["SB"][0], runs["LB"][0]], labels=[f"SB B={SB}", f"LB B={LB}"])
+        if _fit_like(runs["SB"][0])
+        else None
+    )
+    fig_bars = plot_bars(
+        ["SB test", "LB test", "SB train", "LB train"],
+        [
+            stats["SB"]["test_acc"][0],
+            stats["LB"]["test_acc"][0],
+            stats["SB"]["train_acc"][0],
+            stats["LB"]["train_acc"][0],
+        ],
+        [
+            stats["SB"]["test_acc"][1],
+            stats["LB"]["test_acc"][1],
+            stats["SB"]["train_acc"][1],
+            stats["LB"]["train_acc"][1],
+        ],
+        ylabel="accuracy",
+        title="Accuracy (mean ± sd over seeds)",
+    )
+
+    # ---- findings
+    d_test = np.asarray(col("SB", "test_acc")) - np.asarray(col("LB", "test_acc"))
+    gap_mean, gap_sd = mean_sd(d_test)
+    significant = len(d_test) > 1 and gap_mean > 2 * gap_sd / np.sqrt(len(d_test))
+    gap_ok = None if (gap_mean > 0 and not significant and len(d_test) > 1) else gap_mean > 0
+    numbers["test_acc_drop_mean"], numbers["test_acc_drop_sd"] = gap_mean, gap_sd
+    findings = [
+        Finding(
+            "Large-batch training reaches a lower test accuracy than small-batch training (the generalization gap).",
+            f"Test accuracy SB {_pm(stats['SB']['test_acc'])} vs LB {_pm(stats['LB']['test_acc'])}; drop "
+            f"{_pm((gap_mean, gap_sd))} over {len(seeds)} seed(s).",
+            verdict(gap_ok),
+            {
+                "SB test acc": stats["SB"]["test_acc"],
+                "LB test acc": stats["LB"]["test_acc"],
+                "drop": (gap_mean, gap_sd),
+            },
+            section=NAME,
+        ),
+        Finding(
+            "The gap is not under-training: both reach a training accuracy near 100%.",
+            f"Training accuracy SB {_pm(stats['SB']['train_acc'])}, LB {_pm(stats['LB']['train_acc'])} "
+            f"(stop at 99% or {ctx.pick(40, 400)} epochs).",
+            verdict(min(stats["SB"]["train_acc"][0], stats["LB"]["train_acc"][0]) >= 0.98),
+            {"SB train acc": stats["SB"]["train_acc"], "LB train acc": stats["LB"]["train_acc"]},
+            section=NAME,
+        ),
+        Finding(
+            "Large batches converge to sharper minima: higher Keskar sharpness and top Hessian eigenvalue.",
+            f"Keskar phi SB {_pm(stats['SB']['keskar'])} vs LB {_pm(stats['LB']['keskar'])}; top eigenvalue SB "
+            f"{_pm(stats['SB']['top_eig'])} vs LB {_pm(stats['LB']['top_eig'])}.",
+            verdict(
+                stats["LB"]["keskar"][0] > stats["SB"]["keskar"][0]
+                and stats["LB"]["top_eig"][0] > stats["SB"]["top_eig"][0]
+            ),
+            {
+                "SB keskar": stats["SB"]["keskar"],
+                "LB keskar": stats["LB"]["keskar"],
+                "SB top eig": stats["SB"]["top_eig"],
+                "LB top eig": stats["LB"]["top_eig"],
+            },
+            section=NAME,
+        ),
+        Finding(
+            "Sharpness grows with the batch size.",
+            f"Spearman rank correlation between batch size and Keskar phi {rho_k:.2f}, and top eigenvalue "
+            f"{rho_e:.2f}, over batch sizes {batch_sizes}.",
+            verdict(rho_k > 0.5 and rho_e > 0.5) if len(batch_sizes) >= 5 else "inconclusive",
+            {"spearman keskar": rho_k, "spearman top eig": rho_e},
+            section=NAME,
+        ),
+        Finding(
+            "Large-batch solutions stay closer to the initial weights.",
+            f"||theta - theta0|| SB {_pm(stats['SB']['dist_from_init'])} vs LB {_pm(stats['LB']['dist_from_init'])}.",
+            verdict(stats["LB"]["dist_from_init"][0] < stats["SB"]["dist_from_init"][0]),
+            {"SB distance": stats["SB"]["dist_from_init"], "LB distance": stats["LB"]["dist_from_init"]},
+            section=NAME,
+        ),
+        Finding(
+            "Remedies: a small-batch warmup, or SAM, give the large batch a flatter minimum.",
+            "Keskar phi / top eigenvalue: LB {:.3g} / {:.3g}; SB-warmup {:.3g} / {:.3g}; SAM {:.3g} / {:.3g}.".format(
+                rem_meas["LB"]["keskar"],
+                rem_meas["LB"]["top_eig"],
+                rem_meas["SB warmup -> LB"]["keskar"],
+                rem_meas["SB warmup -> LB"]["top_eig"],
+                rem_meas["SAM at LB"]["keskar"],
+                rem_meas["SAM at LB"]["top_eig"],
+            ),
+            verdict(
+                rem_meas["SAM at LB"]["top_eig"] < rem_meas["LB"]["top_eig"]
+                and rem_meas["SB warmup -> LB"]["top_eig"] < rem_meas["LB"]["top_eig"]
+            ),
+            {
+                "LB top eig": rem_meas["LB"]["top_eig"],
+                "warmup top eig": rem_meas["SB warmup -> LB"]["top_eig"],
+                "SAM top eig": rem_meas["SAM at LB"]["top_eig"],
+            },
+            section=NAME,
+        ),
+    ]
+    figures = [
+        Figure("Accuracy of small- and large-batch training", fig_bars),
+        Figure(
+            "Sharpness against batch size",
+            fig_bs,
+            "Keskar phi (eps=1e-3, full space) and the top Hessian eigenvalue at the end of training.",
+        ),
+        Figure(
+            "Parametric interpolation between the SB and LB solutions",
+            fig_int,
+            "Keskar et al.'s Figure 3 on MNIST-1D: train and test loss along the line through both "
+            "solutions; BatchNorm-free model.",
+        ),
+        Figure("Parametric interpolation: accuracy", fig_int_acc),
+    ]
+    if fig_fit is not None:
+        figures.insert(1, Figure(f"Training curves (seed {seeds[0]})", fig_fit))
+    section = Section(
+        NAME,
+        TITLE,
+        intro=(__doc__ or "").split("\n\n", 1)[1].strip(),
+        figures=figures,
+        tables=[summary, per_seed, rem_table],
+        findings=findings,
+        settings={
+            "model": "mlp (depth 3, width 100)",
+            "optimizer": "adam lr=1e-3",
+            "SB": SB,
+            "LB": LB,
+            "stop": "train acc >= 0.99 or max epochs",
+            "max_epochs": ctx.pick(40, 400),
+            "seeds": seeds,
+            "keskar_epsilon": EPSILON,
+            "data_fingerprint": ctx.dataset.fingerprint,
+        },
+    )
+    return PaperResult(NAME, section, findings, numbers)
+
+
+def _fit_like(t) -> bool:
+    return bool(t.evals) and len(t.history.get("loss", [])) > 0
+
+
+def _pm(x) -> str:
+    m, s = x
+    return f"{m:.4g} ± {s:.2g}"
+
+
+def _spearman(x, y) -> float:
+    from scipy.stats import spearmanr
+
+    if len(x) < 3:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)

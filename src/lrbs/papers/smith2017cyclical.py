@@ -1,0 +1,329 @@
+"""Smith 2017, "Cyclical Learning Rates for Training Neural Networks" (arXiv 1506.01186), with SGDR and one-cycle.
+
+The seed's first recipe and its two hypotheses. Reproduced on MNIST-1D with the MNIST-1D paper's CNN (cnn1d),
+SGD with momentum 0.9, batch 100:
+
+- the LR range test (exponential sweep, bias-corrected EMA, stop on divergence) gives a recommended LR and the
+  ``[base_lr, max_lr]`` bounds for cyclical schedules;
+- six schedules with the same number of steps, all peaking at the recommended LR: constant, step decay (x0.1 at
+  50% and 75%), cosine with 5% linear warmup, cyclical triangular2 between a quarter of it and it (Smith 2017), SGDR
+  with a peak that halves at every restart (Loshchilov & Hutter 2017, and the seed's "the base LR itself decays"),
+  and one-cycle (Smith & Topin 2019); final test accuracy over seeds, and the curves;
+- hypothesis 1 (raising the LR escapes sharp minima): the sharpness of each schedule's final solution (top Hessian
+  eigenvalue, Keskar's epsilon-sharpness);
+- hypothesis 2 (raising the LR escapes saddle points faster): the mass of negative Hessian eigenvalues from the
+  spectral density (stochastic Lanczos quadrature) at several points along training, constant vs cyclical LR.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..report import Figure, Finding, Section, Table, plot_bars, plot_curves, plot_fit
+from ..schedules import constant, cosine, cyclic, one_cycle, sgdr, step, warmup
+from ._common import Context, PaperResult, mean_sd, verdict
+
+NAME = "smith2017cyclical"
+TITLE = "Learning-rate range test and cyclical schedules (Smith 2017; SGDR; one-cycle)"
+BATCH = 100
+
+
+def _base(ctx: Context, lr, seed: int) -> dict:
+    steps = ctx.pick(500, 2000)
+    return {
+        "model": "cnn1d",
+        "optimizer": "sgd",
+        "momentum": 0.9,
+        "lr": lr,
+        "batch_size": BATCH,
+        "steps": steps,
+        "seed": seed,
+        "eval_every": steps // ctx.pick(5, 20),
+    }
+
+
+def _range_test(ctx: Context) -> dict:
+    import torch
+
+    from ..models import build_model
+    from ..range_test import lr_range_test
+
+    def compute() -> dict:
+        model = build_model("cnn1d", dataset=ctx.dataset, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        res = lr_range_test(
+            model,
+            opt,
+            data=ctx.dataset,
+            start_lr=1e-5,
+            end_lr=10.0,
+            num_iter=100,
+            batch_size=BATCH,
+            repeats=ctx.pick(1, 3),
+            seed=0,
+        )
+        rec, why = res.recommended()
+        base, peak = res.lr_bounds()
+        sugg = {m: float(res.suggest(m)[0]) for m in ("valley", "steepest", "minimum", "slide")}
+        return {
+            "recommended": float(rec),
+            "why": why,
+            "base_lr": float(base),
+            "max_lr": float(peak),
+            "suggestions": sugg,
+            "diverged_at": None if res.diverged_at is None else float(res.lrs[res.diverged_at]),
+            "arrays": {
+                "lrs": np.asarray(res.lrs),
+                "losses": np.asarray(res.losses),
+                "smoothed": np.asarray(res.smoothed),
+            },
+        }
+
+    return ctx.measure(
+        NAME, "range_test", {"model": "cnn1d", "batch": BATCH, "repeats": ctx.pick(1, 3)}, compute
+    )
+
+
+def _schedules(ctx: Context, lr: float) -> dict[str, str]:
+    """Every schedule peaks at the range test's recommended LR; cyclical ones go down to a quarter of it.
+
+    One peak for all keeps the comparison like-for-like. Smith (2017) sets ``base_lr`` to 1/3-1/4 of ``max_lr``;
+    the range test's own ``lr_bounds()`` upper end sits close to divergence for momentum SGD (one-cycle at it
+    killed the network in a trial run), so it is reported but not used as the peak.
+    """
+    T = ctx.pick(500, 2000)
+    W = T // 20
+    return {
+        "constant": repr(constant(lr)),
+        "step decay": repr(step(lr, [T // 2, 3 * T // 4], 0.1)),
+        "cosine + warmup": repr(warmup(cosine(lr, T - W), W)),
+        "cyclical (triangular2)": repr(cyclic(lr / 4, lr, T // 8, mode="triangular2")),
+        "SGDR, decaying peak": repr(sgdr(lr, max(1, T // 7), cycle_mult=2.0, peak_decay=0.5)),
+        "one-cycle": repr(one_cycle(lr, T)),
+    }
+
+
+def _sharp(ctx: Context, trained) -> dict:
+    from ..curvature import hessian_eigenvalues
+    from ..sharpness import edge_of_stability, keskar_sharpness
+
+    def compute() -> dict:
+        obj = ctx.objective(trained.model)
+        eig = hessian_eigenvalues(obj, k=1, tol=1e-3, seed=0)
+        lam = float(eig.values[0])
+        final_lr = float(trained.history["lr"][-1])
+        return {
+            "top_eig": lam,
+            "keskar": keskar_sharpness(obj, epsilon=1e-3, max_iter=10, seed=0).value,
+            "final_lr": final_lr,
+            "lr_x_lambda": edge_of_stability(final_lr, lam, momentum=0.9).value,
+        }
+
+    return ctx.measure(NAME, "sharpness", {"run": trained.key}, compute)
+
+
+def _saddle(ctx: Context, trained, label: str) -> dict:
+    from ..curvature import spectral_density
+
+    def compute() -> dict:
+        masses = []
+        obj = ctx.objective(trained.model, max_samples=1000)
+        for theta in trained.snapshots:
+            import torch
+
+            d = spectral_density(
+                obj,
+                num_runs=2,
+                lanczos_steps=ctx.pick(20, 40),
+                seed=0,
+                params=torch.as_tensor(theta, dtype=obj.dtype),
+            )
+            masses.append(float(d.negative_mass))
+        return {"negative_mass": masses, "steps": [int(s) for s in trained.snapshot_steps]}
+
+    return ctx.measure(NAME, "saddle", {"run": trained.key, "label": label}, compute)
+
+
+def run(ctx: Context) -> PaperResult:
+    seeds = list(ctx.seeds)
+    rt = _range_test(ctx)
+    lr, base, peak = rt["recommended"], rt["base_lr"], rt["max_lr"]
+    ctx.log(f"[{NAME}] range test: recommended {lr:.3g} ({rt['why']}); bounds [{base:.3g}, {peak:.3g}]")
+    scheds = _schedules(ctx, lr)
+    T = ctx.pick(500, 2000)
+    snap_steps = [T // 8, T // 4, T // 2, 3 * T // 4, T]
+    runs: dict[str, list] = {}
+    for name, spec in scheds.items():
+        snaps = snap_steps if name in ("constant", "cyclical (triangular2)") else None
+        runs[name] = [
+            ctx.train(NAME, _base(ctx, spec, s), snapshot_steps=snaps if s == seeds[0] else None)
+            for s in seeds
+        ]
+    sharp = {name: [_sharp(ctx, t) for t in runs[name]] for name in runs}
+    acc = {name: mean_sd([t.final.get("test_acc", np.nan) for t in runs[name]]) for name in runs}
+    eig = {name: mean_sd([m["top_eig"] for m in sharp[name]]) for name in runs}
+    kes = {name: mean_sd([m["keskar"] for m in sharp[name]]) for name in runs}
+    saddle = {label: _saddle(ctx, runs[label][0], label) for label in ("constant", "cyclical (triangular2)")}
+
+    numbers: dict = {
+        "recommended_lr": lr,
+        "base_lr": base,
+        "max_lr": peak,
+        **{f"suggest_{k}": v for k, v in rt["suggestions"].items()},
+    }
+    for name in runs:
+        tag = name.split(" ")[0].replace("-", "_").lower()
+        numbers[f"{tag}_test_acc_mean"], numbers[f"{tag}_test_acc_sd"] = acc[name]
+        numbers[f"{tag}_top_eig_mean"], numbers[f"{tag}_top_eig_sd"] = eig[name]
+        numbers[f"{tag}_keskar_mean"], numbers[f"{tag}_keskar_sd"] = kes[name]
+    neg_c = saddle["constant"]["negative_mass"]
+    neg_y = saddle["cyclical (triangular2)"]["negative_mass"]
+    numbers["negative_mass_constant"] = neg_c
+    numbers["negative_mass_cyclical"] = neg_y
+
+    # ---- figures
+    arr = rt["arrays"]
+    lrs, smoothed = np.asarray(arr["lrs"]), np.asarray(arr["smoothed"])
+    n = len(smoothed)
+    fig_rt = plot_curves(
+        lrs[:n],
+        {"raw loss": np.asarray(arr["losses"])[:n], "smoothed": smoothed},
+        xlabel="learning rate",
+        ylabel="training loss",
+        logx=True,
+        title=f"LR range test: recommended {lr:.3g}, bounds [{base:.3g}, {peak:.3g}]",
+    )
+    from ..schedules import parse
+
+    fig_s = plot_curves(
+        np.arange(T),
+        {k: parse(v).values(T) for k, v in scheds.items()},
+        xlabel="step",
+        ylabel="learning rate",
+        title="The six schedules (same number of steps)",
+    )
+    fig_fit = plot_fit([runs[k][0] for k in runs], labels=list(runs), title=f"Training (seed {seeds[0]})")
+    fig_acc = plot_bars(
+        list(runs),
+        [acc[k][0] for k in runs],
+        [acc[k][1] for k in runs],
+        ylabel="test accuracy",
+        title="Final test accuracy (mean ± sd over seeds)",
+    )
+    fig_saddle = plot_curves(
+        np.asarray(saddle["constant"]["steps"], float),
+        {"constant LR": np.asarray(neg_c), "cyclical LR": np.asarray(neg_y)},
+        xlabel="step",
+        ylabel="negative spectral mass",
+        title="Saddle-ness along training (mass of negative Hessian eigenvalues)",
+    )
+
+    rows = [
+        [
+            k,
+            t.config["seed"],
+            t.final.get("test_acc"),
+            t.final.get("train_acc"),
+            m["top_eig"],
+            m["keskar"],
+            m["lr_x_lambda"],
+        ]
+        for k in runs
+        for t, m in zip(runs[k], sharp[k])
+    ]
+    table = Table(
+        "Every run (all seeds)",
+        [
+            "schedule",
+            "seed",
+            "test acc",
+            "train acc",
+            "top eigenvalue",
+            "Keskar phi",
+            "final lr x lambda_max",
+        ],
+        rows,
+        note="lr x lambda_max is compared with the stability threshold 2(1+beta) = 3.8 for momentum SGD.",
+    )
+    sugg_table = Table(
+        "Range-test suggestions",
+        ["method", "learning rate"],
+        [[k, v] for k, v in rt["suggestions"].items()]
+        + [["recommended", lr], ["base_lr", base], ["max_lr", peak]],
+        note=rt["why"],
+    )
+
+    # ---- findings
+    cyc = ["cyclical (triangular2)", "SGDR, decaying peak", "one-cycle"]
+    best_cyc = max(cyc, key=lambda k: acc[k][0])
+    const_acc = acc["constant"]
+    findings = [
+        Finding(
+            "An LR range test finds a usable learning rate: training at it works, and it lies below divergence.",
+            f"Recommended {lr:.3g} (divergence at {rt['diverged_at'] if rt['diverged_at'] else 'none'}); constant "
+            f"LR at it reaches {_pm(const_acc)} test accuracy.",
+            verdict(
+                const_acc[0] > ctx.pick(0.6, 0.85) and (rt["diverged_at"] is None or lr < rt["diverged_at"])
+            ),
+            {"recommended lr": lr, "constant test acc": const_acc},
+            section=NAME,
+        ),
+        Finding(
+            "Schedules that raise the LR again (cyclical, SGDR, one-cycle) end at a better solution than a constant LR.",
+            f"Best of them ({best_cyc}) {_pm(acc[best_cyc])} vs constant {_pm(const_acc)}.",
+            verdict(acc[best_cyc][0] > const_acc[0]),
+            {"best cyclical test acc": acc[best_cyc], "constant test acc": const_acc},
+            section=NAME,
+        ),
+        Finding(
+            "Hypothesis 1: raising the LR steers away from sharp minima (lower top Hessian eigenvalue than constant).",
+            "Top eigenvalue: " + "; ".join(f"{k} {_pm(eig[k])}" for k in ["constant", *cyc]) + ".",
+            verdict(min(eig[k][0] for k in cyc) < eig["constant"][0]),
+            {"constant top eig": eig["constant"], **{f"{k} top eig": eig[k] for k in cyc}},
+            section=NAME,
+        ),
+        Finding(
+            "Hypothesis 2: raising the LR escapes saddle points faster (less negative-curvature mass along training).",
+            f"Mean negative spectral mass over {len(neg_c)} points: constant {np.mean(neg_c):.3g}, cyclical "
+            f"{np.mean(neg_y):.3g} (seed {seeds[0]}, 1000-sample subset).",
+            verdict(float(np.mean(neg_y)) < float(np.mean(neg_c))),
+            {
+                "negative mass constant": float(np.mean(neg_c)),
+                "negative mass cyclical": float(np.mean(neg_y)),
+            },
+            section=NAME,
+        ),
+    ]
+    numbers["negative_mass_constant_mean"] = float(np.mean(neg_c))
+    numbers["negative_mass_cyclical_mean"] = float(np.mean(neg_y))
+    section = Section(
+        NAME,
+        TITLE,
+        intro=(__doc__ or "").split("\n\n", 1)[1].strip(),
+        figures=[
+            Figure("LR range test", fig_rt),
+            Figure("Schedules", fig_s),
+            Figure("Training curves", fig_fit),
+            Figure("Final test accuracy", fig_acc),
+            Figure(
+                "Saddle-ness along training",
+                fig_saddle,
+                "Fraction of the Hessian's spectral mass below zero (stochastic Lanczos quadrature).",
+            ),
+        ],
+        tables=[sugg_table, table],
+        findings=findings,
+        settings={
+            "model": "cnn1d",
+            "optimizer": "sgd momentum 0.9",
+            "batch_size": BATCH,
+            "steps": T,
+            "seeds": seeds,
+            "schedules": scheds,
+        },
+    )
+    return PaperResult(NAME, section, findings, numbers)
+
+
+def _pm(x) -> str:
+    return f"{x[0]:.4g} ± {x[1]:.2g}"
