@@ -12,6 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--papers", default=None, help="comma-separated subset of the paper modules")
     p.add_argument("--backend", default="local", choices=["local", "ray"])
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 1 quick, 3 full)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; small models)")
     p.set_defaults(func=run)
 
 
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
         papers=parse_papers(args.papers),
         backend=args.backend,
         seeds=args.seeds,
+        threads=args.threads,
         progress=console.is_terminal,
         log=lambda m: console.print(m, markup=False),
     )
