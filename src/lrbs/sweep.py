@@ -708,10 +708,10 @@ def _execute_local(todo: list[dict], collect: Callable, db: Any, workers: int) -
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    # fork on Linux: the workers start in milliseconds with torch already imported (as DataLoader workers do;
-    # each
-    # run sets its own thread count). Elsewhere spawn, which re-imports torch in every worker.
-    method = "fork" if sys.platform == "linux" else "spawn"
+    # forkserver on Linux: workers are forked from a clean single-threaded server process. A plain fork of a
+    # driver that already runs threads (torch's pools, Ray, SQLite, a progress bar) deadlocked in the full test
+    # suite; spawn works everywhere but re-imports torch in every worker.
+    method = "forkserver" if sys.platform == "linux" else "spawn"
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method)) as pool:
         queue, pending = list(todo), {}
         while queue or pending:
