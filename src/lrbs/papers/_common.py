@@ -367,6 +367,20 @@ def verdict(ok: bool | None) -> str:
     return "reproduced" if ok else "not reproduced"
 
 
+def intro(doc: str | None) -> str:
+    """A paper module's docstring without its title line: the section's introduction."""
+    parts = (doc or "").split("\n\n", 1)
+    return parts[1].strip() if len(parts) > 1 else ""
+
+
+def with_finding_numbers(numbers: dict[str, Any], findings: Sequence[Any]) -> dict[str, Any]:
+    """``numbers`` plus every finding's number under ``finding_<key>`` where not already there."""
+    for f in findings:
+        for key, v in f.numbers.items():
+            numbers.setdefault(f"finding_{key}", list(v) if isinstance(v, tuple) else v)
+    return numbers
+
+
 @dataclass
 class PaperResult:
     """What a paper module returns: its report section, its findings, and its numbers (also stored)."""

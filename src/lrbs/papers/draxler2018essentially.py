@@ -24,7 +24,7 @@ import numpy as np
 
 from ..report import Figure, Finding, Section, Table
 from . import keskar2017large as keskar
-from ._common import Context, PaperResult, verdict
+from ._common import Context, PaperResult, intro, verdict
 
 NAME = "draxler2018essentially"
 TITLE = "Mode connectivity: essentially no barriers between minima (Draxler et al. 2018; Garipov et al. 2018)"
@@ -230,7 +230,7 @@ def run(ctx: Context) -> PaperResult:
     section = Section(
         NAME,
         TITLE,
-        intro=(__doc__ or "").split("\n\n", 1)[1].strip(),
+        intro=intro(__doc__),
         figures=figures,
         tables=[ratio_table, barrier_table, endpoint_table],
         findings=findings,

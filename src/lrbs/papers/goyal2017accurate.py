@@ -22,7 +22,7 @@ import numpy as np
 
 from ..report import Figure, Finding, Section, Table, plot_curves
 from ..schedules import cosine
-from ._common import Context, PaperResult, mean_sd, verdict
+from ._common import Context, PaperResult, mean_sd, verdict, with_finding_numbers
 
 NAME = "goyal2017accurate"
 TITLE = "Linear LR scaling and gradual warmup for large batches (Goyal et al. 2017)"
@@ -265,9 +265,7 @@ def run(ctx: Context) -> PaperResult:
             section=NAME,
         ),
     ]
-    for f in findings:
-        for key, v in f.numbers.items():
-            numbers.setdefault(f"finding_{key}", list(v) if isinstance(v, tuple) else v)
+    with_finding_numbers(numbers, findings)
     intro = (__doc__ or "").split("\n\n", 1)[1].strip()
     section = Section(
         NAME,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..report import Figure, Finding, Section, Table, plot_bars, plot_curves
-from ._common import Context, PaperResult, mean_sd, verdict
+from ._common import Context, PaperResult, intro, mean_sd, verdict
 
 NAME = "keskar2017large"
 TITLE = "Large-batch training: generalization gap and sharp minima (Keskar et al. 2017)"
@@ -376,7 +376,7 @@ def run(ctx: Context) -> PaperResult:
     section = Section(
         NAME,
         TITLE,
-        intro=(__doc__ or "").split("\n\n", 1)[1].strip(),
+        intro=intro(__doc__),
         figures=figures,
         tables=[summary, per_seed, rem_table],
         findings=findings,

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..report import Figure, Finding, Section, Table
 from . import keskar2017large as keskar
-from ._common import Context, PaperResult, mean_sd, verdict
+from ._common import Context, PaperResult, intro, mean_sd, verdict
 
 NAME = "li2018visualizing"
 TITLE = "Visualizing the loss landscape: flat vs sharp minima, depth and skip connections (Li et al. 2018)"
@@ -304,7 +304,7 @@ def run(ctx: Context) -> PaperResult:
     section = Section(
         NAME,
         TITLE,
-        intro=(__doc__ or "").split("\n\n", 1)[1].strip(),
+        intro=intro(__doc__),
         figures=figures,
         tables=tables,
         findings=findings,

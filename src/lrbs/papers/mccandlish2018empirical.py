@@ -30,7 +30,7 @@ import torch
 from ..errors import ConfigError
 from ..report import Figure, Finding, Section, Table
 from . import goyal2017accurate as goyal
-from ._common import Context, PaperResult, build_model_for, mean_sd, verdict
+from ._common import Context, PaperResult, build_model_for, intro, mean_sd, verdict, with_finding_numbers
 
 NAME = "mccandlish2018empirical"
 TITLE = "Gradient noise scale and the critical batch size (McCandlish et al. 2018)"
@@ -293,13 +293,11 @@ def run(ctx: Context) -> PaperResult:
             section=NAME,
         ),
     ]
-    for f in findings:
-        for key, v in f.numbers.items():
-            numbers.setdefault(f"finding_{key}", list(v) if isinstance(v, tuple) else v)
+    with_finding_numbers(numbers, findings)
     section = Section(
         NAME,
         TITLE,
-        intro=(__doc__ or "").split("\n\n", 1)[1].strip(),
+        intro=intro(__doc__),
         figures=figures,
         tables=[t_init, t_sweep, t_snap],
         findings=findings,

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..report import Figure, Finding, Section, Table, plot_bars, plot_curves, plot_fit
 from ..schedules import constant, cosine, cyclic, one_cycle, sgdr, step, warmup
-from ._common import Context, PaperResult, mean_sd, verdict
+from ._common import Context, PaperResult, intro, mean_sd, verdict
 
 NAME = "smith2017cyclical"
 TITLE = "Learning-rate range test and cyclical schedules (Smith 2017; SGDR; one-cycle)"
@@ -299,7 +299,7 @@ def run(ctx: Context) -> PaperResult:
     section = Section(
         NAME,
         TITLE,
-        intro=(__doc__ or "").split("\n\n", 1)[1].strip(),
+        intro=intro(__doc__),
         figures=[
             Figure("LR range test", fig_rt),
             Figure("Schedules", fig_s),

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..report import Figure, Finding, Section, Table
 from ..schedules import batch_step, constant, grow_batch_instead, join, step
-from ._common import Context, PaperResult, mean_sd, verdict
+from ._common import Context, PaperResult, intro, mean_sd, verdict, with_finding_numbers
 
 NAME = "smith2018dont"
 TITLE = "Don't decay the learning rate, increase the batch size (Smith et al. 2018)"
@@ -185,13 +185,11 @@ def run(ctx: Context) -> PaperResult:
             section=NAME,
         ),
     ]
-    for f in findings:
-        for key, v in f.numbers.items():
-            numbers.setdefault(f"finding_{key}", list(v) if isinstance(v, tuple) else v)
+    with_finding_numbers(numbers, findings)
     section = Section(
         NAME,
         TITLE,
-        intro=(__doc__ or "").split("\n\n", 1)[1].strip(),
+        intro=intro(__doc__),
         figures=[
             Figure(
                 "Test accuracy against epochs and against parameter updates",
