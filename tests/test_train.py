@@ -244,8 +244,19 @@ def test_train_config_lr_rule_scales_on_the_batch():
 
 
 def test_stop_at_train_accuracy(small):
-    _, r = train_config({"model": "mlp", "model_opts": {"width": 32}, "dataset": "blobs", "optimizer": "adam",
-                         "lr": 0.01, "batch_size": 32, "steps": 2000, "eval_every": 10, "stop_train_acc": 0.9})
+    _, r = train_config(
+        {
+            "model": "mlp",
+            "model_opts": {"width": 32},
+            "dataset": "blobs",
+            "optimizer": "adam",
+            "lr": 0.01,
+            "batch_size": 32,
+            "steps": 2000,
+            "eval_every": 10,
+            "stop_train_acc": 0.9,
+        }
+    )
     assert r.evals[-1]["train_acc"] >= 0.9
     assert all(e["train_acc"] < 0.9 for e in r.evals[:-1])
     assert r.history["step"][-1] + 1 == r.evals[-1]["step"] < 2000

@@ -487,6 +487,7 @@ def fit(
             cb.on_start(state)
         samples = 0
         step = 0
+        last_set: tuple = ()
         try:
             while step < steps and (max_samples is None or samples < max_samples):
                 b = int(bs_s(step))
@@ -499,7 +500,10 @@ def fit(
                     raise ConfigError(
                         f"lr schedule gave {cur_lr} at step {step}: must be a finite number >= 0"
                     )
-                _set_group_values(opt, cur_lr, ratios, float(mom_s(step)) if mom_s else None)
+                cur_mom = float(mom_s(step)) if mom_s else None
+                if (cur_lr, cur_mom) != last_set:  # constant schedules write the groups once
+                    _set_group_values(opt, cur_lr, ratios, cur_mom)
+                    last_set = (cur_lr, cur_mom)
                 idx = sampler.take(b).to(device)
                 xb, yb = x_train[idx], y_train[idx]
                 micro = max_micro_batch or b
