@@ -29,6 +29,7 @@ browser:                           ## headless Chromium for the report's end-to-
 
 test: $(VENV)/.installed browser   ## lint + the whole test suite
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/pytest -q tests
 
 lint: $(VENV)/.installed
