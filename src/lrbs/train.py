@@ -509,11 +509,16 @@ def fit(
                 micro = max_micro_batch or b
                 opt.zero_grad(set_to_none=True)
                 loss_val = 0.0
-                for s in range(0, b, micro):
-                    xm, ym = xb[s : s + micro], yb[s : s + micro]
-                    lo = lossf(model(xm), ym) * (len(ym) / b)
+                if micro >= b:  # one pass, no slicing or rescaling (the common case, kept lean)
+                    lo = lossf(model(xb), yb)
                     lo.backward()
-                    loss_val += float(lo.detach())
+                    loss_val = float(lo.detach())
+                else:
+                    for s in range(0, b, micro):
+                        xm, ym = xb[s : s + micro], yb[s : s + micro]
+                        lo = lossf(model(xm), ym) * (len(ym) / b)
+                        lo.backward()
+                        loss_val += float(lo.detach())
                 if not math.isfinite(loss_val):
                     status, diverged_at = "diverged", step
                     break
