@@ -51,8 +51,14 @@ def main(quick: bool = False) -> list[dict]:
             m = build_model(name, dataset=ds, seed=0)
             _hand_loop(m, ds.train.x, ds.train.y, steps, 100, 1e-3, 0)
 
-        t_hand = timeit(hand, repeat=3)
-        t_ours = timeit(ours, repeat=3)
+        # interleaved, best of 5 each: the two loops see the same machine state (order and drift cancel)
+        hand()
+        ours()
+        th, to = [], []
+        for _ in range(5):
+            th.append(timeit(hand, repeat=1, warmup=0))
+            to.append(timeit(ours, repeat=1, warmup=0))
+        t_hand, t_ours = min(th), min(to)
         rows.append(
             row(
                 "fit_overhead",
