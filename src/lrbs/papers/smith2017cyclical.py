@@ -260,7 +260,7 @@ def run(ctx: Context) -> PaperResult:
     findings = [
         Finding(
             "An LR range test finds a usable learning rate: training at it works, and it lies below divergence.",
-            f"Recommended {lr:.3g} (divergence at {rt['diverged_at'] if rt['diverged_at'] else 'none'}); constant "
+            f"Recommended {lr:.3g} (divergence at {_div_text(rt['diverged_at'])}); constant "
             f"LR at it reaches {_pm(const_acc)} test accuracy.",
             verdict(
                 const_acc[0] > ctx.pick(0.6, 0.85) and (rt["diverged_at"] is None or lr < rt["diverged_at"])
@@ -323,6 +323,10 @@ def run(ctx: Context) -> PaperResult:
         },
     )
     return PaperResult(NAME, section, findings, numbers)
+
+
+def _div_text(lr) -> str:
+    return "none" if lr is None else f"{lr:.3g}"
 
 
 def _pm(x) -> str:
