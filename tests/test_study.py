@@ -161,3 +161,20 @@ def test_study_report_in_chromium(study, tmp_path):
     assert console_lines(proc.stderr) == []
     img = mpimg.imread(shot)[..., :3]
     assert 0.03 < float(np.mean(np.any(img < 0.94, axis=-1))) < 0.8
+
+
+def test_ray_backend_gives_the_same_numbers_as_local(tmp_path):
+    """`lrbs study --backend ray` fans independent training runs out as Ray tasks: same numbers as local."""
+    ray = pytest.importorskip("ray")
+    outs = {}
+    try:
+        for backend in ("local", "ray"):
+            out = tmp_path / backend
+            argv = ["study", "--quick", "--papers", "smith2018dont", "--backend", backend, "--out", str(out)]
+            assert main(argv) == 0
+            con = sqlite3.connect(out / "lab.sqlite")
+            (res,) = con.execute("select result from runs where kind = 'paper'").fetchone()
+            outs[backend] = json.loads(res)["numbers"]
+    finally:
+        ray.shutdown()  # leave no cluster behind for later tests
+    assert outs["ray"] == outs["local"]
