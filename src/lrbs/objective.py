@@ -157,6 +157,10 @@ class Objective:
         self._theta0 = torch.cat([p.detach().reshape(-1) for _, p in named]).clone()
         for p in self._model.parameters():
             p.requires_grad_(False)
+        # The private copy's trainable parameters become views of one flat buffer, so that writing a point
+        # (the sequential loss_many path) is a single copy.
+        self._flat = self._theta0.clone()
+        self._bind_flat()
         self._batches = [
             (self._x[i : i + self.batch_size], self._y[i : i + self.batch_size])
             for i in range(0, n, self.batch_size)
@@ -166,6 +170,17 @@ class Objective:
         self.hvp_method: str | None = None
         self.loss_many_method: str | None = None
         self._check_output()
+
+    def _bind_flat(self) -> dict[str, torch.Tensor]:
+        """Make the private model's trainable parameters views of ``self._flat`` (again, e.g. after unpickling)."""
+        named = dict(self._model.named_parameters())
+        first = named[self._layout.names[0]]
+        if first.data_ptr() != self._flat.data_ptr():
+            for k, chunk, shape in zip(
+                self._layout.names, torch.split(self._flat, list(self._layout.numels)), self._layout.shapes
+            ):
+                named[k].data = chunk.view(shape)
+        return named
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -466,34 +481,30 @@ class Objective:
     # ------------------------------------------------------------------ many points
     def _metrics_sequential(self, stack: torch.Tensor, want_acc: bool) -> tuple[np.ndarray, np.ndarray]:
         K = stack.shape[0]
-        losses, accs = np.empty(K), np.empty(K)
+        losses, accs = np.empty(K), np.full(K, np.nan)
         model = self._model
-        named = dict(model.named_parameters())
-        plist = [named[k] for k in self._layout.names]
-        numels = list(self._layout.numels)
+        self._bind_flat()
         buffers = dict(model.named_buffers())
-
-        def write(theta: torch.Tensor) -> None:
-            torch._foreach_copy_(plist, [c.view_as(p) for c, p in zip(torch.split(theta, numels), plist)])
-
+        flat = self._flat
+        n = self.num_samples
         with torch.no_grad():
             for i in range(K):
                 theta = stack[i]
-                write(theta)
+                flat.copy_(theta)  # the private model's parameters are views of ``flat``
                 if self.bn == "recompute":
                     for k, b in self._recomputed_buffers(theta).items():
                         buffers[k].copy_(b)
-                total = torch.zeros((), dtype=torch.float64)
-                correct = torch.zeros((), dtype=torch.int64)
+                total, correct = 0.0, 0
                 for x, y in self._batches:
                     out = model(x)
-                    total += self._loss_value(out, y).double() * len(y)
+                    total += float(self._loss_value(out, y)) * len(y)
                     if want_acc:
-                        correct += (out.argmax(-1) == y).sum()
-                losses[i] = float(total) / self.num_samples
-                accs[i] = int(correct) / self.num_samples if want_acc else np.nan
+                        correct += int((out.argmax(-1) == y).sum())
+                losses[i] = total / n
+                if want_acc:
+                    accs[i] = correct / n
             # restore the private copy's centre point and buffers
-            write(self._theta0)
+            flat.copy_(self._theta0)
             for k, b in buffers.items():
                 b.copy_(self._buffers[k])
         return losses, accs
