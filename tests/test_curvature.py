@@ -307,3 +307,25 @@ def test_model_without_trainable_parameters_and_non_scalar_loss(data):
             lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"),
             data=data,
         )
+
+
+def test_lanczos_on_a_dead_network_stays_finite():
+    """Regression (the README's own example): one-cycle at the range test's upper bound kills a cnn1d (constant
+    output, a numerically low-rank Hessian). Lanczos then exhausts its Krylov space and restarts; breakdown must
+    be judged against the operator's scale seen so far, or float32 roundoff is normalized up until the
+    tridiagonal overflows (it raised "array must not contain infs or NaNs")."""
+    import lrbs
+    from lrbs import schedules as S
+
+    ds = lrbs.load_dataset("mnist1d")
+    model = lrbs.build_model("cnn1d", dataset=ds)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    rt = lrbs.lr_range_test(model, opt, data=ds, batch_size=100, repeats=3)
+    _, max_lr = rt.lr_bounds()
+    lrbs.fit(model, ds, optimizer="sgd", lr=S.one_cycle(max_lr, 2000), batch_size=100, steps=2000)
+    obj = lrbs.Objective(model, data=ds.train)
+    res = lrbs.hessian_eigenvalues(obj, k=5)
+    assert np.all(np.isfinite(res.values)) and np.all(np.isfinite(res.residuals))
+    # against the same operator's eigenvalues from a long Lanczos run with a different start
+    ref = lrbs.hessian_eigenvalues(obj, k=5, tol=1e-10, max_iter=200, seed=7).values
+    np.testing.assert_allclose(res.values[:2], ref[:2], rtol=1e-3)

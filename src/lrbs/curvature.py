@@ -288,6 +288,7 @@ class _Lanczos:
         self.max_steps = max_steps
         self.restart = torch.Generator().manual_seed(restart_seed) if restart_seed is not None else None
         self.exhausted = False
+        self.anorm = 0.0  # largest |alpha| / beta so far: the scale that breakdown is judged against
 
     @property
     def m(self) -> int:
@@ -307,7 +308,10 @@ class _Lanczos:
         for _ in range(2):  # "twice is enough" (Parlett)
             w = w - basis.T @ (basis @ w)
         b = float(w.norm())
-        scale = max(abs(a), self.beta[j - 1] if j > 0 else 0.0, 1e-300)
+        # Breakdown is judged against the operator's size seen so far (not this step's alpha alone): after a
+        # restart in a (near-)null space, a step-local scale let roundoff noise be normalized up and blow up.
+        self.anorm = max(self.anorm, abs(a), self.beta[j - 1] if j > 0 else 0.0)
+        scale = max(self.anorm, 1e-300)
         if j + 1 >= min(self.max_steps, self.n):
             self.beta.append(b)
             self.exhausted = j + 1 >= self.n
