@@ -30,6 +30,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import tempfile
@@ -468,6 +469,10 @@ def ddp_train(
                 db.close()
         ddp_model = model
     finally:
+        # The DDP Reducer must die before its process group: destroying a gloo group that a live Reducer still
+        # holds left the Reducer's later destructor joining a gloo thread forever (a hang seen in the test suite).
+        ddp = hook = None
+        gc.collect()
         if created:
             dist.destroy_process_group()
     if return_model:
