@@ -360,6 +360,19 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
+def paired(diffs: Sequence[float]) -> bool | None:
+    """Is a per-seed difference positive? True: mean > 0 and (with > 1 seed) beyond 2 standard errors; False:
+    mean <= 0; None (inconclusive): a positive mean within 2 standard errors, or no finite value."""
+    m, s = mean_sd(diffs)
+    if not np.isfinite(m):
+        return None
+    if m <= 0:
+        return False
+    if len(diffs) > 1 and m <= 2 * s / np.sqrt(len(diffs)):
+        return None
+    return True
+
+
 def verdict(ok: bool | None) -> str:
     """A claim's verdict from a test outcome (None: inconclusive)."""
     if ok is None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..report import Figure, Finding, Section, Table, plot_bars, plot_curves
-from ._common import Context, PaperResult, intro, mean_sd, verdict
+from ._common import Context, PaperResult, intro, mean_sd, paired, verdict
 
 NAME = "keskar2017large"
 TITLE = "Large-batch training: generalization gap and sharp minima (Keskar et al. 2017)"
@@ -282,8 +282,7 @@ def run(ctx: Context) -> PaperResult:
     # ---- findings
     d_test = np.asarray(col("SB", "test_acc")) - np.asarray(col("LB", "test_acc"))
     gap_mean, gap_sd = mean_sd(d_test)
-    significant = len(d_test) > 1 and gap_mean > 2 * gap_sd / np.sqrt(len(d_test))
-    gap_ok = None if (gap_mean > 0 and not significant and len(d_test) > 1) else gap_mean > 0
+    gap_ok = paired(d_test)
     numbers["test_acc_drop_mean"], numbers["test_acc_drop_sd"] = gap_mean, gap_sd
     conv = _conv_net(ctx, seeds)
     numbers.update(conv["numbers"])
@@ -435,14 +434,9 @@ def _conv_net(ctx: Context, seeds: list[int]) -> dict:
     )
     d_mean, d_sd = mean_sd(drop)
     numbers["cnn1d_test_acc_drop_mean"], numbers["cnn1d_test_acc_drop_sd"] = d_mean, d_sd
-    significant = len(drop) > 1 and d_mean > 2 * d_sd / np.sqrt(len(drop))
     trained = min(stat["SB"]["train_acc"][0], stat["LB"]["train_acc"][0]) >= 0.98
-    if d_mean <= 0:
-        gap_verdict = "not reproduced"
-    elif (len(drop) > 1 and not significant) or not trained:
-        gap_verdict = "inconclusive"
-    else:
-        gap_verdict = "reproduced"
+    gap = paired(drop)
+    gap_verdict = verdict(None if (gap and not trained) else gap)
     rows = [
         [
             label,

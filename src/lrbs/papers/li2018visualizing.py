@@ -26,6 +26,7 @@ import numpy as np
 from ..report import Figure, Finding, Section, Table
 from . import keskar2017large as keskar
 from ._common import Context, PaperResult, intro, mean_sd, verdict
+from ._common import paired as _paired
 
 NAME = "li2018visualizing"
 TITLE = "Visualizing the loss landscape: flat vs sharp minima, depth and skip connections (Li et al. 2018)"
@@ -100,19 +101,6 @@ def _resnet_config(ctx: Context, depth: int, skip: bool, seed: int) -> dict:
         "eval_every": steps,  # one evaluation at the end (20 full-data evaluations would double the cost)
         "seed": seed,
     }
-
-
-def _paired(diffs: list[float]) -> bool | None:
-    """Verdict of "the difference is positive": mean > 0, and with >1 seed beyond 2 standard errors (else
-    inconclusive); a mean <= 0 is "not reproduced"."""
-    m, s = mean_sd(diffs)
-    if not np.isfinite(m):
-        return None
-    if m <= 0:
-        return False
-    if len(diffs) > 1 and m <= 2 * s / np.sqrt(len(diffs)):
-        return None
-    return True
 
 
 def run(ctx: Context) -> PaperResult:
