@@ -329,3 +329,79 @@ def test_lanczos_on_a_dead_network_stays_finite():
     # against the same operator's eigenvalues from a long Lanczos run with a different start
     ref = lrbs.hessian_eigenvalues(obj, k=5, tol=1e-10, max_iter=200, seed=7).values
     np.testing.assert_allclose(res.values[:2], ref[:2], rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- start vector and value tolerance
+def test_hvp_gradient_is_the_gradient_and_reuses_the_hvp_graph(small_obj):
+    obj = small_obj
+    obj.hvp_method = "rev_rev"
+    obj.clear_cache()
+    g = obj.hvp_gradient()
+    cache = obj._graph_cache
+    assert cache is not None  # the HVP graph was built once ...
+    hv = obj.hvp(obj.theta(), torch.ones(obj.num_params))
+    assert obj._graph_cache is cache  # ... and the HVP reuses it
+    assert torch.isfinite(hv).all()
+    torch.testing.assert_close(g, obj.grad(), rtol=1e-12, atol=1e-14)
+    obj.hvp_method = "fwd_rev"
+    torch.testing.assert_close(obj.hvp_gradient(), obj.grad(), rtol=1e-12, atol=1e-14)
+    obj.hvp_method = None
+
+
+def test_gradient_start_saves_steps_and_is_recorded(case):
+    _, obj, _, ev = case
+    grad = hessian_eigenvalues(obj, tol=1e-8, tol_on="value")
+    rand = hessian_eigenvalues(obj, tol=1e-8, tol_on="value", init="random")
+    assert grad.settings["start"] == "gradient+random" and rand.settings["start"] == "random"
+    for res in (grad, rand):
+        assert res.converged and abs(res.top - ev[0]) <= 1e-8 * abs(ev[0])
+    assert grad.num_hvps <= rand.num_hvps
+    # smallest eigenvalues: "auto" starts at random (the gradient lies in the top eigenspace)
+    low = hessian_eigenvalues(obj, which="SA", tol=1e-8, tol_on="value")
+    assert low.settings["start"] == "random" and abs(low.top - ev[-1]) <= 1e-6 * max(abs(ev[-1]), 1e-3)
+
+
+def test_value_tolerance_meets_the_dense_eigenvalue_with_fewer_steps(case):
+    _, obj, _, ev = case
+    for tol in (1e-3, 1e-6):
+        val = hessian_eigenvalues(obj, tol=tol, tol_on="value", init="random", seed=3)
+        res = hessian_eigenvalues(obj, tol=tol, init="random", seed=3)
+        err = abs(val.top - ev[0])
+        assert val.converged and val.tol_on == "value"
+        assert err <= tol * abs(ev[0])  # the estimate was not optimistic here
+        assert err <= 10 * val.error_estimates[0] + 1e-12 * abs(ev[0])  # and is not wildly pessimistic
+        assert val.num_hvps < res.num_hvps
+    assert json.dumps(val.to_dict())
+
+
+def test_value_errors_on_a_known_matrix():
+    # eigenvalues 10, 9 and a bulk in [0, 5]: once the top two are resolved, r^2 / gap bounds the true error
+    eigs = torch.cat([torch.tensor([10.0, 9.0]), torch.linspace(0, 5, 98)]).double()
+    A = _sym(100, eigs)
+    for steps in (6, 8, 10):
+        r = lanczos_eigenvalues(A, tol=1e-14, max_iter=steps, min_steps=steps, tol_on="value")
+        true = 10.0 - r.top
+        assert true > 1e-12  # not yet converged to roundoff: the bound is actually tested
+        assert true <= r.error_estimates[0]
+        assert r.error_estimates[0] <= r.residuals[0] + 1e-15
+
+
+def test_zero_gradient_falls_back_to_a_random_start(small_obj, monkeypatch):
+    monkeypatch.setattr(small_obj, "hvp_gradient", lambda theta=None: torch.zeros(small_obj.num_params))
+    res = hessian_eigenvalues(small_obj, k=2)
+    ref = hessian_eigenvalues(small_obj, k=2, init="random")
+    assert res.settings["start"] == "random (zero gradient)"
+    np.testing.assert_array_equal(res.values, ref.values)
+
+
+def test_bad_start_and_tolerance_kind(small_obj):
+    with pytest.raises(
+        ConfigError, match=r"init='gradiant' is not allowed: must be one of \['auto', 'gradient'"
+    ):
+        hessian_eigenvalues(small_obj, init="gradiant")
+    with pytest.raises(
+        ConfigError, match=r"tol_on='values' is not allowed: must be one of \['residual', 'value'\]"
+    ):
+        hessian_eigenvalues(small_obj, tol_on="values")
+    with pytest.raises(ConfigError, match=r"tol_on='value' is not allowed with method='power'"):
+        hessian_eigenvalues(small_obj, method="power", tol_on="value")

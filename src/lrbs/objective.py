@@ -474,6 +474,24 @@ class Objective:
             return fn(theta, v).detach()
         return torch.stack([fn(theta, row) for row in v]).detach()
 
+    def hvp_gradient(self, params=None) -> torch.Tensor:
+        """The full-data gradient (flat) at ``params``, free when the HVP runs reverse-over-reverse.
+
+        That HVP builds the gradient graph anyway (``create_graph=True``), and its value *is* the gradient: the
+        curvature estimators use it as a start vector (it lies mostly in the top Hessian eigenspace, Gur-Ari et
+        al. 2018, arXiv 1812.04754). With the forward-over-reverse HVP it costs one ordinary gradient.
+        """
+        theta = self._as_theta(self._theta0 if params is None else params)
+        if self.hvp_method is None:
+            self.hvp_method = self._choose_hvp(theta)
+        if self.hvp_method != "rev_rev":
+            return self.grad(theta)
+        graphs = self._graph(theta)
+        out = torch.zeros_like(theta)
+        for _, g in graphs:
+            out += g.detach()
+        return out
+
     def clear_cache(self) -> None:
         """Drop the cached gradient graph (frees its memory)."""
         self._graph_cache = None
