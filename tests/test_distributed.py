@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -140,13 +141,16 @@ def test_only_rank0_writes_the_store(ddp_out):
         runs = st.runs()
         assert len(runs) == 1 and runs[0].status == "completed"
         assert runs[0].config["ddp"]["world_size"] == 2
-        steps, loss = st.series(runs[0].key, "train_loss")
-        assert list(steps) == [0, 1, 2, 3]  # per-step losses, then the final evaluation's (as fit() writes)
+        steps, loss = st.series(runs[0].key, "batch_loss")
+        eval_steps, train_loss = st.series(runs[0].key, "train_loss")
+        _, batch_size = st.series(runs[0].key, "batch_size")
     store_res, _ = _load(ddp_out, "store")
-    assert loss[0] == pytest.approx(store_res["history"]["loss"][0])
-    assert loss[3] == pytest.approx(
-        store_res["final"]["train_loss"]
-    )  # evaluations overwrite steps 1..3, as in fit()
+    # every step's mini-batch loss survives (evaluation rows at the same steps no longer overwrite it)
+    assert [int(s) for s in steps] == [int(s) for s in store_res["history"]["step"]] == [0, 1, 2]
+    np.testing.assert_allclose(loss, store_res["history"]["loss"], rtol=1e-12)
+    np.testing.assert_array_equal(batch_size, store_res["history"]["batch_size"])
+    assert [int(s) for s in eval_steps] == [int(e["step"]) for e in store_res["evals"]]
+    assert train_loss[-1] == pytest.approx(store_res["final"]["train_loss"])
 
 
 # --------------------------------------------------------------------------------------------- one process

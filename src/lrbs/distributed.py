@@ -457,8 +457,11 @@ def ddp_train(
             save_checkpoint(model, checkpoint, meta={"lrbs": "ddp_train"})
         result = FitResult(status, history, evals, final, wall, record, diverged_at, run_key)
         if db is not None:
-            rows = [(int(s), "train_loss", float(v)) for s, v in zip(history["step"], history["loss"])]
+            # per-step mini-batch losses under their own name, as fit() writes them: evaluation rows
+            # (train_loss, ...) at the same steps must not overwrite them
+            rows = [(int(s), "batch_loss", float(v)) for s, v in zip(history["step"], history["loss"])]
             rows += [(int(s), "lr", float(v)) for s, v in zip(history["step"], history["lr"])]
+            rows += [(int(s), "batch_size", float(v)) for s, v in zip(history["step"], history["batch_size"])]
             rows += [
                 (int(s), "gns_b_simple", float(v)) for s, v in zip(history["step"], history["gns_b_simple"])
             ]

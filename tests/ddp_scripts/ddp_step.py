@@ -47,6 +47,7 @@ def main() -> None:
                         "status": res.status,
                         "history": hist,
                         "final": res.final,
+                        "evals": res.evals,
                         "config": res.config,
                     }
                 )
