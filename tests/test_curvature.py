@@ -405,3 +405,47 @@ def test_bad_start_and_tolerance_kind(small_obj):
         hessian_eigenvalues(small_obj, tol_on="values")
     with pytest.raises(ConfigError, match=r"tol_on='value' is not allowed with method='power'"):
         hessian_eigenvalues(small_obj, method="power", tol_on="value")
+
+
+@pytest.mark.parametrize("method", ["rev_rev", "fwd_rev"])
+def test_block_hvp_batched_and_loop_match_the_dense_hessian(case, method):
+    _, obj, H, _ = case
+    V = torch.randn(5, obj.num_params, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ref = V @ H
+    scale = float(ref.abs().max())
+    for block in ("loop", "batched"):
+        got = obj.hvp(obj.theta(), V, method=method, block=block)
+        assert got.shape == V.shape
+        assert float((got - ref).abs().max()) <= 1e-10 * scale, block
+    obj.hvp_block_chunk = 2  # chunks of 2, 2, 1 rows
+    got = obj.hvp(obj.theta(), V, method=method, block="batched")
+    obj.hvp_block_chunk = 16
+    assert float((got - ref).abs().max()) <= 1e-10 * scale
+
+
+def test_block_hvp_choice_is_timed_once_and_keeps_the_rows(data):
+    obj = Objective(_model("tanh", data), data=data, dtype=torch.float64)
+    H = dense_hessian(obj)
+    V = torch.randn(7, obj.num_params, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    got = obj.hvp(obj.theta(), V)  # the first block: both ways timed on two rows, then the rest
+    assert obj.hvp_block in ("loop", "batched")
+    assert set(obj.hvp_block_timings) == {"loop", "batched"}
+    assert math.isfinite(obj.hvp_block_timings["batched"])  # it agreed with the loop here
+    torch.testing.assert_close(got, V @ H, rtol=1e-10, atol=1e-12)
+    chosen = obj.hvp_block
+    obj.hvp(obj.theta(), V[:3])
+    assert obj.hvp_block == chosen  # not re-timed
+    with pytest.raises(
+        ConfigError, match=r"block='vmap' is not allowed: must be one of \['loop', 'batched'\]"
+    ):
+        obj.hvp(obj.theta(), V, block="vmap")
+
+
+def test_a_batched_block_that_disagrees_is_never_chosen(data, monkeypatch):
+    obj = Objective(_model("tanh", data), data=data, dtype=torch.float64)
+    wrong = obj._hvp_batched
+    monkeypatch.setattr(obj, "_hvp_batched", lambda theta, V, method: 2 * wrong(theta, V, method))
+    V = torch.randn(3, obj.num_params, dtype=torch.float64)
+    got = obj.hvp(obj.theta(), V)
+    assert obj.hvp_block == "loop" and obj.hvp_block_timings["batched"] == math.inf
+    torch.testing.assert_close(got, V @ dense_hessian(obj), rtol=1e-10, atol=1e-12)
