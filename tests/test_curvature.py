@@ -332,9 +332,9 @@ def test_lanczos_on_a_dead_network_stays_finite():
 
 
 # --------------------------------------------------------------------------- start vector and value tolerance
-def test_hvp_gradient_is_the_gradient_and_reuses_the_hvp_graph(small_obj):
+def test_hvp_gradient_is_the_gradient_and_reuses_the_hvp_graph(small_obj, monkeypatch):
     obj = small_obj
-    obj.hvp_method = "rev_rev"
+    monkeypatch.setattr(obj, "hvp_method", "rev_rev")  # restored afterwards: the fixture is shared
     obj.clear_cache()
     g = obj.hvp_gradient()
     cache = obj._graph_cache
@@ -345,7 +345,6 @@ def test_hvp_gradient_is_the_gradient_and_reuses_the_hvp_graph(small_obj):
     torch.testing.assert_close(g, obj.grad(), rtol=1e-12, atol=1e-14)
     obj.hvp_method = "fwd_rev"
     torch.testing.assert_close(obj.hvp_gradient(), obj.grad(), rtol=1e-12, atol=1e-14)
-    obj.hvp_method = None
 
 
 def test_gradient_start_saves_steps_and_is_recorded(case):
@@ -408,7 +407,7 @@ def test_bad_start_and_tolerance_kind(small_obj):
 
 
 @pytest.mark.parametrize("method", ["rev_rev", "fwd_rev"])
-def test_block_hvp_batched_and_loop_match_the_dense_hessian(case, method):
+def test_block_hvp_batched_and_loop_match_the_dense_hessian(case, method, monkeypatch):
     _, obj, H, _ = case
     V = torch.randn(5, obj.num_params, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     ref = V @ H
@@ -417,9 +416,8 @@ def test_block_hvp_batched_and_loop_match_the_dense_hessian(case, method):
         got = obj.hvp(obj.theta(), V, method=method, block=block)
         assert got.shape == V.shape
         assert float((got - ref).abs().max()) <= 1e-10 * scale, block
-    obj.hvp_block_chunk = 2  # chunks of 2, 2, 1 rows
+    monkeypatch.setattr(obj, "hvp_block_chunk", 2)  # chunks of 2, 2, 1 rows
     got = obj.hvp(obj.theta(), V, method=method, block="batched")
-    obj.hvp_block_chunk = 16
     assert float((got - ref).abs().max()) <= 1e-10 * scale
 
 

@@ -856,7 +856,6 @@ def hessian_eigenvalues(
     """
     t0 = time.perf_counter()
     check_choice("method", method, ("lanczos", "power"))
-    check_choice("which", which, WHICH)
     check_choice("tol_on", tol_on, ("residual", "value"))
     if method == "power" and tol_on != "residual":
         raise ConfigError(f"tol_on={tol_on!r} is not allowed with method='power': only with 'lanczos'")

@@ -419,15 +419,19 @@ class Objective:
             out += hv
         return out
 
-    def _hvp_fwdrev(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _batch_losses(self, theta: torch.Tensor) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """One function per fixed batch: ``t -> loss_b(t) * B_b / N`` (their sum is the full-data loss)."""
         buffers = self._buffers_at(theta.detach())
-        out = torch.zeros_like(v)
-        for x, y in self._batches:
+
+        def weighted(x: torch.Tensor, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
             w = len(y) / self.num_samples
+            return lambda t: self._loss_value(self._forward(t, x, buffers), y) * w
 
-            def f(t, x=x, y=y, w=w):
-                return self._loss_value(self._forward(t, x, buffers), y) * w
+        return [weighted(x, y) for x, y in self._batches]
 
+    def _hvp_fwdrev(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(v)
+        for f in self._batch_losses(theta):
             _, hv = torch.func.jvp(torch.func.grad(f), (theta.detach(),), (v,))
             out += hv
         return out
@@ -475,34 +479,37 @@ class Objective:
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ShapeError(f"v has shape {shape}: must be ({self.num_params},) or (k, {self.num_params})")
         v = v.to(dtype=self.dtype, device=theta.device)
-        if method is None:
-            if self.hvp_method is None:
-                self.hvp_method = self._choose_hvp(theta)
-            method = self.hvp_method
+        method = self._resolved_hvp_method(theta) if method is None else method
         check_choice("method", method, ("rev_rev", "fwd_rev"))
         if block is not None:
             check_choice("block", block, ("loop", "batched"))
-        fn = self._hvp_revrev if method == "rev_rev" else self._hvp_fwdrev
         if v.dim() == 1:
-            return fn(theta, v).detach()
+            return self._hvp_fn(method)(theta, v).detach()
         if v.shape[0] < 2:
             return self._hvp_loop(theta, v, method)
-        if block is None:
-            if self.hvp_block is None:
-                self.hvp_block, head = self._choose_hvp_block(theta, v[:2], method)
-                rest = v[2:]
-                if len(rest) == 0:
-                    return head
-                tail = self.hvp(theta, rest, method=method, block=self.hvp_block)
-                return torch.cat([head, tail])
-            block = self.hvp_block
+        if block is None and self.hvp_block is None:
+            self.hvp_block, head = self._choose_hvp_block(theta, v[:2], method)
+            return torch.cat([head, self._hvp_block(theta, v[2:], method, self.hvp_block)])
+        return self._hvp_block(theta, v, method, block or self.hvp_block)
+
+    def _resolved_hvp_method(self, theta: torch.Tensor) -> str:
+        if self.hvp_method is None:
+            self.hvp_method = self._choose_hvp(theta)
+        return self.hvp_method
+
+    def _hvp_block(self, theta: torch.Tensor, V: torch.Tensor, method: str, block: str) -> torch.Tensor:
+        if len(V) == 0:
+            return V.clone()
         if block == "loop":
-            return self._hvp_loop(theta, v, method)
+            return self._hvp_loop(theta, V, method)
         c = self.hvp_block_chunk
-        return torch.cat([self._hvp_batched(theta, v[i : i + c], method) for i in range(0, len(v), c)])
+        return torch.cat([self._hvp_batched(theta, V[i : i + c], method) for i in range(0, len(V), c)])
+
+    def _hvp_fn(self, method: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return self._hvp_revrev if method == "rev_rev" else self._hvp_fwdrev
 
     def _hvp_loop(self, theta: torch.Tensor, V: torch.Tensor, method: str) -> torch.Tensor:
-        fn = self._hvp_revrev if method == "rev_rev" else self._hvp_fwdrev
+        fn = self._hvp_fn(method)
         return torch.stack([fn(theta, row) for row in V]).detach()
 
     def _hvp_batched(self, theta: torch.Tensor, V: torch.Tensor, method: str) -> torch.Tensor:
@@ -512,13 +519,8 @@ class Objective:
                 (hv,) = torch.autograd.grad(g, leaf, grad_outputs=V, retain_graph=True, is_grads_batched=True)
                 out += hv
             return out.detach()
-        buffers = self._buffers_at(theta.detach())
         t0 = theta.detach()
-        for x, y in self._batches:
-            w = len(y) / self.num_samples
-
-            def f(t, x=x, y=y, w=w):
-                return self._loss_value(self._forward(t, x, buffers), y) * w
+        for f in self._batch_losses(theta):
 
             def one(u, f=f):
                 return torch.func.jvp(torch.func.grad(f), (t0,), (u,))[1]
@@ -557,9 +559,7 @@ class Objective:
         al. 2018, arXiv 1812.04754). With the forward-over-reverse HVP it costs one ordinary gradient.
         """
         theta = self._as_theta(self._theta0 if params is None else params)
-        if self.hvp_method is None:
-            self.hvp_method = self._choose_hvp(theta)
-        if self.hvp_method != "rev_rev":
+        if self._resolved_hvp_method(theta) != "rev_rev":
             return self.grad(theta)
         graphs = self._graph(theta)
         out = torch.zeros_like(theta)
