@@ -47,8 +47,15 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- results
+class _AsDict:
+    """``to_dict()`` for the result dataclasses below: their fields, with ``settings`` copied."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
+
+
 @dataclass(frozen=True)
-class KeskarResult:
+class KeskarResult(_AsDict):
     """Keskar et al.'s epsilon-sharpness ``phi``.
 
     Attributes:
@@ -77,12 +84,9 @@ class KeskarResult:
     settings: dict[str, Any] = field(default_factory=dict)
     wall_time: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
-
 
 @dataclass(frozen=True)
-class WorstCaseResult:
+class WorstCaseResult(_AsDict):
     """Worst-case sharpness ``E_B[max_{||delta/c||_p <= rho} L_B(w + delta) - L_B(w)]``.
 
     Attributes:
@@ -111,12 +115,9 @@ class WorstCaseResult:
     settings: dict[str, Any] = field(default_factory=dict)
     wall_time: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
-
 
 @dataclass(frozen=True)
-class AverageResult:
+class AverageResult(_AsDict):
     """Average-case sharpness ``E_delta[L(w + delta)] - L(w)``.
 
     Attributes:
@@ -137,9 +138,6 @@ class AverageResult:
     seed: int
     settings: dict[str, Any] = field(default_factory=dict)
     wall_time: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
 
 
 @dataclass(frozen=True)

@@ -141,35 +141,24 @@ def run(ctx: Context) -> PaperResult:
     numbers["b_star_over_b0"] = b_star / B0
 
     # ---- tables
-    rows = []
-    for b in bs:
-        for t, a in zip(scaled[b], acc[b]):
-            rows.append(
-                [
-                    "linear + warmup",
-                    b,
-                    t.config["seed"],
-                    _peak_lr(b, True),
-                    t.status,
-                    t.final.get("train_acc"),
-                    a,
-                    len(t.history.get("step", [])),
-                ]
-            )
-    for b in ctl:
-        for t, a in zip(control[b], acc_c[b]):
-            rows.append(
-                [
-                    "no scaling",
-                    b,
-                    t.config["seed"],
-                    _peak_lr(b, False),
-                    t.status,
-                    t.final.get("train_acc"),
-                    a,
-                    len(t.history.get("step", [])),
-                ]
-            )
+    rows = [
+        [
+            label,
+            b,
+            t.config["seed"],
+            _peak_lr(b, is_scaled),
+            t.status,
+            t.final.get("train_acc"),
+            a,
+            len(t.history.get("step", [])),
+        ]
+        for label, is_scaled, sizes, trained, accs in (
+            ("linear + warmup", True, bs, scaled, acc),
+            ("no scaling", False, ctl, control, acc_c),
+        )
+        for b in sizes
+        for t, a in zip(trained[b], accs[b])
+    ]
     per_seed = Table(
         "Every run and seed (none selected or dropped)",
         ["rule", "batch", "seed", "peak LR", "status", "train acc", "test acc", "updates"],

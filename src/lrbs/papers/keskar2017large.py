@@ -307,21 +307,9 @@ def run(ctx: Context) -> PaperResult:
             {"SB train acc": stats["SB"]["train_acc"], "LB train acc": stats["LB"]["train_acc"]},
             section=NAME,
         ),
-        Finding(
+        _sharper_finding(
             "Large batches converge to sharper minima: higher Keskar sharpness and top Hessian eigenvalue.",
-            f"Keskar phi SB {_pm(stats['SB']['keskar'])} vs LB {_pm(stats['LB']['keskar'])}; top eigenvalue SB "
-            f"{_pm(stats['SB']['top_eig'])} vs LB {_pm(stats['LB']['top_eig'])}.",
-            verdict(
-                stats["LB"]["keskar"][0] > stats["SB"]["keskar"][0]
-                and stats["LB"]["top_eig"][0] > stats["SB"]["top_eig"][0]
-            ),
-            {
-                "SB keskar": stats["SB"]["keskar"],
-                "LB keskar": stats["LB"]["keskar"],
-                "SB top eig": stats["SB"]["top_eig"],
-                "LB top eig": stats["LB"]["top_eig"],
-            },
-            section=NAME,
+            stats,
         ),
         Finding(
             "Sharpness grows with the batch size.",
@@ -472,24 +460,27 @@ def _conv_net(ctx: Context, seeds: list[int]) -> dict:
             },
             section=NAME,
         ),
-        Finding(
-            "Conv net: large batches converge to sharper minima.",
-            f"cnn1d Keskar phi SB {_pm(stat['SB']['keskar'])} vs LB {_pm(stat['LB']['keskar'])}; top eigenvalue SB "
-            f"{_pm(stat['SB']['top_eig'])} vs LB {_pm(stat['LB']['top_eig'])}.",
-            verdict(
-                stat["LB"]["keskar"][0] > stat["SB"]["keskar"][0]
-                and stat["LB"]["top_eig"][0] > stat["SB"]["top_eig"][0]
-            ),
-            {
-                "cnn1d SB keskar": stat["SB"]["keskar"],
-                "cnn1d LB keskar": stat["LB"]["keskar"],
-                "cnn1d SB top eig": stat["SB"]["top_eig"],
-                "cnn1d LB top eig": stat["LB"]["top_eig"],
-            },
-            section=NAME,
-        ),
+        _sharper_finding("Conv net: large batches converge to sharper minima.", stat, prefix="cnn1d "),
     ]
     return {"numbers": numbers, "findings": findings, "table": table}
+
+
+def _sharper_finding(claim: str, stats: dict, prefix: str = "") -> Finding:
+    """LB sharper than SB on both Keskar phi and the top eigenvalue (``stats[label][measure] = (mean, sd)``)."""
+    sb, lb = stats["SB"], stats["LB"]
+    return Finding(
+        claim,
+        f"{prefix}Keskar phi SB {_pm(sb['keskar'])} vs LB {_pm(lb['keskar'])}; top eigenvalue SB "
+        f"{_pm(sb['top_eig'])} vs LB {_pm(lb['top_eig'])}.",
+        verdict(lb["keskar"][0] > sb["keskar"][0] and lb["top_eig"][0] > sb["top_eig"][0]),
+        {
+            f"{prefix}SB keskar": sb["keskar"],
+            f"{prefix}LB keskar": lb["keskar"],
+            f"{prefix}SB top eig": sb["top_eig"],
+            f"{prefix}LB top eig": lb["top_eig"],
+        },
+        section=NAME,
+    )
 
 
 def _fit_like(t) -> bool:
