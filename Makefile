@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev,ray,bench]"
+	$(PIP) install -q -e ".[dev,ray,bench,transformers,lightning]"
 	touch $@
 
 study: $(VENV)/.installed          ## reproduce the seed's claims on MNIST-1D -> study/report.html
