@@ -56,6 +56,12 @@ def _unavailable(e: Exception) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--version"]:  # answered before any subcommand (and torch) is imported
+        from .. import __version__
+
+        print(f"lrbs {__version__}")
+        return 0
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
