@@ -332,7 +332,7 @@ def _check_scalar(loss: Any, who: str) -> torch.Tensor:
         raise LrbsTypeError(f"{who} returned {type(loss).__name__}: must return a scalar torch.Tensor")
     if loss.dim() != 0:
         raise ShapeError(
-            f"{who} returned a tensor of shape {tuple(loss.shape)}: must be a scalar (mean over the batch)"
+            f"{who} must return a scalar (mean over the batch); it returned a tensor of shape {tuple(loss.shape)}"
         )
     return loss
 

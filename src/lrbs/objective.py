@@ -4,19 +4,40 @@ Every analysis in lrbs (curvature, sharpness, landscapes, paths, noise scale) is
 :class:`Objective`. The Objective holds a *private copy* of the model and a fixed, ordered set of batches, so that no
 analysis can mutate the user's model, its buffers, its ``requires_grad`` flags or its train/eval mode.
 
+The batches are whatever the user's data yields, read by the one batch protocol of :mod:`lrbs.batches`: ``(x, y)``
+or ``(x1, ..., xk, y)`` tuples (``model(x1, ..., xk)``, ``loss_fn(output, y)``), mappings (``model(**batch)`` and the
+model's own loss: ``output.loss``, ``output["loss"]`` or the sum of a dict of losses, or ``loss_fn(output, batch)``),
+or anything at all through ``compute_loss(model, batch)``. Evaluation at a point ``theta`` is functional
+(``torch.func.functional_call`` with the parameters swapped in), so gradients, Hessian-vector products and ``vmap``
+over parameter points work for any model the protocol can call.
+
 Parameters are handled as one flat vector ``theta`` (the trainable parameters in ``named_parameters`` order);
 ``flatten`` / ``unflatten`` convert to and from a ``{name: tensor}`` dict, and every method accepts either form.
 
-Full-data values are sample-weighted means over the fixed batches: ``L = sum_b n_b L_b / sum_b n_b``.
+Full-data values are weighted means over the fixed batches, ``L = sum_b w_b L_b / sum_b w_b``, where ``w_b`` is the
+batch's number of samples unless ``batch_weight`` says otherwise (e.g. the non-ignored label tokens of a language
+model). Accuracy (classification logits against integer labels) is a mean over samples, and absent where undefined.
+
+Curvature and landscapes run in the Objective's dtype (float32 or float64, never mixed precision).
+
+**Which implementation runs** is decided by rule, never by a timing race: on CPU the HVP is reverse-over-reverse on
+a cached gradient graph (``"rev_rev"``), a block of vectors is multiplied row by row (``"loop"``) and ``loss_many``
+writes each point into the private model (``"sequential"``) -- measured fastest on this project's CPUs for small
+models; on CUDA, forward-over-reverse (``"fwd_rev"``), the batched block and the batched (``vmap``) ``loss_many``,
+where kernel launches dominate. A rule's choice that the model cannot run (an op without forward-mode AD or a
+``vmap`` rule) falls back to the CPU choice, and ``settings()`` records what ran. The user may set
+``obj.hvp_method`` / ``obj.hvp_block`` / ``obj.loss_many_method`` or pass ``method=`` / ``block=``; timing both ways
+is an opt-in (``"timed"``).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,36 +46,92 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .batches import (
+    BatchLoss,
+    Evaluated,
+    MapSource,
+    TensorSource,
+    as_source,
+    batch_size_of,
+    batch_tensors,
+    cast_floating,
+    collect_batches,
+    index_batch,
+    model_device,
+    slice_batch,
+    to_device,
+)
 from .errors import ConfigError, LrbsError, LrbsTypeError, ShapeError, check_choice, check_int
 
-__all__ = ["Objective", "as_tensors"]
+__all__ = [
+    "Objective",
+    "as_tensors",
+    "HVP_METHODS",
+    "HVP_BLOCKS",
+    "LOSS_MANY_METHODS",
+    "rule_hvp_method",
+    "rule_hvp_block",
+    "rule_loss_many_method",
+]
 
 BN_MODES = ("eval", "train", "recompute")
+HVP_METHODS = ("rev_rev", "fwd_rev")
+HVP_BLOCKS = ("loop", "batched")
+LOSS_MANY_METHODS = ("sequential", "batched")
+_OPTIONS = {"hvp_method": HVP_METHODS, "hvp_block": HVP_BLOCKS, "loss_many_method": LOSS_MANY_METHODS}
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+# What a rule's choice may raise when the model cannot run it (forward-mode AD or vmap not covered by an op).
+_UNSUPPORTED = (RuntimeError, NotImplementedError)
+
+
+def rule_hvp_method(device: torch.device | str) -> str:
+    """The HVP implementation chosen by rule: ``"fwd_rev"`` on CUDA, ``"rev_rev"`` elsewhere."""
+    return "fwd_rev" if torch.device(device).type == "cuda" else "rev_rev"
+
+
+def rule_hvp_block(device: torch.device | str) -> str:
+    """How a block of vectors is multiplied by rule: ``"batched"`` on CUDA, ``"loop"`` elsewhere."""
+    return "batched" if torch.device(device).type == "cuda" else "loop"
+
+
+def rule_loss_many_method(device: torch.device | str, bn: str = "eval") -> str:
+    """The ``loss_many`` path chosen by rule: ``"batched"`` on CUDA, ``"sequential"`` elsewhere or with
+    ``bn="recompute"`` (fresh statistics at each point are not batched)."""
+    if bn == "recompute":
+        return "sequential"
+    return "batched" if torch.device(device).type == "cuda" else "sequential"
 
 
 def as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn an lrbs ``Dataset`` (its train split), a ``Split``, an ``(x, y)`` pair or a DataLoader into two tensors."""
-    if hasattr(data, "train") and hasattr(data, "test"):
-        data = data.train
-    if hasattr(data, "x") and hasattr(data, "y"):
-        return data.x, data.y
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return data[0], data[1]
-    if isinstance(data, (torch.utils.data.DataLoader, Iterable)):
-        xs, ys = [], []
-        for batch in data:
-            if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-                raise LrbsTypeError("data batches must be (x, y) pairs")
-            xs.append(batch[0])
-            ys.append(batch[1])
-        if not xs:
-            raise ConfigError("data is empty: the loader yielded no batches")
-        return torch.cat(xs), torch.cat(ys)
-    raise LrbsTypeError(
-        f"data={type(data).__name__} is not allowed: give an lrbs Dataset or Split, an (x, y) pair of tensors, "
-        "or a DataLoader"
-    )
+    """Two tensors ``(x, y)`` of a source of ``(x, y)`` samples (kept for callers that still need whole tensors).
+
+    Accepts what :func:`lrbs.batches.as_source` accepts when its samples are ``(x, y)`` pairs: an lrbs ``Dataset``
+    (its train split), a ``Split``, an ``(x, y)`` pair, a ``TensorDataset`` of two tensors, a map-style dataset of
+    ``(x, y)`` items, a DataLoader or a list of ``(x, y)`` batches (concatenated). New code should stream batches
+    through :mod:`lrbs.batches` instead.
+
+    Raises:
+        LrbsTypeError: the data are not ``(x, y)`` pairs (e.g. dict batches: use the batch protocol).
+        ConfigError: the data are empty.
+    """
+    src = as_source(data)
+    if isinstance(src, TensorSource):
+        if src.keys is not None or len(src.tensors) != 2:
+            raise LrbsTypeError("data batches must be (x, y) pairs")
+        return src.tensors[0], src.tensors[1]
+    if isinstance(src, MapSource):
+        batches = [src.slice(i, min(i + 1024, src.num_samples)) for i in range(0, src.num_samples, 1024)]
+    else:
+        batches = list(src)
+    xs, ys = [], []
+    for batch in batches:
+        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+            raise LrbsTypeError("data batches must be (x, y) pairs")
+        xs.append(batch[0])
+        ys.append(batch[1])
+    if not xs:
+        raise ConfigError("data is empty: the loader yielded no batches")
+    return torch.cat(xs), torch.cat(ys)
 
 
 @dataclass(frozen=True)
@@ -68,36 +145,79 @@ class _Layout:
         return sum(self.numels)
 
 
+class _Bound(nn.Module):
+    """The private model bound to ``compute_loss``: ``forward(batch)`` is ``compute_loss(model, batch)``, so that
+    one ``functional_call`` of this wrapper (names prefixed ``model.``) evaluates it with swapped parameters."""
+
+    def __init__(self, model: nn.Module, batch_loss: BatchLoss):
+        super().__init__()
+        self.model = model
+        self.batch_loss = batch_loss
+
+    def forward(self, batch: Any) -> Evaluated:
+        return self.batch_loss.evaluate(self.model, batch)
+
+
+def _concat(batches: list[Any]) -> Any:
+    """One batch of every sample of ``batches`` (tensors concatenated leaf by leaf); raises on ragged batches."""
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(batches)
+    if isinstance(first, Mapping):
+        return {k: _concat([b[k] for b in batches]) for k in first}
+    if isinstance(first, (tuple, list)):
+        parts = [_concat([b[i] for b in batches]) for i in range(len(first))]
+        return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
+    raise LrbsTypeError(f"cannot concatenate batch parts of type {type(first).__name__}")
+
+
 class Objective:
     """A loss on fixed data, evaluated functionally at any parameters.
 
     Args:
         model: any ``nn.Module``; it is copied, never modified.
-        loss_fn: ``loss_fn(output, y) -> scalar`` with mean reduction; default cross-entropy.
-        data: an lrbs ``Dataset`` (its train split), a ``Split``, an ``(x, y)`` pair or a DataLoader.
-        batch_size: size of the fixed batches (``None``: one batch with all the data).
+        loss_fn: ``loss_fn(output, y) -> scalar`` (mean reduction) for tuple batches, ``loss_fn(output, batch)`` for
+            mappings; default cross-entropy for tuples and the model's own loss for mappings. A
+            :class:`~lrbs.batches.BatchLoss` is also accepted (then ``compute_loss`` and ``batch_weight`` must be
+            None).
+        data: anything :func:`lrbs.batches.as_source` takes: an lrbs ``Dataset`` (its train split) or ``Split``,
+            ``(x, y)`` / ``(x1, ..., xk, y)`` tensors, a map-style or iterable ``torch.utils.data.Dataset``, a
+            DataLoader (any collate function), a list of batches.
+        compute_loss: ``compute_loss(model, batch) -> scalar tensor`` (HF Trainer's name), used for every batch.
+        batch_weight: ``batch_weight(batch) -> float``, a batch's weight in full-data means (default: its number
+            of samples).
+        batch_size: size of the fixed batches of an indexable source (tensors: ``None`` is one batch with all the
+            data; map-style datasets: 256); a loader keeps its own batches.
+        max_samples: evaluate on a fixed, seeded random subset of this many samples (loaders: their first
+            ``max_samples`` samples, under an RNG seeded by ``seed``; unsized loaders stop at 4096 by default).
+        seed: seed of that subset.
         bn: BatchNorm treatment, recorded in every result: ``"eval"`` (frozen running statistics), ``"train"``
             (statistics of each fixed batch, never written back), ``"recompute"`` (fresh running statistics at each
             point from a train-mode pass over the data, then eval mode — Garipov et al.'s ``update_bn``).
-        dtype: compute dtype (e.g. ``torch.float64`` for references); default the model's.
-        max_samples: evaluate on a fixed, seeded random subset of this many samples.
-        seed: seed of that subset.
+        dtype: compute dtype (e.g. ``torch.float64`` for references), applied to the model and to the floating
+            tensors of the batches (integer ids and labels are kept); default the model's.
 
     Raises:
-        LrbsTypeError / ConfigError / ShapeError: bad model, data, batch size or bn mode; data on another device.
+        LrbsTypeError / ConfigError / ShapeError: bad model, data, loss, batch size or bn mode; tensor data on
+            another device than the model; a batch the protocol cannot read (named, with the two fixes).
+        ModelCallError: the model raised on the first batch (the message names the call).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        loss_fn: Callable | BatchLoss | None = None,
         data: Any = None,
         *,
+        compute_loss: Callable | None = None,
+        batch_weight: Callable[[Any], float] | None = None,
         batch_size: int | None = None,
-        bn: str = "eval",
-        dtype: torch.dtype | None = None,
         max_samples: int | None = None,
         seed: int = 0,
+        bn: str = "eval",
+        dtype: torch.dtype | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise LrbsTypeError(f"model={type(model).__name__} is not allowed: must be a torch.nn.Module")
@@ -105,39 +225,48 @@ class Objective:
             raise ConfigError("data=None is not allowed: an Objective needs fixed data")
         check_choice("bn", bn, BN_MODES)
         self.bn = bn
-        self.loss_fn = loss_fn
         self.seed = seed
-        x, y = as_tensors(data)
-        if len(x) == 0:
-            raise ConfigError("data is empty: an Objective needs at least one sample")
-        params = [p for p in model.parameters()]
-        device = params[0].device if params else torch.device("cpu")
-        if x.device != device:
-            raise ConfigError(f"data is on device {x.device} but the model is on {device}: move one of them")
-        if max_samples is not None:
-            max_samples = check_int("max_samples", max_samples, low=1)
-            if max_samples < len(x):
-                g = torch.Generator().manual_seed(seed)
-                idx = torch.randperm(len(x), generator=g)[:max_samples].to(x.device)
-                x, y = x[idx], y[idx]
-        n = len(x)
-        if batch_size is None:
-            batch_size = n
-        batch_size = check_int("batch_size", batch_size, low=1)
-        self.batch_size = min(batch_size, n)
+        self.batch_loss = self._make_batch_loss(loss_fn, compute_loss, batch_weight)
+        self.loss_fn = self.batch_loss.loss_fn
+        device = model_device(model)
+        src = as_source(data, batch_size=batch_size)
+        if isinstance(src, TensorSource) and src.device != device:
+            raise ConfigError(
+                f"data is on device {src.device} but the model is on {device}: move one of them"
+            )
+        self.source_kind = src.kind
+        batches = collect_batches(src, batch_size=batch_size, max_samples=max_samples, seed=seed)
+        self._setup_model(model, dtype, device)
+        self._set_batches([cast_floating(to_device(b, device), self.dtype) for b in batches])
+        self._graph_cache: tuple[torch.Tensor, list] | None = None
+        self.hvp_method: str | None = None
+        self.hvp_block: str | None = None
+        self.hvp_block_chunk = 16
+        self.loss_many_method: str | None = None
+        self.fallbacks: dict[str, str] = {}
+        self._check_output()
 
-        # Private copy: the user's model is never touched.
+    @staticmethod
+    def _make_batch_loss(loss_fn, compute_loss, batch_weight) -> BatchLoss:
+        if isinstance(loss_fn, BatchLoss):
+            if compute_loss is not None or batch_weight is not None:
+                raise ConfigError(
+                    "loss_fn is a BatchLoss: give compute_loss= and batch_weight= to it, not to the Objective"
+                )
+            return loss_fn
+        return BatchLoss(loss_fn=loss_fn, compute_loss=compute_loss, batch_weight=batch_weight)
+
+    def _setup_model(self, model: nn.Module, dtype: torch.dtype | None, device: torch.device) -> None:
+        """The private copy, its flat trainable parameters, frozen parameters and buffers."""
         self._model = copy.deepcopy(model)
         if dtype is not None:
             self._model = self._model.to(dtype)
-        self.dtype = next(iter(self._model.parameters())).dtype if params else (dtype or torch.float32)
+        params = list(self._model.parameters())
+        self.dtype = params[0].dtype if params else (dtype or torch.float32)
         self.device = device
-        if x.is_floating_point():
-            x = x.to(self.dtype)
-        self._x, self._y = x, y
         self.has_bn = any(isinstance(m, _BN_TYPES) for m in self._model.modules())
-        self._model.train(bn == "train")
-        if bn == "train":
+        self._model.train(self.bn == "train")
+        if self.bn == "train":
             # Batch statistics without writing running buffers (and so usable under vmap).
             for m in self._model.modules():
                 if isinstance(m, _BN_TYPES):
@@ -145,7 +274,6 @@ class Objective:
                     m.running_var = None
                     m.num_batches_tracked = None
                     m.track_running_stats = False
-
         named = [(k, p) for k, p in self._model.named_parameters() if p.requires_grad]
         if not named:
             raise ConfigError(
@@ -163,17 +291,22 @@ class Objective:
         # (the sequential loss_many path) is a single copy.
         self._flat = self._theta0.clone()
         self._bind_flat()
-        self._batches = [
-            (self._x[i : i + self.batch_size], self._y[i : i + self.batch_size])
-            for i in range(0, n, self.batch_size)
-        ]
-        self.num_samples = n
-        self._graph_cache: tuple[torch.Tensor, list] | None = None
-        self.hvp_method: str | None = None
-        self.hvp_block: str | None = None
-        self.hvp_block_chunk = 16
-        self.loss_many_method: str | None = None
-        self._check_output()
+        self._bound = (
+            _Bound(self._model, self.batch_loss) if self.batch_loss.compute_loss is not None else None
+        )
+
+    def _set_batches(self, batches: list[Any]) -> None:
+        self._batches = batches
+        sizes = [batch_size_of(b) for b in batches]
+        self.num_samples = sum(sizes)
+        self.batch_size = max(sizes)
+        self._weights = [self.batch_loss.weight(b) for b in batches]
+        self._total_weight = float(sum(self._weights))
+        if not self._total_weight > 0:
+            raise ConfigError(
+                f"the batches' weights sum to {self._total_weight}: batch_weight must give a positive total"
+            )
+        self._data_cache = None
 
     def _bind_flat(self) -> dict[str, torch.Tensor]:
         """Make the private model's trainable parameters views of ``self._flat`` (again, e.g. after unpickling)."""
@@ -185,6 +318,12 @@ class Objective:
             ):
                 named[k].data = chunk.view(shape)
         return named
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_graph_cache"] = None  # autograd graphs cannot be pickled
+        state["_data_cache"] = None
+        return state
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -256,20 +395,75 @@ class Objective:
             )
         return theta
 
-    # ------------------------------------------------------------------ settings
+    # ------------------------------------------------------------------ data and settings
+    @property
+    def batches(self) -> list[Any]:
+        """The fixed batches (on the model's device, floating tensors in the Objective's dtype)."""
+        return list(self._batches)
+
+    @property
+    def batch_weights(self) -> list[float]:
+        """Each fixed batch's weight ``w_b`` in full-data means (its sample count unless ``batch_weight``)."""
+        return list(self._weights)
+
+    @property
+    def total_weight(self) -> float:
+        """``sum_b w_b``: the denominator of every full-data mean."""
+        return self._total_weight
+
+    @property
+    def has_accuracy(self) -> bool:
+        """Whether accuracy is defined (classification logits against integer labels)."""
+        return self._has_accuracy
+
+    @property
+    def data(self) -> Any:
+        """The fixed data as one batch, its tensors concatenated: ``(x, y)`` for ``(x, y)`` data.
+
+        Raises:
+            LrbsTypeError: ragged batches (e.g. padded to different lengths) that cannot be concatenated.
+        """
+        if self._data_cache is None:
+            try:
+                self._data_cache = _concat(self._batches)
+            except (RuntimeError, LrbsTypeError) as e:
+                raise LrbsTypeError(
+                    f"the fixed batches cannot be concatenated into one ({e}): use obj.batches"
+                ) from None
+        return self._data_cache
+
     @property
     def fingerprint(self) -> str:
-        """Hash of the fixed data (sha256, 16 hex digits)."""
-        import hashlib
+        """Hash of the fixed data (sha256 of every batch tensor, floating ones as float32; 16 hex digits).
 
+        Tensors are hashed position by position across batches, so ``(x, y)`` data hash as ``x`` then ``y``
+        whatever the batch size.
+        """
         h = hashlib.sha256()
-        h.update(self._x.detach().cpu().float().numpy().tobytes())
-        h.update(self._y.detach().cpu().numpy().tobytes())
+        per = [batch_tensors(b) for b in self._batches]
+        keys = [list(b.keys()) for b in self._batches if isinstance(b, Mapping)]
+        if keys:
+            h.update(repr(keys[0]).encode())
+        if len({len(p) for p in per}) == 1:
+            order = [p[j] for j in range(len(per[0])) for p in per]
+        else:
+            order = [t for p in per for t in p]
+        for t in order:
+            t = t.detach().cpu()
+            h.update((t.float() if t.is_floating_point() else t).contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def _loss_name(self) -> str:
+        bl = self.batch_loss
+        if bl.compute_loss is not None:
+            return getattr(bl.compute_loss, "__name__", "custom")
+        if bl.loss_fn is not None:
+            return getattr(bl.loss_fn, "__name__", "custom")
+        return "model" if isinstance(self._batches[0], Mapping) else "cross_entropy"
+
     def settings(self) -> dict[str, Any]:
-        """The settings every result records."""
-        return {
+        """The settings every result records, including which HVP and ``loss_many`` implementations run."""
+        out = {
             "bn": self.bn,
             "has_bn": self.has_bn,
             "dtype": str(self.dtype).replace("torch.", ""),
@@ -277,24 +471,52 @@ class Objective:
             "batch_size": self.batch_size,
             "num_params": self.num_params,
             "data_fingerprint": self.fingerprint,
-            "loss": "cross_entropy" if self.loss_fn is None else getattr(self.loss_fn, "__name__", "custom"),
+            "loss": self._loss_name(),
+            "hvp_method": self.hvp_method or rule_hvp_method(self.device),
+            "hvp_block": self.hvp_block or rule_hvp_block(self.device),
+            "loss_many_method": self.loss_many_method or rule_loss_many_method(self.device, self.bn),
         }
+        if self.batch_loss.batch_weight is not None:
+            out["total_weight"] = self.total_weight
+        if self.source_kind != "tensors":
+            out["source"] = self.source_kind
+        if self.fallbacks:
+            out["fallbacks"] = dict(self.fallbacks)
+        return out
 
     def subset(self, max_samples: int, seed: int = 0, batch_size: int | None = None) -> Objective:
-        """The same objective on a fixed, seeded random subset of the data, at the same centre point."""
+        """The same objective on a fixed, seeded random subset of the data, at the same centre point.
+
+        The subset is ``torch.randperm(num_samples, Generator().manual_seed(seed))[:max_samples]`` of the samples
+        in batch order, cut into batches of ``batch_size`` (default the current one). Ragged batches that cannot
+        be concatenated keep their own batches, each reduced to its selected samples.
+        """
         other = copy.copy(self)
         n = min(check_int("max_samples", max_samples, low=1), self.num_samples)
         g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(self.num_samples, generator=g)[:n].to(self._x.device)
-        other._x, other._y = self._x[idx], self._y[idx]
-        other.num_samples = n
-        other.batch_size = min(batch_size or self.batch_size, n)
-        other._batches = [
-            (other._x[i : i + other.batch_size], other._y[i : i + other.batch_size])
-            for i in range(0, n, other.batch_size)
-        ]
+        idx = torch.randperm(self.num_samples, generator=g)[:n]
+        b = min(check_int("batch_size", batch_size, low=1) if batch_size else self.batch_size, n)
+        try:
+            whole = _concat(self._batches)
+        except (RuntimeError, LrbsTypeError):
+            whole = None
+        if whole is not None:
+            sub = index_batch(whole, idx.to(self.device))
+            batches = [slice_batch(sub, i, i + b) for i in range(0, n, b)]
+        else:
+            batches = self._ragged_subset(idx)
+        other._set_batches(batches)
         other._graph_cache = None
         return other
+
+    def _ragged_subset(self, idx: torch.Tensor) -> list[Any]:
+        starts = np.cumsum([0] + [batch_size_of(b) for b in self._batches])
+        out = []
+        for i, batch in enumerate(self._batches):
+            rows = idx[(idx >= int(starts[i])) & (idx < int(starts[i + 1]))] - int(starts[i])
+            if len(rows):
+                out.append(index_batch(batch, rows.to(self.device)))
+        return out
 
     def at(self, params) -> Objective:
         """The same objective with a different centre point."""
@@ -303,33 +525,46 @@ class Objective:
         other._graph_cache = None
         return other
 
-    @property
-    def data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fixed data (x, y) as tensors."""
-        return self._x, self._y
+    # ------------------------------------------------------------------ batch-level evaluation
+    def _state(self, theta: torch.Tensor, buffers: dict | None) -> dict[str, torch.Tensor]:
+        return {**self._frozen, **(self._buffers if buffers is None else buffers), **self.unflatten(theta)}
 
-    @property
-    def batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return list(self._batches)
+    def forward(self, theta: torch.Tensor, batch: Any, buffers: dict | None = None) -> Any:
+        """The model's output on ``batch`` at the flat point ``theta`` (functional, differentiable in ``theta``).
 
-    # ------------------------------------------------------------------ evaluation
-    def _loss_value(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.loss_fn is None:
-            return nn.functional.cross_entropy(out, y)
-        return self.loss_fn(out, y)
+        The call is the protocol's: ``model(x1, ..., xk)`` for a tuple ``(x1, ..., xk, y)``, ``model(**batch)`` for
+        a mapping. ``buffers`` default to the Objective's (see :meth:`buffers_at`).
 
-    def _forward(self, theta: torch.Tensor, x: torch.Tensor, buffers: dict | None = None) -> torch.Tensor:
-        state = {**self._frozen, **(self._buffers if buffers is None else buffers), **self.unflatten(theta)}
-        return functional_call(self._model, state, (x,))
+        Raises:
+            ModelCallError: the model raised (the message names the call).
+        """
+        state = self._state(theta, buffers)
+        return self.batch_loss.output(lambda *a, **k: functional_call(self._model, state, a, k), batch)
+
+    def evaluate_on(self, theta: torch.Tensor, batch: Any, buffers: dict | None = None) -> Evaluated:
+        """Loss, output and weight of one batch at ``theta`` (functional; works with ``compute_loss``, whose
+        output is None)."""
+        if self._bound is None:
+            out = self.forward(theta, batch, buffers)
+            return Evaluated(self.batch_loss.loss_of(out, batch), out, self.batch_loss.weight(batch))
+        state = {f"model.{k}": v for k, v in self._state(theta, buffers).items()}
+        return functional_call(self._bound, state, (batch,))
+
+    def loss_on(self, theta: torch.Tensor, batch: Any, buffers: dict | None = None) -> torch.Tensor:
+        """The scalar loss tensor of one batch at ``theta`` (differentiable in ``theta``)."""
+        return self.evaluate_on(theta, batch, buffers).loss
+
+    def buffers_at(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The buffers used at ``theta``: the model's, or with ``bn="recompute"`` fresh BatchNorm statistics."""
+        return self._recomputed_buffers(theta) if self.bn == "recompute" else self._buffers
 
     def _check_output(self) -> None:
-        x, y = self._batches[0]
+        """One forward pass on two samples of the first batch: the loss is readable and a scalar."""
+        batch = self._batches[0]
+        probe = slice_batch(batch, 0, 2) if batch_tensors(batch) else batch
         with torch.no_grad():
-            out = self._forward(self._theta0, x[:2])
-            val = self._loss_value(out, y[:2])
-        if not isinstance(val, torch.Tensor) or val.dim() != 0:
-            shape = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
-            raise ShapeError(f"loss_fn must return a scalar (mean over the batch); it returned shape {shape}")
+            ev = self.evaluate_on(self._theta0, probe)
+        self._has_accuracy = self.batch_loss.correct(ev.output, probe) is not None
 
     def _recomputed_buffers(self, theta: torch.Tensor) -> dict:
         """BatchNorm running statistics recomputed at ``theta``: exact cumulative average over the data."""
@@ -350,35 +585,46 @@ class Objective:
         model.train(True)
         try:
             with torch.no_grad():
-                for x, _ in self._batches:
-                    self._forward(theta.detach(), x, buffers)
+                for batch in self._batches:
+                    self.forward(theta.detach(), batch, buffers)
         finally:
             model.train(False)
             for m, mom in saved.items():
                 m.momentum = mom
         return buffers
 
+    # Transitional aliases for modules not yet on the public batch-level methods (noise_scale); remove once none
+    # calls them.
     def _buffers_at(self, theta: torch.Tensor) -> dict:
-        return self._recomputed_buffers(theta) if self.bn == "recompute" else self._buffers
+        return self.buffers_at(theta)
 
+    def _forward(self, theta: torch.Tensor, x: torch.Tensor, buffers: dict | None = None) -> Any:
+        return self.forward(theta, (x, None), buffers)
+
+    def _loss_value(self, out: Any, y: torch.Tensor) -> torch.Tensor:
+        return self.batch_loss.loss_of(out, (y,))
+
+    # ------------------------------------------------------------------ full-data values
     def _full_loss(self, theta: torch.Tensor) -> torch.Tensor:
-        buffers = self._buffers_at(theta)
+        buffers = self.buffers_at(theta)
         total = 0.0
-        for x, y in self._batches:
-            total = total + self._loss_value(self._forward(theta, x, buffers), y) * len(y)
-        return total / self.num_samples
+        for batch, w in zip(self._batches, self._weights):
+            total = total + self.loss_on(theta, batch, buffers) * w
+        return total / self._total_weight
 
     def loss(self, params=None) -> float:
-        """Full-data loss at ``params`` (default: the centre point)."""
+        """Full-data loss ``sum_b w_b L_b / sum_b w_b`` at ``params`` (default: the centre point)."""
         theta = self._theta0 if params is None else self._as_theta(params)
         with torch.no_grad():
             return float(self._full_loss(theta))
 
-    def metrics(self, params=None) -> dict[str, float]:
-        """Full-data loss and accuracy at ``params`` (default: the centre point)."""
+    def metrics(self, params=None) -> dict[str, float | None]:
+        """Full-data loss and accuracy at ``params`` (default: the centre point); accuracy is None where it is
+        undefined (not a classification output)."""
         theta = self._theta0 if params is None else self._as_theta(params)
         out = self.loss_many(theta[None])
-        return {"loss": float(out["loss"][0]), "accuracy": float(out["accuracy"][0])}
+        acc = float(out["accuracy"][0]) if self._has_accuracy else None
+        return {"loss": float(out["loss"][0]), "accuracy": acc}
 
     def loss_tensor(self, theta: torch.Tensor) -> torch.Tensor:
         """Differentiable full-data loss at a flat ``theta`` (for callers building their own autograd graphs)."""
@@ -394,6 +640,36 @@ class Objective:
         out = self.unflatten(g) if isinstance(params, Mapping) else g
         return (out, float(loss)) if return_loss else out
 
+    # ------------------------------------------------------------------ method choice
+    def _choice(self, kind: str, given: str | None) -> tuple[str, bool]:
+        """``(method, by_rule)`` for ``kind`` in hvp_method / hvp_block / loss_many_method: the call's argument,
+        else the attribute, else the rule (which is then stored, so results record it)."""
+        options = _OPTIONS[kind]
+        name = "block" if kind == "hvp_block" else "method"
+        if given is not None:
+            if given != "timed":
+                check_choice(name, given, options)
+            return given, False
+        current = getattr(self, kind)
+        if current is not None:
+            check_choice(kind, current, options + ("timed",))
+            return current, False
+        rules = {
+            "hvp_method": lambda: rule_hvp_method(self.device),
+            "hvp_block": lambda: rule_hvp_block(self.device),
+            "loss_many_method": lambda: rule_loss_many_method(self.device, self.bn),
+        }
+        setattr(self, kind, rules[kind]())
+        return getattr(self, kind), True
+
+    def _fall_back(self, kind: str, failed: str, to: str, err: Exception) -> str:
+        """A rule's choice the model cannot run: use the CPU choice from now on, and record why."""
+        if isinstance(err, torch.OutOfMemoryError):
+            raise err
+        setattr(self, kind, to)
+        self.fallbacks[kind] = f"{failed} failed ({type(err).__name__}: {str(err)[:200]}); {to} ran"
+        return to
+
     # ------------------------------------------------------------------ Hessian-vector products
     def _graph(self, theta: torch.Tensor):
         """Per-batch gradient graphs at ``theta`` built with ``create_graph=True`` (cached for repeated HVPs)."""
@@ -401,11 +677,11 @@ class Objective:
         if cached is not None and cached[0].shape == theta.shape and torch.equal(cached[0], theta):
             return cached[1]
         leaf = theta.detach().clone().requires_grad_(True)
-        buffers = self._buffers_at(theta.detach())
+        buffers = self.buffers_at(theta.detach())
         graphs = []
         with torch.enable_grad():
-            for x, y in self._batches:
-                loss = self._loss_value(self._forward(leaf, x, buffers), y) * (len(y) / self.num_samples)
+            for batch, w in zip(self._batches, self._weights):
+                loss = self.loss_on(leaf, batch, buffers) * (w / self._total_weight)
                 (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
                 graphs.append((leaf, g))
         self._graph_cache = (theta.detach().clone(), graphs)
@@ -420,14 +696,14 @@ class Objective:
         return out
 
     def _batch_losses(self, theta: torch.Tensor) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-        """One function per fixed batch: ``t -> loss_b(t) * B_b / N`` (their sum is the full-data loss)."""
-        buffers = self._buffers_at(theta.detach())
+        """One function per fixed batch: ``t -> L_b(t) w_b / sum w`` (their sum is the full-data loss)."""
+        buffers = self.buffers_at(theta.detach())
 
-        def weighted(x: torch.Tensor, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-            w = len(y) / self.num_samples
-            return lambda t: self._loss_value(self._forward(t, x, buffers), y) * w
+        def weighted(batch: Any, w: float) -> Callable[[torch.Tensor], torch.Tensor]:
+            c = w / self._total_weight
+            return lambda t: self.loss_on(t, batch, buffers) * c
 
-        return [weighted(x, y) for x, y in self._batches]
+        return [weighted(b, w) for b, w in zip(self._batches, self._weights)]
 
     def _hvp_fwdrev(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(v)
@@ -436,7 +712,8 @@ class Objective:
             out += hv
         return out
 
-    def _choose_hvp(self, theta: torch.Tensor) -> str:
+    def _time_hvp(self, theta: torch.Tensor) -> str:
+        """Opt-in (``method="timed"``): time both HVPs, keep the faster (``hvp_timings`` records them)."""
         v = torch.randn(theta.shape, generator=torch.Generator().manual_seed(0), dtype=self.dtype).to(
             theta.device
         )
@@ -448,12 +725,19 @@ class Objective:
                 fn(theta, v)
                 fn(theta, v)
                 timings[name] = time.perf_counter() - t0
-            except (RuntimeError, NotImplementedError):  # e.g. forward-mode AD not covered by an op
+            except _UNSUPPORTED:  # e.g. forward-mode AD not covered by an op
                 continue
         if not timings:
             raise LrbsError("neither Hessian-vector product implementation works for this model")
         self.hvp_timings = timings
         return min(timings, key=timings.get)
+
+    def _resolved_hvp_method(self, theta: torch.Tensor, given: str | None = None) -> str:
+        method, _ = self._choice("hvp_method", given)
+        if method == "timed":
+            method = self._time_hvp(theta)
+            self.hvp_method = method
+        return method
 
     def hvp(
         self, params, v: torch.Tensor, *, method: str | None = None, block: str | None = None
@@ -464,12 +748,16 @@ class Objective:
             params: the point (dict or flat vector).
             v: a flat vector ``(n,)`` or a block ``(k, n)`` of vectors (each row multiplied).
             method: ``"rev_rev"`` (reverse-over-reverse on a cached gradient graph, PyHessian's way),
-                ``"fwd_rev"`` (``torch.func.jvp`` of ``grad``) or ``None``: chosen once per Objective by timing both.
+                ``"fwd_rev"`` (``torch.func.jvp`` of ``grad``), ``"timed"`` (time both once, keep the faster in
+                ``obj.hvp_method``) or ``None``: ``obj.hvp_method``, else the rule (:func:`rule_hvp_method`:
+                ``fwd_rev`` on CUDA, ``rev_rev`` elsewhere; a ``fwd_rev`` the model cannot run falls back to
+                ``rev_rev``, recorded in ``settings()["fallbacks"]``).
             block: how a block ``(k, n)`` is multiplied: ``"loop"`` (one HVP per row), ``"batched"`` (all rows in
                 one pass, in chunks of ``hvp_block_chunk`` rows: ``is_grads_batched`` for ``rev_rev``, ``vmap``
-                for ``fwd_rev`` -- the win on GPUs; on this project's CPUs it was 5-6x slower per row) or
-                ``None``: chosen once per Objective on the first block of >= 2 rows, by timing both on two of
-                its rows, among the ways that agree with the loop (``hvp_block_timings`` records it).
+                for ``fwd_rev`` -- the win on GPUs; on this project's CPUs it was 5-6x slower per row),
+                ``"timed"`` (time both on two rows of the first block, among the ways that agree with the loop;
+                ``hvp_block_timings`` records it) or ``None``: ``obj.hvp_block``, else the rule
+                (:func:`rule_hvp_block`).
 
         Returns:
             ``H v`` with the shape of ``v``.
@@ -479,23 +767,32 @@ class Objective:
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ShapeError(f"v has shape {shape}: must be ({self.num_params},) or (k, {self.num_params})")
         v = v.to(dtype=self.dtype, device=theta.device)
-        method = self._resolved_hvp_method(theta) if method is None else method
-        check_choice("method", method, ("rev_rev", "fwd_rev"))
-        if block is not None:
-            check_choice("block", block, ("loop", "batched"))
+        explicit = method is not None or self.hvp_method is not None
+        method = self._resolved_hvp_method(theta, method)
+        if block is not None and block != "timed":
+            check_choice("block", block, HVP_BLOCKS)
+        try:
+            return self._hvp_rows(theta, v, method, block)
+        except _UNSUPPORTED as e:
+            if explicit or method == "rev_rev":
+                raise
+            return self._hvp_rows(theta, v, self._fall_back("hvp_method", method, "rev_rev", e), block)
+
+    def _hvp_rows(self, theta: torch.Tensor, v: torch.Tensor, method: str, block: str | None) -> torch.Tensor:
         if v.dim() == 1:
             return self._hvp_fn(method)(theta, v).detach()
         if v.shape[0] < 2:
             return self._hvp_loop(theta, v, method)
-        if block is None and self.hvp_block is None:
-            self.hvp_block, head = self._choose_hvp_block(theta, v[:2], method)
+        block, by_rule = self._choice("hvp_block", block)
+        if block == "timed":
+            self.hvp_block, head = self._time_hvp_block(theta, v[:2], method)
             return torch.cat([head, self._hvp_block(theta, v[2:], method, self.hvp_block)])
-        return self._hvp_block(theta, v, method, block or self.hvp_block)
-
-    def _resolved_hvp_method(self, theta: torch.Tensor) -> str:
-        if self.hvp_method is None:
-            self.hvp_method = self._choose_hvp(theta)
-        return self.hvp_method
+        if not by_rule or block == "loop":
+            return self._hvp_block(theta, v, method, block)
+        try:
+            return self._hvp_block(theta, v, method, block)
+        except _UNSUPPORTED as e:
+            return self._hvp_block(theta, v, method, self._fall_back("hvp_block", block, "loop", e))
 
     def _hvp_block(self, theta: torch.Tensor, V: torch.Tensor, method: str, block: str) -> torch.Tensor:
         if len(V) == 0:
@@ -528,10 +825,9 @@ class Objective:
             out += torch.func.vmap(one)(V)
         return out.detach()
 
-    def _choose_hvp_block(
-        self, theta: torch.Tensor, V: torch.Tensor, method: str
-    ) -> tuple[str, torch.Tensor]:
-        """Time the loop and the batched block HVP on two rows; returns the choice and ``H V`` (from the loop)."""
+    def _time_hvp_block(self, theta: torch.Tensor, V: torch.Tensor, method: str) -> tuple[str, torch.Tensor]:
+        """Opt-in (``block="timed"``): time the loop and the batched block HVP on two rows; returns the choice and
+        ``H V`` (from the loop). A batched way that disagrees with the loop is never chosen."""
         t0 = time.perf_counter()
         ref = self._hvp_loop(theta, V, method)
         timings = {"loop": time.perf_counter() - t0}
@@ -546,7 +842,7 @@ class Objective:
             tol = (1e-4 if self.dtype == torch.float32 else 1e-10) * max(scale, 1e-30)
             if not bool(((got - ref).abs() <= tol).all()):
                 timings["batched"] = math.inf  # disagrees with the loop: never chosen
-        except (RuntimeError, NotImplementedError):  # an op without a vmap / batched-gradient rule
+        except _UNSUPPORTED:  # an op without a vmap / batched-gradient rule
             timings["batched"] = math.inf
         self.hvp_block_timings = timings
         return min(timings, key=timings.get), ref
@@ -575,67 +871,73 @@ class Objective:
     def _metrics_sequential(self, stack: torch.Tensor, want_acc: bool) -> tuple[np.ndarray, np.ndarray]:
         K = stack.shape[0]
         losses, accs = np.empty(K), np.full(K, np.nan)
-        model = self._model
+        want_acc = want_acc and self._has_accuracy
+        model, bl = self._model, self.batch_loss
         self._bind_flat()
         buffers = dict(model.named_buffers())
         flat = self._flat
-        n = self.num_samples
+        n, W = self.num_samples, self._total_weight
         with torch.no_grad():
-            for i in range(K):
-                theta = stack[i]
-                flat.copy_(theta)  # the private model's parameters are views of ``flat``
-                if self.bn == "recompute":
-                    for k, b in self._recomputed_buffers(theta).items():
-                        buffers[k].copy_(b)
-                total, correct = 0.0, 0
-                for x, y in self._batches:
-                    out = model(x)
-                    total += float(self._loss_value(out, y)) * len(y)
+            try:
+                for i in range(K):
+                    theta = stack[i]
+                    flat.copy_(theta)  # the private model's parameters are views of ``flat``
+                    if self.bn == "recompute":
+                        for k, b in self._recomputed_buffers(theta).items():
+                            buffers[k].copy_(b)
+                    total, correct = 0.0, 0
+                    for batch, w in zip(self._batches, self._weights):
+                        ev = bl.evaluate(model, batch)
+                        total += float(ev.loss) * w
+                        if want_acc:
+                            correct += int(bl.correct(ev.output, batch))
+                    losses[i] = total / W
                     if want_acc:
-                        correct += int((out.argmax(-1) == y).sum())
-                losses[i] = total / n
-                if want_acc:
-                    accs[i] = correct / n
-            # restore the private copy's centre point and buffers
-            flat.copy_(self._theta0)
-            for k, b in buffers.items():
-                b.copy_(self._buffers[k])
+                        accs[i] = correct / n
+            finally:  # restore the private copy's centre point and buffers
+                flat.copy_(self._theta0)
+                for k, b in buffers.items():
+                    b.copy_(self._buffers[k])
         return losses, accs
 
     def _metrics_batched(
         self, stack: torch.Tensor, want_acc: bool, chunk: int
     ) -> tuple[np.ndarray, np.ndarray]:
         K = stack.shape[0]
-        losses, accs = np.empty(K), np.empty(K)
+        losses, accs = np.empty(K), np.full(K, np.nan)
+        want_acc = want_acc and self._has_accuracy
+        bl = self.batch_loss
 
-        def point(theta, x, y):
-            out = self._forward(theta, x)
-            if self.loss_fn is None:
-                lo = nn.functional.cross_entropy(out, y)
-            else:
-                lo = self.loss_fn(out, y)
-            return lo, (out.argmax(-1) == y).sum()
+        def batched(batch: Any) -> Callable[[torch.Tensor], Any]:
+            def point(theta):
+                ev = self.evaluate_on(theta, batch)
+                return (ev.loss, bl.correct(ev.output, batch)) if want_acc else ev.loss
 
-        batched = torch.func.vmap(point, in_dims=(0, None, None))
+            return torch.func.vmap(point)
+
         with torch.no_grad():
             for s in range(0, K, chunk):
                 part = stack[s : s + chunk]
                 tot = torch.zeros(part.shape[0], dtype=torch.float64, device=part.device)
                 cor = torch.zeros(part.shape[0], dtype=torch.float64, device=part.device)
-                for x, y in self._batches:
-                    lo, c = batched(part, x, y)
-                    tot += lo.double() * len(y)
-                    cor += c.double()
-                losses[s : s + chunk] = (tot / self.num_samples).cpu().numpy()
-                accs[s : s + chunk] = (cor / self.num_samples).cpu().numpy()
+                for batch, w in zip(self._batches, self._weights):
+                    got = batched(batch)(part)
+                    lo = got[0] if want_acc else got
+                    tot += lo.double() * w
+                    if want_acc:
+                        cor += got[1].double()
+                losses[s : s + chunk] = (tot / self._total_weight).cpu().numpy()
+                if want_acc:
+                    accs[s : s + chunk] = (cor / self.num_samples).cpu().numpy()
         return losses, accs
 
-    def _choose_loss_many(self, stack: torch.Tensor, chunk: int) -> str:
+    def _time_loss_many(self, stack: torch.Tensor, chunk: int) -> str:
+        """Opt-in (``method="timed"``): time both paths on up to four points (``loss_many_timings``)."""
         if self.bn == "recompute":
             return "sequential"
         probe = stack[: min(4, len(stack))]
         timings = {}
-        for name in ("sequential", "batched"):
+        for name in LOSS_MANY_METHODS:
             try:
                 t0 = time.perf_counter()
                 if name == "sequential":
@@ -643,7 +945,7 @@ class Objective:
                 else:
                     self._metrics_batched(probe, True, chunk)
                 timings[name] = time.perf_counter() - t0
-            except (RuntimeError, NotImplementedError):  # an op without a vmap rule
+            except _UNSUPPORTED:  # an op without a vmap rule
                 continue
         self.loss_many_timings = timings
         return min(timings, key=timings.get)
@@ -660,14 +962,17 @@ class Objective:
 
         Args:
             params_stack: ``(K, n)`` flat parameter vectors.
-            method: ``"sequential"`` (write each point into the private model copy and run it — usually fastest on
-                CPU for small models), ``"batched"`` (``vmap`` over stacked points — the win on GPUs), or ``None``:
-                chosen once per Objective by timing both on the first call.
+            method: ``"sequential"`` (write each point into the private model copy and run it — fastest on CPU for
+                small models), ``"batched"`` (``vmap`` over stacked points — the win on GPUs), ``"timed"`` (time
+                both once, keep the faster in ``obj.loss_many_method``) or ``None``: ``obj.loss_many_method``, else
+                the rule (:func:`rule_loss_many_method`; a batched path the model cannot run falls back to the
+                sequential one, recorded in ``settings()["fallbacks"]``). ``bn="recompute"`` is always sequential.
             chunk: points per batched call (bounds memory); default chosen from the data size.
-            accuracy: also compute accuracy (classification).
+            accuracy: also compute accuracy (where defined).
 
         Returns:
-            ``{"loss": (K,), "accuracy": (K,)}`` float64 arrays; non-finite values are kept as they are.
+            ``{"loss": (K,), "accuracy": (K,)}`` float64 arrays; accuracy is NaN where it is undefined (not a
+            classification output) or not asked for; non-finite losses are kept as they are.
         """
         stack = self._as_theta(params_stack)
         if stack.dim() == 1:
@@ -679,17 +984,21 @@ class Objective:
             per_point = max(1, self.batch_size * 256)
             chunk = max(1, min(64, (64 * 2**20) // per_point))
         chunk = check_int("chunk", chunk, low=1)
-        if method is None:
-            if self.loss_many_method is None:
-                self.loss_many_method = self._choose_loss_many(stack, chunk)
-            method = self.loss_many_method
-        check_choice("method", method, ("sequential", "batched"))
+        method, by_rule = self._choice("loss_many_method", method)
+        if method == "timed":
+            method = self.loss_many_method = self._time_loss_many(stack, chunk)
         if method == "batched" and self.bn == "recompute":
             method = "sequential"
         if method == "sequential":
             losses, accs = self._metrics_sequential(stack.detach(), accuracy)
         else:
-            losses, accs = self._metrics_batched(stack.detach(), accuracy, chunk)
+            try:
+                losses, accs = self._metrics_batched(stack.detach(), accuracy, chunk)
+            except _UNSUPPORTED as e:
+                if not by_rule:
+                    raise
+                self._fall_back("loss_many_method", "batched", "sequential", e)
+                losses, accs = self._metrics_sequential(stack.detach(), accuracy)
         return {"loss": losses, "accuracy": accs}
 
     def __repr__(self) -> str:
