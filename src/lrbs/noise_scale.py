@@ -14,6 +14,11 @@ Three tools:
   sweep, giving ``B_crit = E_min / S_min`` to compare with ``B_simple``; :func:`steps_to_target` reads ``S`` off a
   run.
 
+Both measurements read batches through the batch protocol (:mod:`lrbs.batches`): any data kind (tensors, a
+map-style or iterable ``Dataset``, a ``DataLoader`` with any collate function, a list of batches), tuple batches
+``(x1, ..., xk, y)``, mappings for ``model(**batch)`` (HF models), ``loss_fn=``, ``compute_loss=`` and
+``batch_weight=``; sub-batches are drawn one big batch at a time, never by concatenating the dataset.
+
 References:
     McCandlish, Kaplan, Amodei et al., "An Empirical Model of Large-Batch Training", 2018 (arXiv 1812.06162).
     Merrill et al., "Critical Batch Size Revisited", 2025 (arXiv 2505.23971).
@@ -21,7 +26,9 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -30,8 +37,23 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batches import (
+    BatchLoss,
+    BatchStream,
+    LoaderSource,
+    Source,
+    TensorSource,
+    as_source,
+    batch_size_of,
+    cast_floating,
+    index_batch,
+    model_device,
+    slice_batch,
+    to_device,
+)
 from .errors import ConfigError, LrbsTypeError, check_choice, check_int, check_number
 from .objective import Objective
+from .step import autocast, check_precision
 from .train import Callback, TrainState
 
 __all__ = [
@@ -46,55 +68,156 @@ __all__ = [
 
 _METHODS = ("vmap", "loop")
 _VMAP_FLOATS = 2**24  # gradient entries held at once by the vmap path (bounds its memory)
+_FP16_SCALE = (
+    2.0**16
+)  # initial loss scale of "16-mixed" gradients (GradScaler's default), backed off on overflow
+
+LossAt = Callable[[dict[str, torch.Tensor], Any], torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------- micro-batch gradients
-def _micro_sq_norms(
-    loss_at: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor],
-    params: dict[str, torch.Tensor],
-    xs: torch.Tensor,
-    ys: torch.Tensor,
-    method: str | None,
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """Squared norms of sub-batch gradients and of their means per draw, all at the same ``params``.
+class _Unstackable(Exception):
+    """Sub-batches whose structures or shapes differ, so they cannot be stacked for vmap."""
 
-    ``xs`` is ``(E, k, B_s, ...)`` (``E`` draws of ``k`` sub-batches), ``ys`` likewise; ``loss_at(params, x, y)``
-    is the mean loss of one sub-batch. Returns ``(|g_ei|² of shape (E, k), |mean_i g_ei|² of shape (E,), method)``;
-    norms are accumulated in float64. The vmap path handles several draws per call (bounded memory).
+
+def _stack(batches: list[Any]) -> Any:
+    """Sub-batches of one structure stacked leaf by leaf along a new leading dimension (the vmap axis)."""
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        if any(not isinstance(b, torch.Tensor) or b.shape != first.shape for b in batches):
+            raise _Unstackable
+        return torch.stack(batches)
+    if isinstance(first, Mapping):
+        if any(not isinstance(b, Mapping) or list(b.keys()) != list(first.keys()) for b in batches):
+            raise _Unstackable
+        return {key: _stack([b[key] for b in batches]) for key in first}
+    if isinstance(first, (tuple, list)):
+        if any(not isinstance(b, (tuple, list)) or len(b) != len(first) for b in batches):
+            raise _Unstackable
+        return tuple(_stack([b[i] for b in batches]) for i in range(len(first)))
+    raise _Unstackable
+
+
+class _Scale:
+    """The loss scale of ``16-mixed`` gradients: ``2^16`` at first, divided by ``2^8`` while they overflow.
+
+    Float16 backward passes underflow on small gradients; scaling the loss by ``s`` and the gradients by ``1/s``
+    (as a GradScaler does for training) keeps them. ``"32"`` and ``"bf16-mixed"`` use ``s = 1`` (no scaling).
     """
-    e_count, k = xs.shape[:2]
+
+    def __init__(self, precision: str):
+        self.value = _FP16_SCALE if precision == "16-mixed" else 1.0
+
+    def run(self, grads: Callable[[float], torch.Tensor]) -> torch.Tensor:
+        """``grads(s)`` (gradients of ``s * loss``, float64) divided by ``s``, backing off while non-finite."""
+        while True:
+            flat = grads(self.value)
+            if self.value == 1.0:
+                return flat
+            if torch.isfinite(flat).all():
+                return flat / self.value
+            self.value = max(1.0, self.value / 2.0**8)
+
+
+def _scaled(loss_at: LossAt, scale: float) -> LossAt:
+    if scale == 1.0:
+        return loss_at
+    return lambda p, batch: loss_at(p, batch).float() * scale
+
+
+def _vmap_flat(loss_at: LossAt, params: dict, rows: list[list[Any]], scale: _Scale) -> torch.Tensor:
+    """Gradients of every sub-batch of ``rows`` (``e`` draws of ``k``) in one vectorised call: ``(e, k, P)``."""
+    e, k = len(rows), len(rows[0])
+    stacked = _stack([b for row in rows for b in row])
+
+    def grads(s: float) -> torch.Tensor:
+        g = torch.func.vmap(torch.func.grad(_scaled(loss_at, s)), in_dims=(None, 0))(params, stacked)
+        return torch.cat([v.reshape(e, k, -1) for v in g.values()], dim=2).double()
+
+    return scale.run(grads)
+
+
+def _loop_row(
+    loss_at: LossAt, params: dict, row: list[Any], weights: np.ndarray | None, scale: _Scale
+) -> tuple[np.ndarray, float]:
+    """``|g_i|²`` of each sub-batch of one draw and ``|Σ w_i g_i / Σ w_i|²`` (plain mean without weights)."""
+    names = list(params)
+    numel = sum(p.numel() for p in params.values())
+    small = np.empty(len(row))
+    total = torch.zeros(numel, dtype=torch.float64, device=next(iter(params.values())).device)
+    for i, batch in enumerate(row):
+
+        def grads(s: float, batch=batch) -> torch.Tensor:
+            leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+            with torch.enable_grad():
+                loss = _scaled(loss_at, s)(leaves, batch)
+                gs = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+            return torch.cat(
+                [(torch.zeros_like(leaves[n]) if g is None else g).reshape(-1) for n, g in zip(names, gs)]
+            ).double()
+
+        flat = scale.run(grads)
+        small[i] = float((flat**2).sum())
+        total += flat if weights is None else float(weights[i]) * flat
+    big = total / len(row) if weights is None else total / float(weights.sum())
+    return small, float((big**2).sum())
+
+
+def _micro_sq_norms(
+    loss_at: LossAt,
+    params: dict[str, torch.Tensor],
+    draw: Callable[[int], list[Any]],
+    e_count: int,
+    k: int,
+    method: str | None,
+    *,
+    weigh: Callable[[Any], float] | None = None,
+    precision: str = "32",
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Squared norms of sub-batch gradients and of their (weighted) means per draw, all at the same ``params``.
+
+    ``draw(e)`` gives the ``k`` sub-batches of draw ``e`` (called once per draw, in order); ``loss_at(params,
+    batch)`` is the mean loss of one sub-batch. Returns ``(|g_ei|² of shape (E, k), |ḡ_e|² of shape (E,),
+    method)`` with ``ḡ_e = Σ_i w_i g_ei / Σ_i w_i`` (``w_i = weigh(sub-batch)``; the plain mean without
+    ``weigh``); norms are accumulated in float64. The vmap path handles several draws per call (bounded memory)
+    and falls back to the loop (``method=None``) on a model or batch it cannot vectorise.
+    """
     params = {n: p.detach() for n, p in params.items()}
     numel = sum(p.numel() for p in params.values())
     small, big = np.empty((e_count, k)), np.empty(e_count)
-    if method in (None, "vmap"):
-        try:
-            grad_fn = torch.func.vmap(torch.func.grad(loss_at), in_dims=(None, 0, 0))
-            per_call = max(1, _VMAP_FLOATS // max(1, k * numel))  # draws per vectorised call
-            for s in range(0, e_count, per_call):
-                e = min(per_call, e_count - s)
-                g = grad_fn(params, xs[s : s + e].flatten(0, 1), ys[s : s + e].flatten(0, 1))
-                flat = torch.cat([v.reshape(e, k, -1) for v in g.values()], dim=2).double()
-                small[s : s + e] = (flat**2).sum(2).cpu().numpy()
-                big[s : s + e] = (flat.mean(1) ** 2).sum(1).cpu().numpy()
-            return small, big, "vmap"
-        except (RuntimeError, NotImplementedError):  # an op without a vmap rule, in-place buffer updates, ...
-            if method == "vmap":
-                raise
-    names = list(params)
-    for e in range(e_count):
-        total = torch.zeros(numel, dtype=torch.float64, device=xs.device)
-        for i in range(k):
-            leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
-            with torch.enable_grad():
-                loss = loss_at(leaves, xs[e, i], ys[e, i])
-                grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
-            flat = torch.cat(
-                [(torch.zeros_like(leaves[n]) if g is None else g).reshape(-1) for n, g in zip(names, grads)]
-            ).double()
-            small[e, i] = float((flat**2).sum())
-            total += flat
-        big[e] = float(((total / k) ** 2).sum())
-    return small, big, "loop"
+    used = "loop" if method == "loop" else "vmap"
+    scale = _Scale(precision)
+    s = 0
+    while s < e_count:
+        per_call = max(1, _VMAP_FLOATS // max(1, k * numel)) if used == "vmap" else 1
+        rows = [draw(s + j) for j in range(min(per_call, e_count - s))]
+        w = None if weigh is None else np.array([[weigh(b) for b in row] for row in rows], dtype=np.float64)
+        if used == "vmap":
+            try:
+                flat = _vmap_flat(loss_at, params, rows, scale)
+            except (RuntimeError, NotImplementedError, _Unstackable) as e:
+                if method == "vmap":
+                    if isinstance(e, _Unstackable):
+                        raise ConfigError(
+                            "method='vmap' is not allowed with these batches: their sub-batches differ in "
+                            "structure or shape (e.g. padded to different lengths); use method='loop' or None"
+                        ) from None
+                    raise
+                used = "loop"
+        if used == "vmap":
+            small[s : s + len(rows)] = (flat**2).sum(2).cpu().numpy()
+            mean = flat.mean(1) if w is None else _weighted_mean(flat, w)
+            big[s : s + len(rows)] = (mean**2).sum(1).cpu().numpy()
+        else:
+            for j, row in enumerate(rows):
+                small[s + j], big[s + j] = _loop_row(loss_at, params, row, None if w is None else w[j], scale)
+        s += len(rows)
+    return small, big, used
+
+
+def _weighted_mean(flat: torch.Tensor, w: np.ndarray) -> torch.Tensor:
+    wt = torch.as_tensor(w, dtype=torch.float64, device=flat.device)
+    return (flat * wt[..., None]).sum(1) / wt.sum(1)[:, None]
 
 
 def _two_batch(small_sq: float, big_sq: float, c_small: float, c_big: float) -> tuple[float, float]:
@@ -216,6 +339,196 @@ def _bootstrap_ratio(
     )
 
 
+# --------------------------------------------------------------------------------------------- drawing big batches
+def _indexed_draws(
+    take: Callable[[torch.Tensor], Any],
+    n: int,
+    small_batch: int,
+    k: int,
+    num_estimates: int,
+    seed: int,
+    prepare: Callable[[Any], Any],
+) -> Callable[[int], list[Any]]:
+    """Draw ``e``: the ``k`` consecutive sub-batches of a big batch of ``k B_s`` samples drawn without replacement.
+
+    The big batches are ``numpy.random.default_rng(seed).choice(n, k B_s, replace=False)``, one after the other;
+    ``take(indices)`` reads a sub-batch from the source (only those samples are ever materialised).
+    """
+    rng = np.random.default_rng(seed)
+    idx = np.stack([rng.choice(n, size=k * small_batch, replace=False) for _ in range(num_estimates)])
+
+    def draw(e: int) -> list[Any]:
+        row = torch.from_numpy(idx[e])
+        return [prepare(take(row[i * small_batch : (i + 1) * small_batch])) for i in range(k)]
+
+    return draw
+
+
+class _StreamDraws:
+    """Draws from a loader source: its batches, in its own (seeded) order, cut into sub-batches of ``B_s``.
+
+    A loader batch of ``b`` samples gives ``b // B_s`` sub-batches (the remainder is dropped); a draw takes the
+    next ``k``. Batches smaller than ``B_s`` (e.g. the last of an epoch) are skipped.
+    """
+
+    def __init__(
+        self, source: LoaderSource, small_batch: int, k: int, device: torch.device, seed: int, prepare
+    ):
+        self.stream = BatchStream(source, None, device, seed)
+        self.small_batch, self.k, self.prepare = small_batch, k, prepare
+        self.limit = (source.num_batches or 0) + 2  # a whole epoch without a usable batch is an error
+        self.pending: deque[Any] = deque()
+        self.largest = 0
+
+    def __call__(self, e: int) -> list[Any]:
+        skipped = 0
+        while len(self.pending) < self.k:
+            batch = self.stream.next()
+            b = batch_size_of(batch)
+            self.largest = max(self.largest, b)
+            if b < self.small_batch:
+                skipped += 1
+                if skipped >= self.limit:
+                    raise ConfigError(
+                        f"small_batch={self.small_batch} is not allowed with this loader: its batches have at most "
+                        f"{self.largest} samples, and sub-batches are cut from them (small_batch <= {self.largest})"
+                    )
+                continue
+            for j in range(b // self.small_batch):
+                self.pending.append(
+                    self.prepare(slice_batch(batch, j * self.small_batch, (j + 1) * self.small_batch))
+                )
+        return [self.pending.popleft() for _ in range(self.k)]
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _population(source: Source) -> int | None:
+    """The number of samples a source draws from: known for indexable sources, sized loaders and lists."""
+    if not isinstance(source, LoaderSource):
+        return source.num_samples
+    it = source.iterable
+    if isinstance(it, torch.utils.data.DataLoader):
+        if isinstance(it.dataset, torch.utils.data.IterableDataset) or it.batch_size is None:
+            return None
+        try:
+            return len(it.sampler)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+    if isinstance(it, (list, tuple)):
+        return sum(batch_size_of(b) for b in it)
+    return None
+
+
+def _objective_take(obj: Objective) -> Callable[[torch.Tensor], Any]:
+    """Sampling by index from an Objective's fixed batches (concatenated when there are several)."""
+    batches = obj.batches
+    if len(batches) == 1:
+        whole = batches[0]
+    else:
+        try:
+            whole = obj.data
+        except LrbsTypeError:
+            raise ConfigError(
+                f"the Objective's {len(batches)} fixed batches cannot be concatenated (ragged, e.g. padded to "
+                "different lengths), so sub-batches cannot be drawn from them: call noise_scale(model, data, ...) "
+                "instead"
+            ) from None
+    return lambda idx: index_batch(whole, idx.to(obj.device))
+
+
+def _objective_for(
+    model: nn.Module, source: Source, batch_loss: BatchLoss, bn: str, dtype: torch.dtype | None, probe: int
+) -> Objective:
+    """The Objective that evaluates sub-batches functionally (its fixed data: all of a tensor source, where it
+    costs no copy, or the data that BatchNorm recomputation needs; otherwise a small seeded probe)."""
+    full = isinstance(source, TensorSource) or bn == "recompute"
+    return Objective(model, batch_loss, source, bn=bn, dtype=dtype, max_samples=None if full else probe)
+
+
+def _check_batches(small_batch: int, big_batch: int) -> tuple[int, int]:
+    small_batch = check_int("small_batch", small_batch, low=1)
+    big_batch = check_int("big_batch", big_batch, low=2)
+    if small_batch >= big_batch:
+        raise ConfigError(
+            f"small_batch={small_batch} is not allowed with big_batch={big_batch}: must be < big_batch"
+        )
+    if big_batch % small_batch:
+        raise ConfigError(
+            f"big_batch={big_batch} is not allowed with small_batch={small_batch}: must be a multiple of it "
+            f"(e.g. {big_batch // small_batch * small_batch} or {(big_batch // small_batch + 1) * small_batch})"
+        )
+    return small_batch, big_batch
+
+
+def _setup(
+    obj_or_model: Any,
+    data: Any,
+    loss: tuple[Any, Any, Any],
+    bn: str,
+    dtype: torch.dtype | None,
+    precision: Any,
+    small_batch: int,
+    big_batch: int,
+) -> tuple[str, Objective, Source | None]:
+    """``(precision, objective, source)``: the source is None when the draws come from the Objective's batches."""
+    if isinstance(obj_or_model, Objective):
+        if data is not None:
+            raise ConfigError("data is given twice: an Objective carries its own data, so leave data=None")
+        for name, value in zip(("loss_fn", "compute_loss", "batch_weight"), loss):
+            if value is not None:
+                raise ConfigError(
+                    f"{name} is given twice: an Objective carries its own loss, so leave {name}=None (or give it "
+                    "to the Objective)"
+                )
+        return check_precision(precision, obj_or_model.device), obj_or_model, None
+    if not isinstance(obj_or_model, nn.Module):
+        raise LrbsTypeError(
+            f"obj_or_model={type(obj_or_model).__name__} is not allowed: must be an lrbs Objective or an nn.Module"
+        )
+    if data is None:
+        raise ConfigError("data=None is not allowed with a model: give the data to sample batches from")
+    precision = check_precision(precision, model_device(obj_or_model))
+    batch_loss = BatchLoss(*loss)
+    source = as_source(data, name="data", batch_size=big_batch)
+    obj = _objective_for(obj_or_model, source, batch_loss, bn, dtype, probe=small_batch)
+    return precision, obj, None if isinstance(source, TensorSource) else source
+
+
+def _draws(
+    obj: Objective,
+    source: Source | None,
+    n: int | None,
+    small_batch: int,
+    k: int,
+    num_estimates: int,
+    seed: int,
+) -> tuple[Callable[[int], list[Any]], Callable[[], None]]:
+    """``(draw, close)`` for the Objective's own batches, an indexable source or a loader."""
+    if source is None:
+        return _indexed_draws(
+            _objective_take(obj), n, small_batch, k, num_estimates, seed, lambda b: b
+        ), lambda: None
+
+    def prepare(batch: Any) -> Any:
+        return cast_floating(to_device(batch, obj.device), obj.dtype)
+
+    if isinstance(source, LoaderSource):
+        stream = _StreamDraws(source, small_batch, k, obj.device, seed, prepare)
+        return stream, stream.close
+    return _indexed_draws(source.take, n, small_batch, k, num_estimates, seed, prepare), lambda: None
+
+
+def _random_state(device: torch.device, seed: int) -> contextlib.AbstractContextManager:
+    """A forked RNG with the CPU generator seeded (a loader that shuffles with the global RNG is then seeded and the
+    caller's random state is untouched)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+    torch.default_generator.manual_seed(seed)
+    return stack
+
+
 def noise_scale(
     obj_or_model: Objective | nn.Module,
     data: Any = None,
@@ -224,7 +537,10 @@ def noise_scale(
     big_batch: int,
     num_estimates: int = 20,
     seed: int = 0,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    compute_loss: Callable[[Any, Any], torch.Tensor] | None = None,
+    batch_weight: Callable[[Any], float] | None = None,
+    precision: str = "32",
     params: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
     confidence: float = 0.95,
     num_bootstrap: int = 1000,
@@ -253,34 +569,56 @@ def noise_scale(
     ``B_simple`` is the ratio of the averaged estimates, never the mean of per-draw ratios (each draw is noisy
     and can be negative). The interval is a percentile bootstrap over the draws.
 
-    Gradients are computed functionally on a private copy (an :class:`~lrbs.objective.Objective`); the model
-    is never modified. BatchNorm follows the Objective's ``bn`` mode (default ``"eval"``: frozen running
-    statistics, so every sample's gradient is independent of the others in its batch).
+    **Data.** Anything :func:`lrbs.batches.as_source` takes. Tensors and map-style datasets are sampled by index
+    (``numpy.random.default_rng(seed).choice``; only the drawn samples are read, the dataset is never
+    concatenated). A ``DataLoader``, an ``IterableDataset`` (batched by ``B_b``) or a list of batches is read in
+    its own order — shuffle it, the estimator assumes random batches — under an RNG seeded by ``seed`` (the
+    loader's generator is restored afterwards); each loader batch is cut into sub-batches of ``B_s`` (remainder
+    dropped), so ``B_s`` must not exceed the loader's batch size. ``N`` for the correction is the sampler's length;
+    for an unsized loader it is unknown and ``c(B) = 1/B`` is used (``finite_population`` is then False in the
+    result). With ``batch_weight``, ``G_b = Σ_i w_i g_i / Σ_i w_i`` over the sub-batches (the gradient of the big
+    batch's weighted mean loss, e.g. per label token); ``B_s`` and ``B_b`` stay sample counts.
+
+    **Precision.** ``"bf16-mixed"`` / ``"16-mixed"`` run the forward pass under autocast; the gradients are
+    taken with respect to the float32 parameters and their norms accumulated in float64. ``"16-mixed"`` (CUDA
+    only) scales the loss by ``2^16`` and the gradients back, lowering the scale while they overflow (as a
+    GradScaler does), so that small float16 gradients do not underflow.
+
+    Gradients are computed functionally on a private copy (an :class:`~lrbs.objective.Objective`, through its
+    public :meth:`~lrbs.objective.Objective.loss_on`); the model is never modified. BatchNorm follows the
+    Objective's ``bn`` mode (default ``"eval"``: frozen running statistics, so every sample's gradient is
+    independent of the others in its batch).
 
     Args:
-        obj_or_model: an :class:`~lrbs.objective.Objective` (its data are sampled) or a model (then ``data`` is
-            needed and an Objective is built with ``loss_fn``, ``bn`` and ``dtype``).
+        obj_or_model: an :class:`~lrbs.objective.Objective` (its fixed data are sampled) or a model (then ``data``
+            is needed and the loss is read with ``loss_fn`` / ``compute_loss`` / ``batch_weight``).
         data: the data to sample from, when a model is given.
         small_batch: ``B_s`` >= 1.
         big_batch: ``B_b``, a multiple of ``B_s`` larger than it and at most the number of samples.
         num_estimates: number of big batches (>= 2).
         seed: seeds the batches and the bootstrap.
-        loss_fn: ``loss_fn(output, y)`` with mean reduction (with a model; default cross-entropy).
+        loss_fn: ``loss_fn(output, y)`` (tuple batches) or ``loss_fn(output, batch)`` (mappings), mean reduction;
+            default cross-entropy for tuples and the model's own loss (``output.loss``) for mappings.
+        compute_loss: ``compute_loss(model, batch) -> scalar tensor`` (HF Trainer's name), for any batch.
+        batch_weight: ``batch_weight(batch) -> float``, a sub-batch's weight in the big-batch gradient.
+        precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (Lightning's names).
         params: the weights (dict or flat vector; default the Objective's centre point).
         confidence: level of the bootstrap interval, in (0, 1).
         num_bootstrap: bootstrap resamples.
         bn, dtype: passed to the Objective built from a model.
         finite_population: apply the finite-data correction described above.
         method: ``"vmap"`` (all sub-batch gradients in one vectorised call), ``"loop"``, or ``None``: vmap,
-            falling back to the loop for models vmap cannot handle.
+            falling back to the loop for models or batches vmap cannot handle (e.g. ragged sub-batches).
 
     Returns:
         A :class:`NoiseScale`.
 
     Raises:
         ConfigError: ``small_batch >= big_batch``, ``big_batch`` not a multiple of ``small_batch`` or larger than
-            the data, ``num_estimates < 2``, a confidence outside (0, 1), non-finite ``params``, data given twice.
-        LrbsTypeError: a non-integer batch size or an unsupported ``obj_or_model``.
+            the data, ``num_estimates < 2``, a confidence outside (0, 1), non-finite ``params``, data or a loss given
+            twice, empty data, a ``precision`` outside the three names or ``"16-mixed"`` without a GPU.
+        LrbsTypeError: a non-integer batch size, an unsupported ``obj_or_model`` or a batch the protocol cannot
+            read.
 
     Example:
         >>> from lrbs.data import load_dataset
@@ -293,17 +631,7 @@ def noise_scale(
     References:
         McCandlish et al., "An Empirical Model of Large-Batch Training", 2018 (arXiv 1812.06162), App. A.
     """
-    small_batch = check_int("small_batch", small_batch, low=1)
-    big_batch = check_int("big_batch", big_batch, low=2)
-    if small_batch >= big_batch:
-        raise ConfigError(
-            f"small_batch={small_batch} is not allowed with big_batch={big_batch}: must be < big_batch"
-        )
-    if big_batch % small_batch:
-        raise ConfigError(
-            f"big_batch={big_batch} is not allowed with small_batch={small_batch}: must be a multiple of it "
-            f"(e.g. {big_batch // small_batch * small_batch} or {(big_batch // small_batch + 1) * small_batch})"
-        )
+    small_batch, big_batch = _check_batches(small_batch, big_batch)
     num_estimates = check_int("num_estimates", num_estimates, low=2)
     seed = check_int("seed", seed)
     confidence = check_number("confidence", confidence, low=0.0, high=1.0, high_inclusive=False)
@@ -312,41 +640,42 @@ def noise_scale(
         check_choice("method", method, _METHODS)
     if not isinstance(finite_population, bool):
         raise LrbsTypeError(f"finite_population={finite_population!r} is not allowed: must be True or False")
-
-    if isinstance(obj_or_model, Objective):
-        if data is not None:
-            raise ConfigError("data is given twice: an Objective carries its own data, so leave data=None")
-        obj = obj_or_model
-    elif isinstance(obj_or_model, nn.Module):
-        if data is None:
-            raise ConfigError("data=None is not allowed with a model: give the data to sample batches from")
-        obj = Objective(obj_or_model, loss_fn, data, bn=bn, dtype=dtype)
-    else:
-        raise LrbsTypeError(
-            f"obj_or_model={type(obj_or_model).__name__} is not allowed: must be an lrbs Objective or an nn.Module"
-        )
-    n = obj.num_samples
-    if big_batch > n:
+    precision, obj, source = _setup(
+        obj_or_model,
+        data,
+        (loss_fn, compute_loss, batch_weight),
+        bn,
+        dtype,
+        precision,
+        small_batch,
+        big_batch,
+    )
+    n = obj.num_samples if source is None else _population(source)
+    if n is not None and big_batch > n:
         raise ConfigError(f"big_batch={big_batch} is not allowed: larger than the data ({n} samples)")
     theta = obj.theta() if params is None else obj.check_finite(params).detach().clone()
-    buffers = obj._buffers_at(theta)
+    buffers = obj.buffers_at(theta)
 
-    def loss_at(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return obj._loss_value(obj._forward(p["theta"], x, buffers), y)
+    def loss_at(p: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        with autocast(precision, obj.device):
+            return obj.loss_on(p["theta"], batch, buffers)
 
-    if finite_population and n > 1:
+    applied = finite_population and n is not None and n > 1
+    if applied:
         c_small = (n - small_batch) / (small_batch * (n - 1))
         c_big = (n - big_batch) / (big_batch * (n - 1))
     else:
         c_small, c_big = 1.0 / small_batch, 1.0 / big_batch
-    x_all, y_all = obj.data
     k = big_batch // small_batch
-    rng = np.random.default_rng(seed)
-    idx = np.stack([rng.choice(n, size=big_batch, replace=False) for _ in range(num_estimates)])
-    idx_t = torch.from_numpy(idx).to(x_all.device)
-    xs = x_all[idx_t].reshape(num_estimates, k, small_batch, *x_all.shape[1:])
-    ys = y_all[idx_t].reshape(num_estimates, k, small_batch, *y_all.shape[1:])
-    small, big_sq, used = _micro_sq_norms(loss_at, {"theta": theta}, xs, ys, method)
+    weigh = obj.batch_loss.weight if obj.batch_loss.batch_weight is not None else None
+    with _random_state(obj.device, seed):
+        draw, close = _draws(obj, source, n, small_batch, k, num_estimates, seed)
+        try:
+            small, big_sq, used = _micro_sq_norms(
+                loss_at, {"theta": theta}, draw, num_estimates, k, method, weigh=weigh, precision=precision
+            )
+        finally:
+            close()
     small_sq = small.mean(1)
     grad_sq, trace = _two_batch(small_sq, big_sq, c_small, c_big)
     g_mean, t_mean = float(grad_sq.mean()), float(trace.mean())
@@ -365,15 +694,48 @@ def noise_scale(
         trace_sigma_estimates=trace,
         small_sq_estimates=small_sq,
         big_sq_estimates=big_sq,
-        finite_population=finite_population,
+        finite_population=applied if source is not None else finite_population,
         num_bootstrap=num_bootstrap,
         seed=seed,
         method=str(used),
-        settings=obj.settings(),
+        settings=_settings(obj, source, n, precision),
     )
 
 
+def _settings(obj: Objective, source: Source | None, n: int | None, precision: str) -> dict[str, Any]:
+    """The Objective's settings; with a streamed source, the source's size and description replace those of the
+    Objective's probe batches."""
+    out = obj.settings()
+    if source is not None:
+        out = {k: v for k, v in out.items() if k not in ("data_fingerprint", "batch_size")}
+        out.update(num_samples=n, source=source.kind, data=source.describe())
+    out["precision"] = precision
+    return out
+
+
 # --------------------------------------------------------------------------------------------- tracker
+def _state_batch(state: TrainState) -> Any:
+    """The step's batch: ``state.batch`` (any batch the protocol reads), else ``(state.x, state.y)``."""
+    batch = getattr(state, "batch", None)
+    if batch is not None:
+        return batch
+    if getattr(state, "x", None) is None or getattr(state, "y", None) is None:
+        return None
+    return (state.x, state.y)
+
+
+def _state_batch_loss(state: TrainState) -> BatchLoss:
+    """How fit reads the loss: its ``BatchLoss`` when the state carries one, else one from ``state.loss_fn``."""
+    batch_loss = getattr(state, "batch_loss", None)
+    if isinstance(batch_loss, BatchLoss):
+        return batch_loss
+    return BatchLoss(
+        loss_fn=state.loss_fn,
+        compute_loss=getattr(state, "compute_loss", None),
+        batch_weight=getattr(state, "batch_weight", None),
+    )
+
+
 class TrackerPoint(NamedTuple):
     """One measurement of :class:`NoiseScaleTracker`: the debiased EMAs after ``step``, and their ratio."""
 
@@ -386,8 +748,8 @@ class TrackerPoint(NamedTuple):
 class NoiseScaleTracker(Callback):
     r"""Follow ``B_simple`` during :func:`~lrbs.train.fit` from micro-batches of the current batch.
 
-    Every ``every`` steps, the step's batch (``state.x, state.y``, ``B`` samples) is split into ``k = B // B_s``
-    disjoint micro-batches of ``B_s``, their gradients are taken at the current weights (after that step's
+    Every ``every`` steps, the step's batch (``state.batch``, any batch the protocol reads, or ``state.x, state.y``;
+    ``B`` samples) is split into ``k = B // B_s`` disjoint micro-batches of ``B_s``, their gradients are taken at the current weights (after that step's
     update; both batch sizes see the same weights, which is what the estimator needs) and the two-batch-size
     estimates of ``|G|²`` and ``tr Σ`` (McCandlish et al. 2018, App. A; big batch ``k B_s``) enter separate
     debiased EMAs:
@@ -402,8 +764,9 @@ class NoiseScaleTracker(Callback):
     eval row); :attr:`history` holds a :class:`TrackerPoint` per measurement and :attr:`raw` the single-step
     estimates ``(step, |G|², tr Σ)``.
 
-    The gradients are computed with ``torch.func.functional_call`` on detached copies of the parameters and
-    buffers, in the model's current mode (train mode inside fit: the gradients the optimizer sees, with batch
+    The loss is fit's (``state.batch_loss``, or one built from ``state.loss_fn``), the forward pass runs under fit's
+    ``state.precision`` (autocast; float32 parameters, float64 norms). The gradients are computed with
+    ``torch.func.functional_call`` on detached copies of the parameters and buffers, in the model's current mode (train mode inside fit: the gradients the optimizer sees, with batch
     statistics for BatchNorm), inside a forked RNG: the model, its buffers and the training run are unchanged
     (a run with the tracker is identical to one without).
 
@@ -449,9 +812,12 @@ class NoiseScaleTracker(Callback):
         self._reset()
 
     def on_step(self, state: TrainState) -> None:
-        if state.step % self.every or state.x is None or state.y is None:
+        if state.step % self.every:
             return
-        b = len(state.y)
+        batch = _state_batch(state)
+        if batch is None:
+            return
+        b = batch_size_of(batch)
         bs = self._small_batch_for(state, b)
         k = b // bs
         if k < 2:
@@ -460,21 +826,24 @@ class NoiseScaleTracker(Callback):
                 f"least 2 micro-batches (small_batch <= {b // 2})"
             )
         model = state.model
-        lossf = state.loss_fn or nn.functional.cross_entropy
+        batch_loss = _state_batch_loss(state)
+        precision = getattr(state, "precision", None) or "32"
+        device = model_device(model)
         params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
         buffers = {n: b_.detach().clone() for n, b_ in model.named_buffers()}
 
-        def loss_at(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            out = torch.func.functional_call(model, {**frozen, **buffers, **p}, (x,))
-            return lossf(out, y)
+        def loss_at(p: dict[str, torch.Tensor], sub: Any) -> torch.Tensor:
+            values = {**frozen, **buffers, **p}
+            with autocast(precision, device):
+                return batch_loss.loss(lambda *a, **kw: torch.func.functional_call(model, values, a, kw), sub)
 
-        x, y = state.x[: k * bs], state.y[: k * bs]
-        xs = x.reshape(1, k, bs, *x.shape[1:])
-        ys = y.reshape(1, k, bs, *y.shape[1:])
-        device = x.device
+        subs = [slice_batch(batch, i * bs, (i + 1) * bs) for i in range(k)]
+        weigh = batch_loss.weight if batch_loss.batch_weight is not None else None
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-            small, big, self._method = _micro_sq_norms(loss_at, params, xs, ys, self._method)
+            small, big, self._method = _micro_sq_norms(
+                loss_at, params, lambda e: subs, 1, k, self._method, weigh=weigh, precision=precision
+            )
         grad_sq, trace = _two_batch(float(small.mean()), float(big[0]), 1.0 / bs, 1.0 / (k * bs))
         self._count += 1
         self._ema_g = self.beta * self._ema_g + (1.0 - self.beta) * grad_sq
