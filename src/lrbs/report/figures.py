@@ -26,6 +26,9 @@ __all__ = [
     "plot_heatmap",
     "plot_contour",
     "plot_schedule",
+    "plot_range_test",
+    "plot_throughput",
+    "plot_tradeoff",
     "ema",
     "log_levels",
 ]
@@ -568,3 +571,124 @@ def _schedule_values(label: str, s: Any, n: int) -> tuple[np.ndarray, bool]:
     if a.size < n:
         raise ShapeError(f"schedules[{label!r}] has {a.size} values but n={n} steps are drawn")
     return a[:n], False
+
+
+# --------------------------------------------------------------------------- tune
+def plot_range_test(result: Any, *, title: str = "", ax: Any = None) -> Any:
+    """An LR range test as :meth:`~lrbs.range_test.RangeTestResult.plot` draws it, with a title.
+
+    Raw (faint) and smoothed loss against the LR on a log axis, every sweep, the four suggestions and the
+    recommendation marked, the y-axis clipped to the informative range (from below the minimum to a little
+    above the starting loss, so a divergence spike does not flatten the curve).
+
+    Args:
+        result: a ``RangeTestResult``.
+        title: text.
+        ax: an Axes to draw into, or None.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Raises:
+        LrbsTypeError: If ``result`` has no ``plot`` method.
+    """
+    if not callable(getattr(result, "plot", None)) or not hasattr(result, "smoothed"):
+        raise LrbsTypeError(f"result={result!r} is not allowed: must be a lrbs RangeTestResult")
+    fig, (axis,) = _new_axes(ax, figsize=(6.4, 4.0))
+    result.plot(ax=axis)
+    _style(axis, title)
+    return fig
+
+
+def plot_throughput(
+    ladder: Sequence[Mapping[str, Any]],
+    *,
+    chosen: int | None = None,
+    knee: int | None = None,
+    title: str = "Throughput ladder",
+    ax: Any = None,
+) -> Any:
+    """Samples/s of a training step against the batch size (log2 axis), the knee and the chosen batch marked.
+
+    Args:
+        ladder: rows ``{"batch_size", "samples_per_s", "fits"}`` (``samples_per_s`` None: out of memory).
+        chosen: the recommended batch, drawn as a vertical line.
+        knee: the largest batch still gaining throughput, drawn dotted.
+        title: text.
+        ax: an Axes to draw into, or None.
+
+    Returns:
+        The matplotlib ``Figure``.
+    """
+    fig, (axis,) = _new_axes(ax)
+    ok = [r for r in ladder if r.get("samples_per_s") is not None]
+    bs = np.array([r["batch_size"] for r in ok], dtype=float)
+    rate = np.array([r["samples_per_s"] for r in ok], dtype=float)
+    axis.plot(bs, rate, "o-", color=_color(0), linewidth=1.5, label="samples/s")
+    oom = [r["batch_size"] for r in ladder if r.get("samples_per_s") is None or not r.get("fits", True)]
+    for b in oom:
+        axis.axvline(b, color=_color(1), linestyle=":", linewidth=1)
+    if oom:
+        axis.plot([], [], color=_color(1), linestyle=":", label="does not fit")
+    if knee is not None:
+        axis.axvline(knee, color=_color(2), linestyle="--", linewidth=1, label=f"knee {knee}")
+    if chosen is not None:
+        axis.axvline(chosen, color="k", linewidth=1.2, label=f"chosen {chosen}")
+    axis.set_xscale("log", base=2)
+    _style(axis, title, "batch size", "training samples / s")
+    _legend(axis)
+    return fig
+
+
+def plot_tradeoff(
+    b_crit: float,
+    batch_sizes: Sequence[float],
+    chosen: float | None = None,
+    *,
+    ci: Sequence[float | None] | None = None,
+    title: str = "Steps / examples trade-off",
+    ax: Any = None,
+) -> Any:
+    r"""The predicted trade-off :math:`S/S_\text{min} = 1 + B_\text{crit}/B` against
+    :math:`E/E_\text{min} = 1 + B/B_\text{crit}` (McCandlish et al. 2018), the ladder and the chosen batch marked.
+
+    Args:
+        b_crit: the critical batch (> 0).
+        batch_sizes: the ladder's batch sizes, drawn as points on the curve.
+        chosen: the recommended batch, drawn as a star.
+        ci: ``(low, high)`` of ``b_crit``: the curves at both ends are drawn faintly.
+        title: text.
+        ax: an Axes to draw into, or None.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Raises:
+        ConfigError: If ``b_crit`` is not a finite number > 0.
+    """
+    b_crit = check_number("b_crit", b_crit, low=0.0)
+    fig, (axis,) = _new_axes(ax)
+    sizes = _array1d("batch_sizes", batch_sizes)
+    lo = min(float(sizes.min()), b_crit) / 8
+    hi = max(float(sizes.max()), b_crit) * 8
+    grid = np.geomspace(lo, hi, 200)
+    axis.loglog(
+        1 + grid / b_crit,
+        1 + b_crit / grid,
+        color=_color(0),
+        linewidth=1.5,
+        label=f"B_crit = {_tick_text(b_crit)}",
+    )
+    for end in ci or ():
+        if end is not None and np.isfinite(end) and end > 0:
+            axis.loglog(1 + grid / end, 1 + end / grid, color=_color(0), linewidth=0.8, alpha=0.35)
+    axis.loglog(1 + sizes / b_crit, 1 + b_crit / sizes, "o", color=_color(0), markersize=4)
+    for b in sizes:
+        axis.annotate(f"{b:g}", (1 + b / b_crit, 1 + b_crit / b), fontsize=_FONT["annot"], xytext=(3, 3),
+                      textcoords="offset points")  # fmt: skip
+    if chosen is not None:
+        axis.loglog([1 + chosen / b_crit], [1 + b_crit / chosen], "*", color=_color(1), markersize=12,
+                    label=f"chosen B = {chosen:g}")  # fmt: skip
+    _style(axis, title, "examples E / E_min", "steps S / S_min")
+    _legend(axis)
+    return fig

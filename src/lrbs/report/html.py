@@ -51,6 +51,8 @@ __all__ = [
     "render_html",
     "write_html",
     "read_report_data",
+    "render_tune_html",
+    "write_tune_html",
 ]
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
@@ -702,7 +704,11 @@ def write_html(report: Report, path: str | os.PathLike) -> Path:
         raise ConfigError(
             f"path={str(path)!r} is not allowed: it is a folder; give a file name such as report.html"
         )
-    html = render_html(report)
+    return _write_page(path, render_html(report))
+
+
+def _write_page(path: Path, html: str) -> Path:
+    """Write ``html`` to ``path`` atomically (a temporary file in its folder, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -715,3 +721,79 @@ def write_html(report: Report, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# --------------------------------------------------------------------------- the tune page
+def render_tune_html(
+    *,
+    title: str,
+    headline: Table,
+    confidence: str,
+    reasons: Sequence[str],
+    figures: Sequence[Figure],
+    tables: Sequence[Table],
+    settings: Mapping[str, Any],
+    data: Mapping[str, Any],
+) -> str:
+    """The one-page report of :func:`lrbs.tune.tune`: the recommendation, its reasons, four figures, the tables.
+
+    The same engine as :func:`render_html`: a self-contained page (inline CSS, figures as ``data:`` URIs, a
+    Content-Security-Policy that loads nothing), autoescaped strings, numbers through :func:`fmt`, and every
+    number in the ``lrbs-data`` JSON block (:func:`read_report_data` reads it back).
+
+    Args:
+        title: the page title.
+        headline: the table of choices (choice, value, why).
+        confidence: ``"high"`` or ``"low"``.
+        reasons: why the confidence is low.
+        figures, tables: the evidence.
+        settings: shown exactly.
+        data: the JSON block (the recommendation's ``to_dict()``).
+
+    Returns:
+        The HTML text.
+
+    Raises:
+        LrbsTypeError: a figure or table of the wrong type.
+    """
+    from .. import __version__
+
+    _check_str("title", title)
+    check_choice("confidence", confidence, ("high", "low"))
+    figures = _check_items("figures", figures, Figure)
+    tables = _check_items("tables", [headline, *tables], Table)
+    reasons = _check_items("reasons", reasons, str)
+    created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    payload = {
+        "format": DATA_FORMAT,
+        "lrbs_version": __version__,
+        "created": created,
+        **_jsonable(dict(data)),
+    }
+    template = _environment_jinja().get_template("tune.html")
+    return template.render(
+        title=title,
+        headline=tables[0],
+        tables=tables[1:],
+        confidence=confidence,
+        reasons=reasons,
+        figures=figures,
+        settings=_check_mapping("settings", settings),
+        version=__version__,
+        created=created,
+        data_json=_script_json(payload),
+    )
+
+
+def write_tune_html(path: str | os.PathLike, **page: Any) -> Path:
+    """Render :func:`render_tune_html` (same keyword arguments) and write it atomically to ``path``.
+
+    Raises:
+        ConfigError: If ``path`` is an existing folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"path={str(path)!r} is not allowed: it is a folder; give a file name such as tune.html"
+        )
+    return _write_page(path, render_tune_html(**page))
