@@ -84,6 +84,30 @@ def _range_test(ctx: Context) -> dict:
     )
 
 
+def _range_test_figure(rt: dict, lr: float, base: float, peak: float):
+    """Figure 1: the stored sweep drawn by ``RangeTestResult.plot()`` (y clipped, suggestions marked).
+
+    The measure stores the first sweep's arrays; the result is rebuilt from them (``num_iter=100`` sets the
+    trimming, the last point is the stop point when the sweep diverged), so its suggestions are those of that
+    sweep; the title keeps the recorded recommendation (the median over all sweeps).
+    """
+    from ..range_test import RangeTestResult, RangeTestSweep
+    from ..report.figures import plot_range_test
+
+    arr = rt["arrays"]
+    smoothed = np.asarray(arr["smoothed"], dtype=np.float64)
+    n = len(smoothed)
+    lrs, losses = (
+        np.asarray(arr["lrs"], dtype=np.float64)[:n],
+        np.asarray(arr["losses"], dtype=np.float64)[:n],
+    )
+    stop = None if rt.get("diverged_at") is None else n - 1
+    reason = None if stop is None else ("diverged" if np.isfinite(smoothed[-1]) else "non-finite")
+    sweep = RangeTestSweep(lrs, losses, smoothed, stop is not None, stop, reason, 0)
+    res = RangeTestResult(lrs, losses, smoothed, stop is not None, stop, reason, {"num_iter": 100}, (sweep,))
+    return plot_range_test(res, title=f"LR range test: recommended {lr:.3g}, bounds [{base:.3g}, {peak:.3g}]")
+
+
 def _schedules(ctx: Context, lr: float) -> dict[str, str]:
     """Every schedule peaks at the range test's recommended LR; cyclical ones go down to a quarter of it.
 
@@ -182,17 +206,7 @@ def run(ctx: Context) -> PaperResult:
     numbers["negative_mass_cyclical"] = neg_y
 
     # ---- figures
-    arr = rt["arrays"]
-    lrs, smoothed = np.asarray(arr["lrs"]), np.asarray(arr["smoothed"])
-    n = len(smoothed)
-    fig_rt = plot_curves(
-        lrs[:n],
-        {"raw loss": np.asarray(arr["losses"])[:n], "smoothed": smoothed},
-        xlabel="learning rate",
-        ylabel="training loss",
-        logx=True,
-        title=f"LR range test: recommended {lr:.3g}, bounds [{base:.3g}, {peak:.3g}]",
-    )
+    fig_rt = _range_test_figure(rt, lr, base, peak)
     from ..schedules import parse
 
     fig_s = plot_curves(
