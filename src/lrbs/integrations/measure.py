@@ -1,0 +1,764 @@
+r"""What the framework callbacks measure, with no framework in sight: noise scale, sharpness, stability.
+
+The HuggingFace and Lightning glue (:mod:`lrbs.integrations.transformers`, :mod:`lrbs.integrations.lightning`)
+only decide *when* to call what lives here and *where* the numbers go. Everything here is plain PyTorch.
+
+**Free noise scale from micro-batches.** Under gradient accumulation a step's gradient is the sum of one
+contribution :math:`c_i = s_i g_i` per backward pass, where :math:`g_i` is micro-batch :math:`i`'s own (mean)
+gradient on :math:`B_i` samples and :math:`s_i` the share the framework gave it (``1/k`` when each loss is divided
+by the accumulation count; :math:`n_i / \sum_j n_j` when the loss is normalised by the items of the whole
+accumulated batch, as HF does for language models). :class:`GradCapture` reads :math:`|c_i|^2` with one tensor
+hook per backward (:func:`torch.autograd.graph.register_multi_grad_hook`: the gradients of that backward, before
+they are added to ``.grad``), and the accumulated :math:`|\sum_i c_i|^2` before clipping. All micro-batches of a
+step see the same weights, which is what the estimator of McCandlish et al. (2018, App. A) needs. With
+:math:`c(B) = (N - B) / (B (N - 1))` for micro-batches drawn without replacement from :math:`N` samples
+(:math:`1/B` when :math:`N` is unknown) and :math:`S = \sum_i s_i`:
+
+.. math::
+
+    \mathbb E\,\overline{|g_i|^2} = |G|^2 + \overline{c(B_i)}\,\operatorname{tr}\Sigma, \qquad
+    \mathbb E\,\Big|\sum_i s_i g_i\Big|^2 = S^2 |G|^2
+        + \Big(\sum_i s_i^2 c(B_i) - \frac{S^2 - \sum_i s_i^2}{N - 1}\Big)\operatorname{tr}\Sigma,
+
+(the last term is the negative covariance of disjoint draws), two linear equations solved by :func:`micro_estimate`
+for :math:`|G|^2` and :math:`\operatorname{tr}\Sigma`. With equal shares and sizes it is exactly
+:func:`lrbs.noise_scale`'s two-batch-size estimator with :math:`B_s = B` and :math:`B_b = kB`. Under data parallelism
+the micro-batches of every rank count, and the big gradient is the all-reduced one (the sums are all-reduced).
+
+**B_simple over a window.** Single-step estimates are noisy and can be negative. :class:`NoiseWindow` keeps the
+last ``window`` of them and reports the ratio of their means, :math:`B_\text{simple} = \overline{\operatorname{tr}
+\Sigma} / \overline{|G|^2}` (never a mean of ratios), with a percentile-bootstrap interval over the estimates. The
+weights move between steps, so it describes the recent stretch of training, not one point.
+
+**Adam.** McCandlish et al. derive ``B_simple`` for SGD: it is a property of the raw gradient's distribution
+(:math:`\operatorname{tr}\Sigma/|G|^2`), and that is what lrbs measures whatever the optimizer. lrbs does *not*
+fold in Adam's preconditioner :math:`P = \operatorname{diag}(\sqrt{\hat v}) + \epsilon` (the update's own noise
+scale would be :math:`\operatorname{tr}(P^{-1}\Sigma P^{-1}) / |P^{-1}G|^2`); under Adam read ``B_simple`` as the
+batch size at which the gradient's noise and signal are comparable, a guide to the critical batch rather than a
+prediction of Adam's optimal step.
+
+**Sharpness and the edge of stability.** :func:`sharpness` is :func:`lrbs.hessian_eigenvalues` on a fresh
+:class:`~lrbs.Objective` built from the live model and a fixed, seeded list of batches (a private copy: the live
+model, its optimizer and the random state are untouched). :func:`stability_threshold` gives the value of
+``lr * lambda_max`` above which the optimizer diverges on a quadratic with that curvature (Cohen et al. 2021):
+``2`` for plain SGD; ``2 (1 + beta) / (1 - d)`` for torch's heavy-ball SGD with momentum ``beta`` and dampening
+``d``; ``2 (1 + beta) / (1 + 2 beta)`` with Nesterov. (An EMA-style momentum ``m = beta m + (1 - beta) g``, as in
+Adam's first moment, would give ``2 (1 + beta) / (1 - beta)``.) For Adam-type optimizers the bound holds for the
+*preconditioned* sharpness :math:`\lambda_\max(P^{-1}H)` (Cohen et al. 2022), not for the raw Hessian's, so no
+threshold is given: ``lr * lambda_max`` is logged as a number to follow, not to compare with 2.
+
+References:
+    McCandlish, Kaplan, Amodei et al., "An Empirical Model of Large-Batch Training", 2018 (arXiv 1812.06162).
+    Cohen, Kaur, Li, Kolter & Talwalkar, "Gradient Descent on Neural Networks Typically Occurs at the Edge of
+    Stability", ICLR 2021 (arXiv 2103.00065); Cohen et al., "Adaptive Gradient Methods at the Edge of
+    Stability", 2022 (arXiv 2207.14484).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import random
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError, DependencyError
+
+__all__ = [
+    "METRICS",
+    "MeasurementWarning",
+    "require",
+    "protected_rng",
+    "guarded",
+    "micro_estimate",
+    "finite_c",
+    "NoiseWindow",
+    "NoiseSummary",
+    "GradCapture",
+    "probe_estimates",
+    "sharpness",
+    "stability_threshold",
+    "trainable_parameters",
+    "current_lr",
+    "check_every",
+    "Monitor",
+]
+
+#: The names under which the callbacks log, in the frameworks' loggers.
+METRICS = {
+    "b_simple": "lrbs/b_simple",
+    "b_simple_low": "lrbs/b_simple_low",
+    "b_simple_high": "lrbs/b_simple_high",
+    "grad_sq": "lrbs/grad_sq",
+    "trace_sigma": "lrbs/trace_sigma",
+    "lambda_max": "lrbs/lambda_max",
+    "lambda_max_x_lr": "lrbs/lambda_max_x_lr",
+    "eos_threshold": "lrbs/eos_threshold",
+    "probe_seconds": "lrbs/probe_seconds",
+}
+
+
+class MeasurementWarning(UserWarning):
+    """A measurement failed (the reason is in the message); training went on without it."""
+
+
+# --------------------------------------------------------------------------------------------- dependencies
+def _version_tuple(text: str) -> tuple:
+    from packaging.version import Version
+
+    return Version(text).release
+
+
+def require(module: str, minimum: str, extra: str) -> Any:
+    """Import ``module`` and check that its ``__version__`` is at least ``minimum``.
+
+    Raises:
+        DependencyError: the module is missing (with the ``pip install lrbs[extra]`` hint) or older than
+            ``minimum`` (naming the version found and the one needed).
+    """
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise DependencyError(
+            f"lrbs.integrations.{extra} needs {module} >= {minimum}, which is not installed ({e}): "
+            f"pip install 'lrbs[{extra}]'"
+        ) from e
+    found = str(getattr(mod, "__version__", "0"))
+    try:
+        too_old = _version_tuple(found) < _version_tuple(minimum)
+    except Exception:  # an unparsable version string: say so rather than guess
+        too_old = True
+    if too_old:
+        raise DependencyError(
+            f"lrbs.integrations.{extra} needs {module} >= {minimum}, found {module} {found}: "
+            f"pip install -U 'lrbs[{extra}]'"
+        )
+    return mod
+
+
+# --------------------------------------------------------------------------------------------- safety
+@contextlib.contextmanager
+def protected_rng(device: torch.device | None = None) -> Iterator[None]:
+    """Run a block with the torch (CPU and ``device``), numpy and python random states saved and restored."""
+    devices = [device] if device is not None and device.type == "cuda" else []
+    py, npy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
+def guarded(what: str, step: int, fn: Callable[[], Any]) -> Any:
+    """``fn()``, or None after a :class:`MeasurementWarning` naming ``what``, the step and the reason."""
+    try:
+        return fn()
+    except Exception as e:  # a failed measurement must never end a training run
+        warnings.warn(
+            f"lrbs: {what} at step {step} failed ({type(e).__name__}: {e}); training goes on without it",
+            MeasurementWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+def trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters with ``requires_grad``; ConfigError when there are none."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(
+            f"the model ({type(model).__name__}) has no trainable parameters (all requires_grad=False): there is "
+            "no gradient to measure; unfreeze some parameters or leave noise_scale=False and sharpness_every=None"
+        )
+    return params
+
+
+# --------------------------------------------------------------------------------------------- the estimator
+def finite_c(batch: float, num_samples: int | None) -> float:
+    """``c(B) = (N - B) / (B (N - 1))``: variance factor of a mean of ``B`` draws without replacement (``1/B``
+    for an unknown or infinite ``N``)."""
+    if num_samples is None or num_samples <= 1 or batch >= num_samples:
+        return 1.0 / batch
+    return (num_samples - batch) / (batch * (num_samples - 1))
+
+
+def micro_estimate(
+    micro_sq: Sequence[float],
+    sizes: Sequence[float],
+    shares: Sequence[float],
+    total_sq: float,
+    *,
+    num_samples: int | None = None,
+    all_reduce: Callable[[np.ndarray], tuple[np.ndarray, int]] | None = None,
+) -> tuple[float, float]:
+    r"""One step's unbiased ``(|G|^2, tr Sigma)`` from its micro-batch contributions (module docstring).
+
+    Args:
+        micro_sq: :math:`|c_i|^2`, the squared norm of each backward's contribution (``k >= 1`` per rank,
+            at least 2 in all).
+        sizes: :math:`B_i`, samples per micro-batch.
+        shares: :math:`s_i`, the factor the micro-batch's mean gradient entered the accumulated gradient with.
+        total_sq: :math:`|\sum_i c_i|^2` (under data parallelism: of the all-reduced gradient).
+        num_samples: :math:`N` for the finite-population factor (None: :math:`1/B`).
+        all_reduce: sums a float64 vector over the data-parallel ranks and returns it with the world size.
+
+    Raises:
+        ConfigError: fewer than 2 micro-batches, lengths that differ, a share or size <= 0, or sizes that leave
+            the two equations degenerate.
+    """
+    k = len(micro_sq)
+    if len(sizes) != k or len(shares) != k:
+        raise ConfigError(
+            f"micro_sq, sizes and shares have lengths {k}, {len(sizes)}, {len(shares)}: must match"
+        )
+    if any(s <= 0 for s in shares) or any(b <= 0 for b in sizes):
+        raise ConfigError(f"shares {list(shares)} and sizes {list(sizes)} must all be > 0")
+    cs = [finite_c(b, num_samples) for b in sizes]
+    sums = np.array(
+        [
+            sum(m / (s * s) for m, s in zip(micro_sq, shares)),  # sum |g_i|^2
+            sum(cs),
+            float(k),
+            sum(shares),
+            sum(s * s for s in shares),
+            sum(s * s * c for s, c in zip(shares, cs)),
+        ],
+        dtype=np.float64,
+    )
+    world = 1
+    if all_reduce is not None:
+        sums, world = all_reduce(sums)
+    n = sums[2]
+    if n < 2:
+        raise ConfigError(f"{int(n)} micro-batch gradient(s) at this step: the estimate needs at least 2")
+    m1, b1 = sums[0] / n, sums[1] / n
+    s_tot, s2, s2c = sums[3] / world, sums[4] / world**2, sums[5] / world**2
+    cross = (s_tot**2 - s2) / (num_samples - 1) if num_samples and num_samples > 1 else 0.0
+    b2 = s2c - cross
+    det = b2 - s_tot**2 * b1
+    if not det < 0:
+        raise ConfigError(
+            f"micro-batch sizes {list(sizes)} with shares {list(shares)} give one batch size only: the noise "
+            "scale needs the micro-batches and their sum to differ in size"
+        )
+    trace = (float(total_sq) - s_tot**2 * m1) / det
+    return float(m1 - b1 * trace), float(trace)
+
+
+@dataclass(frozen=True)
+class NoiseSummary:
+    """``B_simple`` over the last estimates (ratio of means) with its bootstrap interval.
+
+    Attributes:
+        b_simple: ``mean(tr Sigma) / mean(|G|^2)`` (``inf`` when the mean ``|G|^2`` is <= 0).
+        grad_sq, trace_sigma: the two means.
+        ci_low, ci_high: percentile-bootstrap interval (NaN with fewer than 2 estimates).
+        confidence: its level.
+        num_estimates: estimates in the window.
+        first_step, last_step: the steps they came from.
+        source: ``"micro-batches"`` (free) or ``"probe"``.
+    """
+
+    b_simple: float
+    grad_sq: float
+    trace_sigma: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    num_estimates: int
+    first_step: int
+    last_step: int
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able record (non-finite numbers become None)."""
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in self.__dict__.items()
+        }
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else math.inf
+
+
+class NoiseWindow:
+    """The last ``window`` single-step ``(|G|^2, tr Sigma)`` estimates and their summary.
+
+    The interval resamples the estimates with replacement (``num_bootstrap`` times) and takes the ratio of means
+    of each resample; ``"lower"``/``"higher"`` quantiles keep it defined when a resample's mean ``|G|^2`` is <= 0
+    (its ratio is infinite) — the same interval as :func:`lrbs.noise_scale`'s.
+    """
+
+    def __init__(self, window: int, source: str, confidence: float = 0.95, num_bootstrap: int = 1000):
+        self.rows: deque[tuple[int, float, float]] = deque(maxlen=window)
+        self.source, self.confidence, self.num_bootstrap = source, confidence, num_bootstrap
+
+    def add(self, step: int, grad_sq: float, trace: float) -> None:
+        """Record one estimate (non-finite ones, e.g. from an overflowing fp16 step, are dropped)."""
+        if math.isfinite(grad_sq) and math.isfinite(trace):
+            self.rows.append((int(step), float(grad_sq), float(trace)))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def summary(self, seed: int = 0) -> NoiseSummary | None:
+        """The current :class:`NoiseSummary`, or None before the first estimate."""
+        if not self.rows:
+            return None
+        steps, g, t = (np.array(c) for c in zip(*self.rows))
+        lo = hi = math.nan
+        if len(g) >= 2:
+            rng = np.random.default_rng([seed, len(g)])
+            idx = rng.integers(0, len(g), size=(self.num_bootstrap, len(g)))
+            num, den = t[idx].mean(1), g[idx].mean(1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.inf)
+            alpha = (1.0 - self.confidence) / 2.0
+            lo = float(np.quantile(ratios, alpha, method="lower"))
+            hi = float(np.quantile(ratios, 1 - alpha, method="higher"))
+        return NoiseSummary(
+            b_simple=_ratio(float(t.mean()), float(g.mean())),
+            grad_sq=float(g.mean()),
+            trace_sigma=float(t.mean()),
+            ci_low=lo,
+            ci_high=hi,
+            confidence=self.confidence,
+            num_estimates=len(g),
+            first_step=int(steps[0]),
+            last_step=int(steps[-1]),
+            source=self.source,
+        )
+
+
+# --------------------------------------------------------------------------------------------- gradient capture
+class GradCapture:
+    """Squared norms of each backward's gradient contribution, read by hooks that change nothing.
+
+    One :func:`torch.autograd.graph.register_multi_grad_hook` over the trainable parameters sees, once per
+    backward, the gradients of that backward before they are accumulated into ``.grad``; it stores the
+    squared total norm as a 0-d tensor (no device sync). When ``total_when`` is given, a
+    ``register_post_accumulate_grad_hook`` per parameter also stores the squared norm of the accumulated
+    ``.grad`` during the backwards for which ``total_when()`` is true (the last micro-batch of a step, before any
+    clipping); otherwise the caller reads the total with :meth:`grad_sq_of`.
+
+    Costs one fused norm over the gradients per backward (plus one per parameter on the last micro-batch).
+    The hooks also fire for other backward passes through these parameters (e.g. a gradient penalty inside the
+    loss); such steps give more contributions than micro-batches and are skipped by the callbacks.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], total_when: Callable[[], bool] | None = None):
+        self.params = [p for p in params if p.requires_grad]
+        self.total_when = total_when
+        self.contrib: list[torch.Tensor] = []
+        self.total_parts: list[torch.Tensor] = []
+        self._handles: list[Any] = []
+
+    def attach(self) -> GradCapture:
+        """Register the hooks (idempotent)."""
+        if self._handles:
+            return self
+        self._handles.append(
+            torch.autograd.graph.register_multi_grad_hook(self.params, self._on_grads, mode="all")
+        )
+        if self.total_when is not None:
+            for p in self.params:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_accumulated))
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def reset(self) -> None:
+        """Forget what the hooks stored (call at the start of each optimizer step)."""
+        self.contrib, self.total_parts = [], []
+
+    def _on_grads(self, grads: Sequence[torch.Tensor | None]) -> None:
+        gs = [g.detach() for g in grads if g is not None]
+        if gs:
+            self.contrib.append(torch.nn.utils.get_total_norm(gs, 2.0).double() ** 2)
+
+    def _on_accumulated(self, p: torch.Tensor) -> None:
+        if p.grad is not None and self.total_when():
+            self.total_parts.append(torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64) ** 2)
+
+    @staticmethod
+    def grad_sq_of(params: Iterable[torch.Tensor]) -> torch.Tensor:
+        """``|grad|^2`` summed over ``params`` (their current ``.grad``), as a float64 0-d tensor."""
+        gs = [p.grad.detach() for p in params if p.grad is not None]
+        if not gs:
+            return torch.zeros((), dtype=torch.float64)
+        return torch.nn.utils.get_total_norm(gs, 2.0).double() ** 2
+
+    def take(self) -> tuple[list[float], float | None]:
+        """``([|c_i|^2 ...], |sum c_i|^2 or None)`` as floats (one device sync), then :meth:`reset`."""
+        micro = [float(v) for v in torch.stack(self.contrib).cpu()] if self.contrib else []
+        total = float(torch.stack(self.total_parts).sum()) if self.total_parts else None
+        self.reset()
+        return micro, total
+
+
+# --------------------------------------------------------------------------------------------- probe, sharpness
+def probe_estimates(
+    model: nn.Module,
+    source: Any,
+    *,
+    small_batch: int,
+    big_batch: int,
+    num_estimates: int,
+    seed: int,
+    compute_loss: Callable | None = None,
+    batch_weight: Callable | None = None,
+) -> Any:
+    """:func:`lrbs.noise_scale` at the live weights on held data (a private copy; nothing is mutated).
+
+    Returns the :class:`~lrbs.NoiseScale`; its per-draw estimates feed a :class:`NoiseWindow`. Cost: one copy of
+    the model and ``num_estimates * big_batch / small_batch`` micro-batch gradients of ``small_batch`` samples
+    (forward + backward each), i.e. about ``num_estimates * big_batch`` samples of training compute.
+    """
+    from ..noise_scale import noise_scale
+
+    return noise_scale(
+        model,
+        source,
+        small_batch=small_batch,
+        big_batch=big_batch,
+        num_estimates=num_estimates,
+        seed=seed,
+        compute_loss=compute_loss,
+        batch_weight=batch_weight,
+    )
+
+
+def sharpness(
+    model: nn.Module,
+    source: Any,
+    *,
+    max_samples: int,
+    batch_size: int | None,
+    compute_loss: Callable | None = None,
+    batch_weight: Callable | None = None,
+    init: Any = "auto",
+    tol: float = 1e-3,
+    seed: int = 0,
+) -> Any:
+    """The top Hessian eigenvalue of the loss on a fixed, seeded subset of ``source`` at the live weights.
+
+    :func:`lrbs.hessian_eigenvalues` on a fresh :class:`~lrbs.Objective` (a private copy of the model with its
+    current buffers, in eval mode; the subset of ``max_samples`` samples is the same at every call for a given
+    ``seed``). ``init`` may be the previous top eigenvector (a warm start). Returns the
+    :class:`~lrbs.EigenResult`, with its vector.
+    """
+    from ..curvature import hessian_eigenvalues
+    from ..objective import Objective
+
+    obj = Objective(
+        model,
+        data=source,
+        compute_loss=compute_loss,
+        batch_weight=batch_weight,
+        max_samples=max_samples,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    if isinstance(init, torch.Tensor) and init.shape != (obj.num_params,):
+        init = "auto"
+    return hessian_eigenvalues(obj, k=1, tol=tol, seed=seed, init=init, return_vectors=True)
+
+
+_ADAPTIVE = (
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "Adagrad",
+    "Adadelta",
+    "RMSprop",
+    "Adafactor",
+    "LAMB",
+)
+
+
+def stability_threshold(optimizer: Any) -> float | None:
+    """The bound on ``lr * lambda_max`` for ``optimizer``'s first param group (module docstring), or None where
+    none applies to the raw Hessian (adaptive optimizers) or the optimizer is unknown."""
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate / Lightning wrappers
+    name = type(opt).__name__
+    group = opt.param_groups[0] if getattr(opt, "param_groups", None) else {}
+    if name == "SGD" or (isinstance(opt, torch.optim.SGD)):
+        beta = float(group.get("momentum", 0.0) or 0.0)
+        if beta == 0.0:
+            return 2.0
+        if group.get("nesterov", False):
+            return 2.0 * (1.0 + beta) / (1.0 + 2.0 * beta)
+        damp = float(group.get("dampening", 0.0) or 0.0)
+        return 2.0 * (1.0 + beta) / (1.0 - damp) if damp < 1.0 else None
+    if name in _ADAPTIVE:
+        return None
+    return None
+
+
+def current_lr(optimizer: Any) -> float | None:
+    """The learning rate of the optimizer's first param group (None when it has none)."""
+    opt = getattr(optimizer, "optimizer", optimizer)
+    groups = getattr(opt, "param_groups", None)
+    if not groups:
+        return None
+    lr = groups[0].get("lr")
+    return float(lr) if lr is not None else None
+
+
+def check_every(name: str, value: Any) -> int | None:
+    """None, or an integer >= 1 (ConfigError naming ``name`` otherwise)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} is not allowed: must be an integer >= 1 (steps) or None (off)")
+    return value
+
+
+# --------------------------------------------------------------------------------------------- the shared monitor
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name}={value!r} is not allowed: must be an integer >= {low}")
+    return value
+
+
+class Monitor:
+    """What both callbacks share: the settings, when to measure, what was measured and what to log.
+
+    The framework glue calls :meth:`start` when training starts, :meth:`begin_step` / :meth:`end_step` around each
+    optimizer step's micro-batches (free noise scale), :meth:`after_step` after each optimizer step (probe and
+    sharpness, at their cadence) and :meth:`publish` when it logs. Every measurement runs under
+    :func:`protected_rng` and :func:`guarded`: it cannot change the random stream or end the run.
+    """
+
+    def __init__(
+        self,
+        *,
+        noise_scale: bool = True,
+        sharpness_every: int | None = None,
+        sharpness_samples: int = 512,
+        log_every: int | None = None,
+        window: int = 50,
+        probe_data: Any = None,
+        probe_micro_batches: int = 4,
+        probe_draws: int = 4,
+        compute_loss: Callable | None = None,
+        batch_weight: Callable | None = None,
+        confidence: float = 0.95,
+        seed: int = 0,
+    ):
+        if not isinstance(noise_scale, bool):
+            raise ConfigError(f"noise_scale={noise_scale!r} is not allowed: must be True or False")
+        self.noise_scale = noise_scale
+        self.sharpness_every = check_every("sharpness_every", sharpness_every)
+        self.sharpness_samples = _check_int("sharpness_samples", sharpness_samples, 1)
+        self.log_every = check_every("log_every", log_every)
+        self.window_size = _check_int("window", window, 2)
+        self.probe_data = probe_data
+        self.probe_micro_batches = _check_int("probe_micro_batches", probe_micro_batches, 2)
+        self.probe_draws = _check_int("probe_draws", probe_draws, 2)
+        for name, fn in (("compute_loss", compute_loss), ("batch_weight", batch_weight)):
+            if fn is not None and not callable(fn):
+                raise ConfigError(f"{name}={fn!r} is not allowed: must be a callable or None")
+        self.compute_loss, self.batch_weight = compute_loss, batch_weight
+        if not (isinstance(confidence, float) and 0.0 < confidence < 1.0):
+            raise ConfigError(f"confidence={confidence!r} is not allowed: must be a float in (0, 1)")
+        self.confidence = confidence
+        self.seed = _check_int("seed", seed, 0)
+        self.capture: GradCapture | None = None
+        self.window: NoiseWindow | None = None
+        self.free = False
+        self.values: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        self._eigvec: Any = "auto"
+        self._warned: set[str] = set()
+        self._fresh = False
+
+    # ---- lifecycle
+    def start(
+        self,
+        model: nn.Module,
+        *,
+        accumulation: int,
+        world: int,
+        free_possible: bool,
+        micro_batch: int | None,
+        num_samples: int | None,
+        train_source: Any,
+        probe_source: Any,
+        log_every: int,
+        total_when: Callable[[], bool] | None,
+    ) -> None:
+        """Check the setup and attach the hooks (ConfigError on a setup that cannot be measured)."""
+        params = trainable_parameters(model)
+        self.log_every = self.log_every or log_every
+        self.num_samples, self.micro_batch = num_samples, micro_batch
+        self.train_source, self.probe_source = train_source, probe_source
+        self.free = self.noise_scale and free_possible and (accumulation >= 2 or world >= 2)
+        if self.noise_scale and not self.free:
+            if probe_source is None:
+                raise ConfigError(
+                    f"noise_scale=True needs two batch sizes, and gradient accumulation {accumulation} on {world} "
+                    "process(es) gives one: set gradient accumulation >= 2 (free), or pass probe_data= (held data, "
+                    f"an extra {self.probe_draws} x {self.probe_micro_batches} micro-batch gradients every "
+                    "log_every steps; probe_data='train' samples the training set), or noise_scale=False"
+                )
+            if micro_batch is None:
+                raise ConfigError("the probe needs the micro-batch size: the train batch size is unknown")
+        if self.sharpness_every is not None and train_source is None:
+            raise ConfigError(
+                "sharpness_every needs a map-style training dataset to take its fixed subset from (the training "
+                "data has no length); leave sharpness_every=None"
+            )
+        if self.noise_scale:
+            self.window = NoiseWindow(
+                self.window_size, "micro-batches" if self.free else "probe", self.confidence
+            )
+        if self.free:
+            self.capture = GradCapture(params, total_when).attach()
+
+    def stop(self) -> None:
+        """Remove the hooks."""
+        if self.capture is not None:
+            self.capture.detach()
+            self.capture = None
+
+    # ---- free noise scale
+    def begin_step(self) -> None:
+        if self.capture is not None:
+            self.capture.reset()
+
+    def end_step(
+        self,
+        step: int,
+        sizes: Sequence[float],
+        shares: Sequence[float],
+        *,
+        micro_scale: float = 1.0,
+        total_sq: float | None = None,
+        all_reduce: Callable | None = None,
+    ) -> None:
+        """Turn the step's captured contributions into one estimate (skipped, with one warning, when the number
+        of backward passes does not match the micro-batches)."""
+        if self.capture is None:
+            return
+        micro_sq, total = self.capture.take()
+        total = total_sq if total_sq is not None else total
+        if total is None or len(micro_sq) != len(sizes):
+            self.warn_once(
+                "mismatch",
+                f"lrbs: step {step} had {len(micro_sq)} backward pass(es) through the parameters for {len(sizes)} "
+                "micro-batch(es); such steps are left out of the noise scale",
+            )
+            return
+        scale2 = float(micro_scale) ** 2
+        est = guarded(
+            "the noise-scale estimate",
+            step,
+            lambda: micro_estimate(
+                [m / scale2 for m in micro_sq],
+                sizes,
+                shares,
+                total,
+                num_samples=self.num_samples,
+                all_reduce=all_reduce,
+            ),
+        )
+        if est is not None:
+            self.window.add(step, *est)
+            self._fresh = True
+
+    # ---- probe and sharpness
+    def after_step(self, step: int, model: nn.Module, optimizer: Any) -> None:
+        """Run the probe and the sharpness measurement when their cadence says so."""
+        device = next(iter(model.parameters())).device
+        if self.noise_scale and not self.free and step % self.log_every == 0:
+            with protected_rng(device):
+                guarded("the noise-scale probe", step, lambda: self._probe(step, model))
+        if self.sharpness_every is not None and step % self.sharpness_every == 0:
+            with protected_rng(device):
+                guarded("the sharpness measurement", step, lambda: self._sharpness(step, model, optimizer))
+
+    def _probe(self, step: int, model: nn.Module) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        res = probe_estimates(
+            model,
+            self.probe_source,
+            small_batch=self.micro_batch,
+            big_batch=self.micro_batch * self.probe_micro_batches,
+            num_estimates=self.probe_draws,
+            seed=self.seed + step,
+            compute_loss=self.compute_loss,
+            batch_weight=self.batch_weight,
+        )
+        for g, t in zip(res.grad_sq_estimates, res.trace_sigma_estimates):
+            self.window.add(step, float(g), float(t))
+        self.values[METRICS["probe_seconds"]] = time.perf_counter() - t0
+        self._fresh = True
+
+    def _sharpness(self, step: int, model: nn.Module, optimizer: Any) -> None:
+        res = sharpness(
+            model,
+            self.train_source,
+            max_samples=self.sharpness_samples,
+            batch_size=self.micro_batch,
+            compute_loss=self.compute_loss,
+            batch_weight=self.batch_weight,
+            init=self._eigvec,
+            seed=self.seed,
+        )
+        lam = float(res.values[0])
+        self._eigvec = res.vectors[0] if res.vectors is not None else "auto"
+        self.values[METRICS["lambda_max"]] = lam
+        lr = current_lr(optimizer)
+        if lr is not None:
+            self.values[METRICS["lambda_max_x_lr"]] = lr * lam
+        threshold = stability_threshold(optimizer)
+        if threshold is not None:
+            self.values[METRICS["eos_threshold"]] = threshold
+        self._fresh = True
+
+    # ---- output
+    def publish(self, step: int) -> dict[str, float]:
+        """The metrics measured since the last call (empty when nothing is new), also kept in :attr:`history`."""
+        if not self._fresh:
+            return {}
+        out = dict(self.values)
+        summary = self.window.summary(self.seed) if self.window is not None else None
+        if summary is not None:
+            out[METRICS["b_simple"]] = summary.b_simple
+            out[METRICS["grad_sq"]] = summary.grad_sq
+            out[METRICS["trace_sigma"]] = summary.trace_sigma
+            if summary.num_estimates >= 2:
+                out[METRICS["b_simple_low"]] = summary.ci_low
+                out[METRICS["b_simple_high"]] = summary.ci_high
+        self.values = {}
+        self._fresh = False
+        self.history.append({"step": step, **out})
+        return out
+
+    def summary(self) -> NoiseSummary | None:
+        """The noise scale over the current window (None before the first estimate)."""
+        return self.window.summary(self.seed) if self.window is not None else None
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, MeasurementWarning, stacklevel=3)

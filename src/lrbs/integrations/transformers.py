@@ -1,0 +1,387 @@
+"""HuggingFace ``transformers.Trainer``: a callback that measures the noise scale and sharpness, and an LR finder.
+
+Example (a ``Trainer`` you already have)::
+
+    from lrbs.integrations.transformers import LrbsCallback, attach, find_lr
+
+    result = find_lr(trainer, apply=True)          # writes trainer.args.learning_rate
+    attach(trainer, LrbsCallback(sharpness_every=50))
+    trainer.train()                                # lrbs/* in trainer.state.log_history and report_to
+
+What the numbers mean and how they are computed: :mod:`lrbs.integrations.measure`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..batches import MapSource, as_source, batch_size_of
+from ..errors import ConfigError, LrbsTypeError
+from .measure import (
+    MeasurementWarning,
+    Monitor,
+    protected_rng,
+    require,
+    trainable_parameters,
+)
+
+MIN_TRANSFORMERS = "4.40"  # the lrbs[transformers] extra's pin; tested with 5.24
+_hf = require("transformers", MIN_TRANSFORMERS, "transformers")
+
+__all__ = ["LrbsCallback", "attach", "find_lr", "MIN_TRANSFORMERS", "MeasurementWarning"]
+
+log = logging.getLogger(__name__)
+
+
+def _check_version() -> None:
+    require("transformers", MIN_TRANSFORMERS, "transformers")
+
+
+def _shifts_labels(model: Any) -> bool:
+    """Whether the model's loss shifts labels by one (causal LMs), as the Trainer counts items."""
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    except ImportError:  # transformers < 4.46: no item-normalised losses either
+        return False
+    is_ed = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not is_ed
+
+
+def _items(kwargs: dict, shift: bool) -> torch.Tensor | None:
+    """The label items the Trainer counts for ``num_items_in_batch`` (a 0-d tensor), or None."""
+    labels = kwargs.get("shift_labels")
+    if labels is None:
+        labels = kwargs.get("labels")
+        if isinstance(labels, torch.Tensor) and shift:
+            labels = labels[..., 1:]
+    return labels.ne(-100).sum() if isinstance(labels, torch.Tensor) else None
+
+
+def _map_source(dataset: Any, collate_fn: Callable | None) -> Any:
+    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset):
+        return None
+    try:
+        len(dataset)
+    except TypeError:
+        return None
+    return MapSource(dataset, collate_fn=collate_fn)
+
+
+class LrbsCallback(_hf.TrainerCallback):
+    r"""A ``TrainerCallback`` that logs the gradient noise scale and the sharpness while the Trainer trains.
+
+    **Noise scale** (``noise_scale=True``): with ``gradient_accumulation_steps >= 2`` it is free. Tensor hooks
+    read each micro-batch's gradient contribution and the accumulated gradient before clipping (shares: the
+    Trainer's own normalisation, ``1/k`` or the label items of each micro-batch when the model normalises by
+    ``num_items_in_batch``), and :func:`~lrbs.integrations.measure.micro_estimate` turns every optimizer step into
+    one estimate of ``|G|^2`` and ``tr Sigma``; the logged ``lrbs/b_simple`` is the ratio of their means over the
+    last ``window`` steps with its bootstrap interval (``lrbs/b_simple_low`` / ``_high``), in samples (sequences)
+    per batch. Cost: one fused gradient norm per backward. With accumulation 1, ``probe_data`` is needed (held
+    data, or ``"train"``): every ``log_every`` steps :func:`lrbs.noise_scale` runs on ``probe_draws`` batches of
+    ``probe_micro_batches x per_device_train_batch_size`` samples, i.e. ``probe_draws x probe_micro_batches``
+    extra forward-backward passes of a micro-batch plus a copy of the model; its wall time is logged as
+    ``lrbs/probe_seconds``. Under data parallelism (``world_size > 1``) this callback uses the probe (the per-rank
+    free estimate is offered by the Lightning callback).
+
+    **Sharpness** (``sharpness_every=n``): every ``n`` optimizer steps, the top Hessian eigenvalue
+    ``lrbs/lambda_max`` of the loss on a fixed, seeded subset of ``sharpness_samples`` training samples (collated by
+    the Trainer's collator), on a private copy of the model in eval mode (dropout off), warm-started from the last
+    eigenvector; ``lrbs/lambda_max_x_lr`` is the current LR times it and ``lrbs/eos_threshold`` the optimizer's
+    stability bound where one applies (2 for SGD; none for AdamW, the Trainer's default — see
+    :mod:`lrbs.integrations.measure`).
+
+    **Logging.** Values measured since the last log are added to the Trainer's log row
+    (``trainer.state.log_history``) at each ``on_log``; to reach ``report_to`` integrations (TensorBoard, W&B, ...),
+    which run before user callbacks, put this callback first with :func:`attach`. Every measurement runs on a copy
+    or through read-only hooks, under a saved-and-restored random state: training with the callback gives the same
+    weights as without it. A measurement that fails is a :class:`~lrbs.integrations.measure.MeasurementWarning`
+    with the reason, and training goes on.
+
+    Args:
+        noise_scale: measure ``B_simple``.
+        sharpness_every: measure ``lambda_max`` every this many optimizer steps (None: never).
+        sharpness_samples: size of the fixed subset for the Hessian.
+        log_every: probe cadence (default: ``args.logging_steps``).
+        window: number of recent estimates behind ``lrbs/b_simple``.
+        probe_data: held data for the probe (a map-style dataset collated by the Trainer's collator, or any data
+            :func:`lrbs.batches.as_source` takes), ``"train"`` for the training set, or None.
+        probe_micro_batches, probe_draws: the probe's big batch in micro-batches, and draws per probe.
+        compute_loss: ``compute_loss(model, batch)`` for the measurements (default: the model's own loss, as the
+            Trainer's default ``compute_loss``).
+        seed: seeds the sharpness subset, the probe draws and the bootstrap.
+
+    Raises:
+        ConfigError: ``sharpness_every`` or ``log_every`` < 1, bad sizes; at ``on_train_begin``, all parameters
+            frozen or accumulation 1 without probe data.
+        DependencyError: transformers missing or older than :data:`MIN_TRANSFORMERS`.
+    """
+
+    def __init__(
+        self,
+        noise_scale: bool = True,
+        sharpness_every: int | None = None,
+        sharpness_samples: int = 512,
+        log_every: int | None = None,
+        *,
+        window: int = 50,
+        probe_data: Any = None,
+        probe_micro_batches: int = 4,
+        probe_draws: int = 4,
+        compute_loss: Callable | None = None,
+        seed: int = 0,
+    ):
+        _check_version()
+        self.monitor = Monitor(
+            noise_scale=noise_scale,
+            sharpness_every=sharpness_every,
+            sharpness_samples=sharpness_samples,
+            log_every=log_every,
+            window=window,
+            probe_data=probe_data,
+            probe_micro_batches=probe_micro_batches,
+            probe_draws=probe_draws,
+            compute_loss=compute_loss,
+            seed=seed,
+        )
+        self._handle: Any = None
+        self._micro: list[tuple[int, torch.Tensor | None]] = []
+        self._scale = 1.0
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """Every published set of values, with its step."""
+        return self.monitor.history
+
+    def summary(self) -> Any:
+        """The noise scale over the current window (a :class:`~lrbs.integrations.measure.NoiseSummary`)."""
+        return self.monitor.summary()
+
+    # ---- setup
+    def on_train_begin(
+        self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs
+    ):
+        loader = train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        collate = getattr(loader, "collate_fn", None)
+        train_source = _map_source(dataset, collate)
+        world = int(getattr(args, "world_size", 1) or 1)
+        self.monitor.start(
+            model,
+            accumulation=int(args.gradient_accumulation_steps),
+            world=world,
+            free_possible=world == 1,
+            micro_batch=int(args.per_device_train_batch_size),
+            num_samples=train_source.num_samples if train_source is not None else None,
+            train_source=train_source,
+            probe_source=self._probe_source(train_source, collate),
+            log_every=max(1, int(math.ceil(args.logging_steps))) if args.logging_steps >= 1 else 1,
+            total_when=_sync_now,
+        )
+        if self.monitor.free:
+            shift = _shifts_labels(model)
+            self._handle = model.register_forward_pre_hook(
+                lambda mod, a, kw: self._record(mod, a, kw, shift), with_kwargs=True
+            )
+
+    def _probe_source(self, train_source: Any, collate: Callable | None) -> Any:
+        data = self.monitor.probe_data
+        if data is None:
+            return None
+        if isinstance(data, str):
+            if data != "train":
+                raise ConfigError(f"probe_data={data!r} is not allowed: 'train', a dataset, or None")
+            if train_source is None:
+                raise ConfigError("probe_data='train' needs a map-style training dataset (it has no length)")
+            return train_source
+        return _map_source(data, collate) or as_source(data, name="probe_data")
+
+    def _record(self, module: Any, args: tuple, kwargs: dict, shift: bool) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return  # evaluation, generation
+        batch = kwargs if kwargs else args
+        items = _items(kwargs, shift) if kwargs.get("num_items_in_batch") is not None else None
+        self._micro.append((batch_size_of(batch), items))
+
+    # ---- per step
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.monitor.begin_step()
+        self._micro = []
+        scaler = getattr(optimizer, "scaler", None)
+        self._scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        step = int(state.global_step)
+        if self.monitor.free:
+            micro, self._micro = self._micro, []
+            sizes = [m[0] for m in micro]
+            items = [m[1] for m in micro]
+            if items and all(i is not None for i in items):
+                counts = [float(i) for i in items]
+                total = sum(counts)
+                shares = [c / total for c in counts] if total > 0 else [1.0 / len(counts)] * len(counts)
+            else:
+                shares = [1.0 / max(1, len(sizes))] * len(sizes)
+            self.monitor.end_step(step, sizes, shares, micro_scale=self._scale, total_sq=self._total(step))
+        self.monitor.after_step(step, model, optimizer)
+
+    def _total(self, step: int) -> float | None:
+        cap = self.monitor.capture
+        if cap is None or not cap.total_parts:
+            return None
+        return float(torch.stack(cap.total_parts).sum()) / self._scale**2
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        out = self.monitor.publish(int(state.global_step))
+        if not out:
+            return
+        if logs is not None:
+            logs.update(out)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(out)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.monitor.stop()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def _sync_now() -> bool:
+    """Whether the current backward is the last of the accumulation (accelerate's shared gradient state)."""
+    from accelerate.state import GradientState
+
+    return bool(GradientState().sync_gradients)
+
+
+def attach(trainer: Any, callback: LrbsCallback | None = None, **kwargs: Any) -> LrbsCallback:
+    """Put ``callback`` (or ``LrbsCallback(**kwargs)``) first among the Trainer's callbacks and return it.
+
+    First, so that the values it adds in ``on_log`` reach the ``report_to`` integrations (TensorBoard, W&B, ...),
+    which the Trainer places before user callbacks.
+    """
+    _check_version()
+    if callback is None:
+        callback = LrbsCallback(**kwargs)
+    elif kwargs:
+        raise ConfigError("give a callback or its keyword arguments, not both")
+    if not isinstance(callback, LrbsCallback):
+        raise LrbsTypeError(f"callback={type(callback).__name__} is not allowed: must be an LrbsCallback")
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback
+
+
+# --------------------------------------------------------------------------------------------- find_lr
+def _precision(args: Any) -> str:
+    if getattr(args, "fp16", False):
+        return "16-mixed"
+    if getattr(args, "bf16", False):
+        return "bf16-mixed"
+    return "32"
+
+
+def _fresh_optimizer(trainer: Any) -> torch.optim.Optimizer:
+    """The optimizer ``trainer.create_optimizer()`` builds, without leaving it on the trainer."""
+    saved = trainer.optimizer
+    trainer.optimizer = None
+    try:
+        return trainer.create_optimizer()
+    finally:
+        trainer.optimizer = saved
+
+
+def _train_loader(trainer: Any) -> Any:
+    """``trainer.get_train_dataloader()`` under a forked RNG (accelerate seeds the sampler from torch's RNG)."""
+    acc = getattr(trainer, "accelerator", None)
+    known = list(getattr(acc, "_dataloaders", []) or [])
+    with protected_rng(getattr(trainer.args, "device", None)):
+        loader = trainer.get_train_dataloader()
+    registry = getattr(acc, "_dataloaders", None)
+    if isinstance(registry, list) and loader in registry and loader not in known:
+        registry.remove(loader)  # accelerate remembers prepared loaders; leave it as it was
+    return loader
+
+
+def find_lr(
+    trainer: Any,
+    *,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_iter: int = 100,
+    apply: bool = False,
+    seed: int | None = None,
+    **range_test_kwargs: Any,
+) -> Any:
+    """The LR range test (:func:`lrbs.lr_range_test`) on the Trainer's own model, optimizer, data and settings.
+
+    The optimizer is the one the Trainer would build (``trainer.create_optimizer()``, not kept; or the one passed
+    in ``optimizers=``), the data its train DataLoader (collator, batch size, column removal), the loss
+    ``trainer.compute_loss``, the precision ``args.bf16`` / ``args.fp16`` and the accumulation
+    ``args.gradient_accumulation_steps``. Everything is restored bit-exactly afterwards — the model's parameters,
+    buffers and gradients, the optimizer's state, the torch / numpy / python random states (so the Trainer's data
+    order is unchanged) — and ``trainer.train()`` then runs exactly as it would have.
+
+    Args:
+        trainer: a ``transformers.Trainer`` with a ``train_dataset``.
+        start_lr, end_lr, num_iter: the sweep (see :func:`lrbs.lr_range_test`).
+        apply: write the recommended LR (``result.recommended()``) to ``trainer.args.learning_rate``, where the
+            Trainer reads it when it builds the optimizer and scheduler (and to the param groups of an optimizer
+            passed in ``optimizers=``). Where it went is recorded in ``result.settings["applied"]`` and logged.
+        seed: seeds the sweep's data order (default ``args.seed``).
+        **range_test_kwargs: passed on (``mode``, ``smoothing``, ``diverge_factor``, ``repeats``, ...).
+
+    Returns:
+        The :class:`~lrbs.RangeTestResult`.
+
+    Raises:
+        ConfigError: the trainer has no ``train_dataset``, or all parameters are frozen.
+        DependencyError: transformers missing or too old.
+    """
+    _check_version()
+    from ..range_test import lr_range_test
+
+    if getattr(trainer, "train_dataset", None) is None:
+        raise ConfigError(
+            "trainer.train_dataset is None: find_lr needs the training data; pass train_dataset= to the Trainer"
+        )
+    model = trainer.model
+    trainable_parameters(model)
+    args = trainer.args
+    loader = _train_loader(trainer)
+    optimizer = trainer.optimizer if trainer.optimizer is not None else _fresh_optimizer(trainer)
+    res = lr_range_test(
+        model,
+        optimizer,
+        data=loader,
+        compute_loss=lambda m, b: trainer.compute_loss(m, b),
+        precision=_precision(args),
+        accumulation_steps=int(args.gradient_accumulation_steps),
+        start_lr=start_lr,
+        end_lr=end_lr,
+        num_iter=num_iter,
+        seed=int(args.seed if seed is None else seed),
+        restore=True,
+        **range_test_kwargs,
+    )
+    res.settings["applied"] = _apply(trainer, res) if apply else None
+    return res
+
+
+def _apply(trainer: Any, res: Any) -> dict[str, Any]:
+    lr, why = res.recommended()
+    where = ["trainer.args.learning_rate"]
+    trainer.args.learning_rate = lr
+    if trainer.optimizer is not None:  # a user optimizer: the Trainer will not rebuild it
+        groups = trainer.optimizer.param_groups
+        base = float(groups[0]["lr"]) or 1.0
+        for g in groups:
+            g["lr"] = lr * float(g["lr"]) / base
+            if "initial_lr" in g:
+                g["initial_lr"] = g["lr"]
+        where.append("trainer.optimizer.param_groups[*]['lr']")
+    log.info("lrbs find_lr: learning rate %.4g (%s) written to %s", lr, why, ", ".join(where))
+    return {"lr": lr, "why": why, "where": where}
