@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "connect": "connect",
     "noise-scale": "noise_scale",
     "sweep": "sweep",
+    "tune": "tune",
 }
 
 

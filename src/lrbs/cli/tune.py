@@ -1,0 +1,99 @@
+"""``lrbs tune``: the learning rate, batch size and warmup for a zoo model and dataset, with the evidence."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import json_dict
+
+
+def _sizes(text: str) -> list[int]:
+    """'16,32,64' -> [16, 32, 64] (the order is checked by lrbs.tune)."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated integers such as 16,32,64, got {text!r}"
+        ) from None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="choose the learning rate, batch size, warmup and schedule for a budget, with the evidence",
+    )
+    p.add_argument("--model", default="cnn1d", help="model name (see lrbs.models.list_models())")
+    p.add_argument("--model-opts", default=None, type=json_dict, help="JSON dict, e.g. '{\"depth\": 4}'")
+    p.add_argument("--dataset", default="mnist1d", help="dataset name (mnist1d, blobs, teacher, cifar10)")
+    p.add_argument("--dataset-opts", default=None, type=json_dict, help="JSON dict of dataset options")
+    p.add_argument("--optimizer", default="sgd", help="sgd (momentum 0.9), adam or adamw")
+    p.add_argument("--budget-epochs", type=float, default=None, help="training budget in epochs")
+    p.add_argument("--budget-samples", type=int, default=None, help="training budget in samples")
+    p.add_argument("--batch-sizes", type=_sizes, default=None, help="the ladder, e.g. 16,32,64,128")
+    p.add_argument("--max-batch-size", type=int, default=None, help="the largest batch to consider")
+    p.add_argument("--precision", default="32", help="32, bf16-mixed or 16-mixed (CUDA)")
+    p.add_argument("--store", default=None, help="SQLite store: finished steps are kept and a rerun resumes")
+    p.add_argument("--report", default=None, help="write the one-page HTML report here")
+    p.add_argument("--json", default=None, help="write the recommendation and its evidence here (JSON)")
+    p.add_argument(
+        "--train", action="store_true", help="then train with the recommendation and print the result"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ..data import load_dataset
+    from ..models import build_model
+    from ..tune import tune
+
+    console = Console()
+    ds = load_dataset(args.dataset, **(args.dataset_opts or {}))
+    model = build_model(args.model, dataset=ds, seed=args.seed, **(args.model_opts or {}))
+    store = None
+    if args.store:
+        from ..store import Store
+
+        store = Store(args.store)
+    try:
+        rec = tune(
+            model,
+            ds,
+            optimizer=args.optimizer,
+            budget_epochs=args.budget_epochs,
+            budget_samples=args.budget_samples,
+            precision=args.precision,
+            batch_sizes=args.batch_sizes,
+            max_batch_size=args.max_batch_size,
+            seed=args.seed,
+            store=store,
+            progress=not args.no_progress,
+        )
+    finally:
+        if store is not None:
+            store.close()
+    console.print(rec.table())
+    if args.report:
+        console.print(f"report written to {rec.report(args.report)}")
+    if args.json:
+        import json
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(rec.to_dict(), indent=1, allow_nan=True) + "\n")
+        console.print(f"evidence written to {args.json}")
+    if args.train:
+        from ..train import fit
+
+        res = fit(
+            build_model(args.model, dataset=ds, seed=args.seed, **(args.model_opts or {})),
+            ds,
+            seed=args.seed,
+            progress=not args.no_progress,
+            **rec.fit_kwargs(),
+        )
+        acc = res.final.get("test_acc")
+        console.print(f"trained: {res.status}, test accuracy {acc if acc is None else f'{acc:.4f}'}")
+    return 0
