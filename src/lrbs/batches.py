@@ -26,10 +26,13 @@ sources are sampled by index, so streaming never concatenates the whole dataset.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,7 +53,9 @@ __all__ = [
     "cast_floating",
     "collect_batches",
     "describe_batch",
+    "index_batch",
     "model_device",
+    "seeded_rng",
     "slice_batch",
     "to_device",
 ]
@@ -604,8 +609,7 @@ def collect_batches(
         max_samples if max_samples is not None else (None if source.num_batches is not None else max_unsized)
     )
     out, n = [], 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         source.reseed(seed)
         try:
             for batch in source:
@@ -622,6 +626,23 @@ def collect_batches(
     if not out:
         raise ConfigError("data is empty: the loader yielded no batches")
     return out
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run a block under torch's CPU, Python's and NumPy's global RNGs seeded by ``seed``, and put the caller's
+    states back afterwards (random transforms and shuffling loaders then give the same batches every time, and
+    the user's random state is untouched)."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
 
 
 def _collect_indexed(source: Source, batch_size, max_samples, seed, default_batch) -> list[Any]:
@@ -643,4 +664,5 @@ def _collect_indexed(source: Source, batch_size, max_samples, seed, default_batc
         sub.keys = source.keys
         return [sub.slice(i, i + b) for i in range(0, n, b)]
     order = torch.arange(n) if idx is None else idx
-    return [source.take(order[i : i + b]) for i in range(0, n, b)]
+    with seeded_rng(seed):  # a dataset's random transforms draw from the seeded, restored RNGs
+        return [source.take(order[i : i + b]) for i in range(0, n, b)]

@@ -7,7 +7,8 @@ with the dense loss/accuracy profile, the arc length and the three barrier defin
 - ``max_minus_mean``: ``max_t L(phi(t)) - (L(0) + L(1)) / 2`` (git-re-basin);
 - ``max_above_chord``: ``max_t [L(phi(t)) - ((1 - t) L(0) + t L(1))]`` (Entezari et al. 2021).
 
-Curves and NEB work for any ``nn.Module`` through ``torch.func.functional_call`` (no layer rewriting).
+Curves and NEB work for any ``nn.Module`` and any batch the protocol of :mod:`lrbs.batches` reads (tuples,
+mappings, ``compute_loss``) through the Objective's functional evaluation (no layer rewriting).
 
 References:
     Garipov, Izmailov, Podoprikhin, Vetrov, Wilson, "Loss Surfaces, Mode Connectivity, and Fast Ensembling of DNNs",
@@ -30,9 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError, check_choice, check_int, check_number
+from .batches import as_source, index_batch
+from .errors import ConfigError, LrbsTypeError, check_choice, check_int, check_number
 from .landscape import check_same_architecture, params_of
-from .objective import Objective, as_tensors
+from .objective import Objective
 
 __all__ = ["Path", "Curve", "barriers", "linear_path", "fit_curve", "auto_neb", "curve_lr_factor"]
 
@@ -246,53 +248,70 @@ def curve_lr_factor(fraction: float) -> float:
     return 0.01
 
 
-def _split_data(data: Any) -> tuple[tuple[torch.Tensor, torch.Tensor], Any]:
+def _split_data(data: Any) -> tuple[Any, Any]:
+    """(train source, test source or None): an lrbs ``Dataset`` gives both splits; anything else
+    :func:`lrbs.batches.as_source` reads is the train data."""
     if data is None:
-        raise ConfigError("data=None is not allowed: give an lrbs Dataset, a Split or an (x, y) pair")
-    test = data.test if hasattr(data, "train") and hasattr(data, "test") else None
-    return as_tensors(data), test
+        raise ConfigError(
+            "data=None is not allowed: give an lrbs Dataset or Split, (x, y) tensors, a torch Dataset, "
+            "a DataLoader or a list of batches"
+        )
+    if hasattr(data, "train") and hasattr(data, "test") and not isinstance(data, torch.utils.data.Dataset):
+        return as_source(data.train, name="data.train"), as_source(data.test, name="data.test")
+    return as_source(data, name="data"), None
 
 
 def _objectives(
-    model: nn.Module, data: Any, loss_fn, bn: str
+    model: nn.Module, data: Any, loss_fn, bn: str, compute_loss=None, batch_weight=None
 ) -> tuple[Objective, Objective, Objective | None]:
     """(training objective with batch-statistics BN, evaluation objective, test objective or None)."""
     train, test = _split_data(data)
     check_choice("bn", bn, ("eval", "train", "recompute"))
-    tobj = Objective(model, loss_fn, train, bn="train")
-    eobj = Objective(model, loss_fn, train, bn=bn, batch_size=1000)
-    test_obj = Objective(model, loss_fn, test, bn=bn, batch_size=1000) if test is not None else None
+    kw = {"compute_loss": compute_loss, "batch_weight": batch_weight}
+    tobj = Objective(model, loss_fn, train, bn="train", **kw)
+    eobj = Objective(model, loss_fn, train, bn=bn, batch_size=1000, **kw)
+    test_obj = Objective(model, loss_fn, test, bn=bn, batch_size=1000, **kw) if test is not None else None
     if bn == "recompute" and test_obj is not None:
         # BN statistics at each point come from the *train* data, as in Garipov et al.'s update_bn
-        test_obj = _TrainStatsObjective(test_obj, eobj)
+        test_obj = test_obj.with_bn_statistics_from(eobj)
     return tobj, eobj, test_obj
 
 
-class _TrainStatsObjective(Objective):
-    """An objective on other data whose recomputed BN statistics come from a reference objective's data."""
+class _MiniBatches:
+    """Seeded mini-batches of a training objective's data, drawn with the caller's generator.
 
-    def __init__(self, base: Objective, stats: Objective):  # noqa: D107 - private
-        self.__dict__.update(base.__dict__)
-        self._stats = stats
+    Data that concatenate into one batch (tensors, equally shaped samples) are sampled by index: a permutation
+    ``torch.randperm(n, gen)`` consumed ``batch_size`` at a time, a fresh one when fewer than ``batch_size`` are
+    left. Ragged batches (e.g. padded to different lengths) are drawn whole, in a seeded permuted order.
+    """
 
-    def _recomputed_buffers(self, theta):
-        return self._stats._recomputed_buffers(theta)
+    def __init__(self, tobj: Objective, batch_size: int, gen: torch.Generator):
+        self.gen, self.n = gen, tobj.num_samples
+        try:
+            self.whole: Any = tobj.data
+        except LrbsTypeError:
+            self.whole, self.batches = None, tobj.batches
+            self.batch_size = check_int("batch_size", batch_size, low=1)
+            self.perm, self.pos = torch.randperm(len(self.batches), generator=gen), 0
+            return
+        self.batch_size = check_int("batch_size", batch_size, low=1, high=self.n)
+        self.perm, self.pos = torch.randperm(self.n, generator=gen), 0
 
-    def _metrics_sequential(self, stack, want_acc):
-        if not self.has_bn:
-            return super()._metrics_sequential(stack, want_acc)
-        losses, accs = np.empty(stack.shape[0]), np.empty(stack.shape[0])
-        with torch.no_grad():
-            for i, theta in enumerate(stack):
-                buffers = self._recomputed_buffers(theta)
-                total, correct = 0.0, 0
-                for x, y in self._batches:
-                    out = self._forward(theta, x, buffers)
-                    total += float(self._loss_value(out, y)) * len(y)
-                    correct += int((out.argmax(-1) == y).sum())
-                losses[i] = total / self.num_samples
-                accs[i] = correct / self.num_samples if want_acc else np.nan
-        return losses, accs
+    @property
+    def per_epoch(self) -> int:
+        return math.ceil(self.n / self.batch_size) if self.whole is not None else len(self.batches)
+
+    def next(self) -> Any:
+        if self.whole is None:
+            if self.pos == len(self.batches):
+                self.perm, self.pos = torch.randperm(len(self.batches), generator=self.gen), 0
+            self.pos += 1
+            return self.batches[int(self.perm[self.pos - 1])]
+        if self.pos + self.batch_size > self.n:
+            self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
+        idx = self.perm[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return index_batch(self.whole, idx)
 
 
 def fit_curve(
@@ -310,6 +329,8 @@ def fit_curve(
     seed: int = 0,
     bn: str = "recompute",
     loss_fn: Callable | None = None,
+    compute_loss: Callable | None = None,
+    batch_weight: Callable | None = None,
     num_eval: int = 61,
     progress: bool = False,
 ) -> Curve:
@@ -324,13 +345,16 @@ def fit_curve(
 
     Args:
         model_a, model_b: the endpoints (same architecture); never modified.
-        data: an lrbs ``Dataset`` (train split trains, test split is evaluated) or a ``Split`` / ``(x, y)`` pair.
+        data: an lrbs ``Dataset`` (train split trains, test split is evaluated), or anything
+            :func:`lrbs.batches.as_source` reads (a ``Split``, tensors, a torch Dataset, a DataLoader, a list of
+            batches) as the train data.
         kind: ``"bezier"`` (needs ``bends >= 1``) or ``"polychain"`` (needs ``bends >= 2``).
         bends: number of trainable inner control points.
         epochs, lr, batch_size, weight_decay, momentum: training settings.
         seed: seeds a private generator (data order and ``t``); the global RNG is untouched.
         bn: evaluation BN mode of the returned path.
-        loss_fn: ``loss_fn(output, y)``, mean reduction (default cross-entropy).
+        loss_fn, compute_loss, batch_weight: the batch protocol (:class:`lrbs.batches.BatchLoss`); default
+            cross-entropy for ``(x, y)`` batches, the model's own loss for mappings.
         num_eval: points of the evaluated path.
         progress: rich progress bar.
 
@@ -350,19 +374,16 @@ def fit_curve(
     momentum = check_number("momentum", momentum, low=0.0, high=1.0, low_inclusive=True, high_inclusive=False)
     seed = check_int("seed", seed)
     check_same_architecture(model_a, model_b)
-    tobj, eobj, test_obj = _objectives(model_a, data, loss_fn, bn)
-    x, y = tobj.data
-    n = len(y)
-    batch_size = check_int("batch_size", batch_size, low=1, high=n)
+    tobj, eobj, test_obj = _objectives(model_a, data, loss_fn, bn, compute_loss, batch_weight)
+    batch_size = check_int("batch_size", batch_size, low=1)
     ta, tb = params_of(model_a, tobj, "model_a"), params_of(model_b, tobj, "model_b")
     m = bends + 2
     frac = torch.linspace(0, 1, m, dtype=tobj.dtype)[1:-1, None]
     inner = ((1 - frac) * ta + frac * tb).clone().requires_grad_(True)
     opt = torch.optim.SGD([inner], lr=lr, momentum=momentum)
-    per_epoch = math.ceil(n / batch_size)
-    total = int(round(epochs * per_epoch))
     gen = torch.Generator().manual_seed(seed)
-    perm, pos = torch.randperm(n, generator=gen), 0
+    batches = _MiniBatches(tobj, batch_size, gen)
+    total = int(round(epochs * batches.per_epoch))
     history = np.empty(total)
     bar = task = None
     if progress:
@@ -373,17 +394,14 @@ def fit_curve(
         task = bar.add_task(f"{kind} curve", total=total)
     try:
         for step in range(total):
-            if pos + batch_size > n:
-                perm, pos = torch.randperm(n, generator=gen), 0
-            idx = perm[pos : pos + batch_size]
-            pos += batch_size
+            batch = batches.next()
             t = torch.rand((1,), generator=gen, dtype=tobj.dtype)
             for g in opt.param_groups:
                 g["lr"] = lr * curve_lr_factor(step / total)
             c = _coefficients(kind, m, t)[0]
             with torch.enable_grad():
                 theta = c[0] * ta + c[-1] * tb + c[1:-1] @ inner
-                loss = tobj._loss_value(tobj._forward(theta, x[idx]), y[idx])
+                loss = tobj.loss_on(theta, batch)
                 if weight_decay:
                     loss = loss + 0.5 * weight_decay * theta.pow(2).sum()
                 opt.zero_grad(set_to_none=True)
@@ -477,6 +495,8 @@ def auto_neb(
     seed: int = 0,
     bn: str = "recompute",
     loss_fn: Callable | None = None,
+    compute_loss: Callable | None = None,
+    batch_weight: Callable | None = None,
 ) -> Path:
     """AutoNEB (Draxler et al. 2018): a nudged elastic band between two minima, with automatic pivot insertion.
 
@@ -488,6 +508,8 @@ def auto_neb(
     dense scan (``subpoints`` per gap, on the full train data, one ``loss_many`` call) inserts up to
     ``insert_per_cycle`` pivots at the highest scan point of the gaps whose scan deviates from the linear
     interpolation of their pivots by more than ``threshold`` times the loss range; no such gap ends the search.
+
+    ``data`` and ``loss_fn`` / ``compute_loss`` / ``batch_weight`` are read as in :func:`fit_curve`.
 
     Returns:
         A :class:`Path` (``kind="neb"``) through pivots and scan points, ``t`` = normalized arc length, with the
@@ -507,18 +529,16 @@ def auto_neb(
     subpoints = check_int("subpoints", subpoints, low=1)
     seed = check_int("seed", seed)
     check_same_architecture(model_a, model_b)
-    tobj, eobj, test_obj = _objectives(model_a, data, loss_fn, bn)
-    x, y = tobj.data
-    n = len(y)
-    batch_size = check_int("batch_size", batch_size, low=1, high=n)
+    tobj, eobj, test_obj = _objectives(model_a, data, loss_fn, bn, compute_loss, batch_weight)
+    batch_size = check_int("batch_size", batch_size, low=1)
     ta, tb = params_of(model_a, tobj, "model_a"), params_of(model_b, tobj, "model_b")
     w = torch.linspace(0, 1, initial_pivots + 2, dtype=tobj.dtype)[:, None]
     pivots = (1 - w) * ta + w * tb
     gen = torch.Generator().manual_seed(seed)
-    perm, pos = torch.randperm(n, generator=gen), 0
+    batches = _MiniBatches(tobj, batch_size, gen)
 
-    def losses_on(batch_x, batch_y, thetas: torch.Tensor) -> torch.Tensor:
-        return torch.stack([tobj._loss_value(tobj._forward(th, batch_x), batch_y) for th in thetas])
+    def losses_on(batch: Any, thetas: torch.Tensor) -> torch.Tensor:
+        return torch.stack([tobj.loss_on(th, batch) for th in thetas])
 
     log = []
     for cycle in range(cycles):
@@ -554,17 +574,13 @@ def auto_neb(
         inner = pivots[1:-1].clone()
         buf = torch.zeros_like(inner)
         for _ in range(steps):
-            if pos + batch_size > n:
-                perm, pos = torch.randperm(n, generator=gen), 0
-            idx = perm[pos : pos + batch_size]
-            pos += batch_size
-            xb, yb = x[idx], y[idx]
+            batch = batches.next()
             leaf = inner.clone().requires_grad_(True)
             with torch.enable_grad():
-                li = losses_on(xb, yb, leaf)
+                li = losses_on(batch, leaf)
                 (grad,) = torch.autograd.grad(li.sum(), leaf)
             with torch.no_grad():
-                le = losses_on(xb, yb, torch.stack([ta, tb]))
+                le = losses_on(batch, torch.stack([ta, tb]))
             energies = torch.cat([le[:1], li.detach(), le[1:]]).tolist()
             full = torch.cat([ta[None], inner, tb[None]])
             g = grad + weight_decay * inner

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batches import batch_size_of, slice_batch
 from .errors import ConfigError, LrbsTypeError, ShapeError, check_choice, check_int, check_number
 from .objective import Objective
 
@@ -477,38 +478,82 @@ def _bounded_chunk(obj: Objective, chunk: int | None, total: int) -> int:
     return max(1, min(chunk, cap, total))
 
 
-def _per_sample(obj: Objective, theta: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample losses and correctness at ``theta`` on the objective's fixed data."""
-    buffers = obj._buffers_at(theta)
-    losses, correct = [], []
+def _per_sample(obj: Objective, theta: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Per-sample losses, correctness (NaN where accuracy is undefined) and weights (None: one per sample) at
+    ``theta`` on the objective's fixed data.
+
+    ``(x1, ..., xk, y)`` batches take one forward pass per batch and the per-sample losses from its output
+    (cross-entropy with ``reduction="none"``, or ``loss_fn`` on each row); other batches (mappings,
+    ``compute_loss``) evaluate each sample as its own batch.
+    """
+    buffers = obj.buffers_at(theta)
+    bl = obj.batch_loss
+    losses, correct, weights = [], [], []
     with torch.no_grad():
-        for x, y in obj.batches:
-            out = obj._forward(theta, x, buffers)
-            if obj.loss_fn is None:
-                lo = nn.functional.cross_entropy(out, y, reduction="none")
+        for batch in obj.batches:
+            if isinstance(batch, (tuple, list)) and bl.compute_loss is None:
+                lo, co = _per_sample_tuple(obj, theta, batch, buffers)
             else:
-                lo = torch.func.vmap(lambda o, t: obj.loss_fn(o[None], t[None]))(out, y)
-            losses.append(lo.double().reshape(-1).cpu())
-            correct.append(
-                (out.argmax(-1) == y).double().reshape(-1).cpu() if out.dim() > 1 else torch.zeros(len(y))
-            )
-    return torch.cat(losses).numpy(), torch.cat(correct).numpy()
+                lo, co = _per_sample_each(obj, theta, batch, buffers)
+            losses.append(lo)
+            correct.append(co)
+            if bl.batch_weight is not None:
+                n = batch_size_of(batch)
+                weights.append(torch.tensor([bl.weight(slice_batch(batch, i, i + 1)) for i in range(n)]))
+    w = torch.cat(weights).double().numpy() if weights else None
+    return torch.cat(losses).numpy(), torch.cat(correct).numpy(), w
+
+
+def _per_sample_tuple(obj: Objective, theta: torch.Tensor, batch: Any, buffers: dict) -> tuple[Any, Any]:
+    out = obj.forward(theta, batch, buffers)
+    y = batch[-1]
+    loss_fn = obj.batch_loss.loss_fn
+    if loss_fn is None:
+        lo = nn.functional.cross_entropy(out, y, reduction="none")
+    else:
+        lo = torch.func.vmap(lambda o, t: loss_fn(o[None], t[None]))(out, y)
+    if obj.has_accuracy:
+        co = (out.argmax(-1) == y).double().reshape(-1).cpu()
+    else:
+        co = torch.full((len(y),), float("nan"), dtype=torch.float64)
+    return lo.double().reshape(-1).cpu(), co
+
+
+def _per_sample_each(obj: Objective, theta: torch.Tensor, batch: Any, buffers: dict) -> tuple[Any, Any]:
+    lo, co = [], []
+    for i in range(batch_size_of(batch)):
+        one = slice_batch(batch, i, i + 1)
+        ev = obj.evaluate_on(theta, one, buffers)
+        lo.append(float(ev.loss))
+        c = obj.batch_loss.correct(ev.output, one) if obj.has_accuracy else None
+        co.append(float("nan") if c is None else float(c))
+    return torch.tensor(lo, dtype=torch.float64), torch.tensor(co, dtype=torch.float64)
 
 
 def _evaluate(
     obj: Objective, stack: torch.Tensor, want_acc: bool, stderr: bool, method: str | None
 ) -> dict[str, np.ndarray]:
-    """Loss (+ accuracy, + standard error) at each row of ``stack``."""
+    """Loss (+ accuracy, + standard error) at each row of ``stack``.
+
+    With ``stderr`` the loss is the (weighted) mean of per-sample losses and its standard error is
+    ``std(l) / sqrt(N)``; with sample weights ``w_i``, ``sqrt(N / (N - 1) sum w_i^2 (l_i - m)^2) / sum w_i``.
+    """
     if not stderr:
         out = obj.loss_many(stack, accuracy=want_acc, method=method)
         return {"loss": out["loss"], "accuracy": out["accuracy"]}
     res: dict[str, list] = {"loss": [], "accuracy": [], "loss_se": []}
     n = obj.num_samples
     for theta in stack:
-        lo, co = _per_sample(obj, theta)
-        res["loss"].append(lo.mean())
+        lo, co, w = _per_sample(obj, theta)
         res["accuracy"].append(co.mean())
-        res["loss_se"].append(lo.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan"))
+        if w is None:
+            res["loss"].append(lo.mean())
+            res["loss_se"].append(lo.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan"))
+        else:
+            mean = float((w * lo).sum() / w.sum())
+            res["loss"].append(mean)
+            spread = math.sqrt(n / (n - 1) * float((w**2 * (lo - mean) ** 2).sum())) if n > 1 else math.nan
+            res["loss_se"].append(spread / float(w.sum()))
     return {k: np.asarray(v, dtype=np.float64) for k, v in res.items()}
 
 
@@ -640,7 +685,8 @@ def landscape_1d(
         test_obj: a second objective (e.g. the test set) evaluated at the same points.
         stderr: also report the standard error of each loss over the samples (``std / sqrt(N)``).
         chunk: points per evaluation call (capped by a memory budget).
-        method: ``Objective.loss_many`` method (None: chosen by timing).
+        method: ``Objective.loss_many`` method (None: the objective's, by rule; see
+            :meth:`Objective.loss_many`).
         progress: show a rich progress bar.
 
     Returns:
@@ -711,7 +757,8 @@ def landscape_2d(
         progress: show a rich progress bar.
         test_obj: a second objective evaluated at the same points (``test_`` values).
         stderr: per-sample evaluation with the standard error of each loss (``loss_se``).
-        method: ``Objective.loss_many`` method (None: chosen by timing).
+        method: ``Objective.loss_many`` method (None: the objective's, by rule; see
+            :meth:`Objective.loss_many`).
 
     Returns:
         A 2-D :class:`Landscape`.

@@ -70,6 +70,7 @@ __all__ = [
     "HVP_BLOCKS",
     "LOSS_MANY_METHODS",
     "rule_hvp_method",
+    "second_order_context",
     "rule_hvp_block",
     "rule_loss_many_method",
 ]
@@ -82,6 +83,14 @@ _OPTIONS = {"hvp_method": HVP_METHODS, "hvp_block": HVP_BLOCKS, "loss_many_metho
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 # What a rule's choice may raise when the model cannot run it (forward-mode AD or vmap not covered by an op).
 _UNSUPPORTED = (RuntimeError, NotImplementedError)
+
+
+def second_order_context():
+    """Scaled-dot-product attention on its math backend, for second derivatives: PyTorch's fused attention kernels
+    (the default of HuggingFace models) implement neither double backward nor forward-mode AD."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def rule_hvp_method(device: torch.device | str) -> str:
@@ -244,6 +253,7 @@ class Objective:
         self.hvp_block_chunk = 16
         self.loss_many_method: str | None = None
         self.fallbacks: dict[str, str] = {}
+        self._stats_from: Objective | None = None
         self._check_output()
 
     @staticmethod
@@ -555,8 +565,30 @@ class Objective:
         return self.evaluate_on(theta, batch, buffers).loss
 
     def buffers_at(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The buffers used at ``theta``: the model's, or with ``bn="recompute"`` fresh BatchNorm statistics."""
-        return self._recomputed_buffers(theta) if self.bn == "recompute" else self._buffers
+        """The buffers used at ``theta``: the model's, or with ``bn="recompute"`` fresh BatchNorm statistics
+        (from this objective's data, or from the objective given to :meth:`with_bn_statistics_from`)."""
+        if self.bn != "recompute":
+            return self._buffers
+        return (self._stats_from or self)._recomputed_buffers(theta)
+
+    def with_bn_statistics_from(self, other: Objective) -> Objective:
+        """The same objective whose recomputed BatchNorm statistics (``bn="recompute"``) come from ``other``'s
+        data -- e.g. a test-set objective evaluated with statistics of the train data, as Garipov et al.'s
+        ``update_bn`` does.
+
+        Raises:
+            LrbsTypeError: ``other`` is not an Objective. ShapeError: its parameter layout differs.
+        """
+        if not isinstance(other, Objective):
+            raise LrbsTypeError(f"other={type(other).__name__} is not allowed: must be an Objective")
+        if other.param_shapes != self.param_shapes:
+            raise ShapeError(
+                "other has a different parameter layout: it must be an Objective of the same model"
+            )
+        out = copy.copy(self)
+        out._stats_from = other
+        out._graph_cache = None
+        return out
 
     def _check_output(self) -> None:
         """One forward pass on two samples of the first batch: the loss is readable and a scalar."""
@@ -771,12 +803,13 @@ class Objective:
         method = self._resolved_hvp_method(theta, method)
         if block is not None and block != "timed":
             check_choice("block", block, HVP_BLOCKS)
-        try:
-            return self._hvp_rows(theta, v, method, block)
-        except _UNSUPPORTED as e:
-            if explicit or method == "rev_rev":
-                raise
-            return self._hvp_rows(theta, v, self._fall_back("hvp_method", method, "rev_rev", e), block)
+        with second_order_context():
+            try:
+                return self._hvp_rows(theta, v, method, block)
+            except _UNSUPPORTED as e:
+                if explicit or method == "rev_rev":
+                    raise
+                return self._hvp_rows(theta, v, self._fall_back("hvp_method", method, "rev_rev", e), block)
 
     def _hvp_rows(self, theta: torch.Tensor, v: torch.Tensor, method: str, block: str | None) -> torch.Tensor:
         if v.dim() == 1:
@@ -855,9 +888,10 @@ class Objective:
         al. 2018, arXiv 1812.04754). With the forward-over-reverse HVP it costs one ordinary gradient.
         """
         theta = self._as_theta(self._theta0 if params is None else params)
-        if self._resolved_hvp_method(theta) != "rev_rev":
-            return self.grad(theta)
-        graphs = self._graph(theta)
+        with second_order_context():
+            if self._resolved_hvp_method(theta) != "rev_rev":
+                return self.grad(theta)
+            graphs = self._graph(theta)
         out = torch.zeros_like(theta)
         for _, g in graphs:
             out += g.detach()
@@ -883,7 +917,7 @@ class Objective:
                     theta = stack[i]
                     flat.copy_(theta)  # the private model's parameters are views of ``flat``
                     if self.bn == "recompute":
-                        for k, b in self._recomputed_buffers(theta).items():
+                        for k, b in self.buffers_at(theta).items():
                             buffers[k].copy_(b)
                     total, correct = 0.0, 0
                     for batch, w in zip(self._batches, self._weights):

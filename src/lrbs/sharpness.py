@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import scipy.optimize
 import torch
-from torch import nn
 
+from .batches import slice_batch
 from .curvature import hessian_eigenvalues, hessian_trace, spectral_density
 from .errors import ConfigError, check_choice, check_int, check_number, check_positive, unknown_name
 
@@ -301,13 +301,12 @@ def _batch_losses(obj: Any, m: int | None) -> list[Callable[[torch.Tensor], torc
         raise ConfigError(
             "m-sharpness (m=...) is not allowed with bn='recompute': use bn='eval' or bn='train'"
         )
-    x, y = obj.data
-    loss_fn = obj.loss_fn or nn.functional.cross_entropy
+    whole = obj.data  # every sample as one batch (raises for ragged batches)
 
-    def make(xb: torch.Tensor, yb: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda theta: loss_fn(obj._forward(theta, xb), yb)
+    def make(batch: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda theta: obj.loss_on(theta, batch)
 
-    return [make(x[i : i + m], y[i : i + m]) for i in range(0, obj.num_samples - m + 1, m)]
+    return [make(slice_batch(whole, i, i + m)) for i in range(0, obj.num_samples - m + 1, m)]
 
 
 def _checkpoints(steps: int) -> set[int]:
