@@ -1,4 +1,6 @@
-"""``lrbs connect``: a path between two checkpoints (linear, Bezier, PolyChain or AutoNEB) and its barriers."""
+"""``lrbs connect``: a path between two checkpoints (linear, Bezier, PolyChain or AutoNEB) and its barriers; zoo
+models and datasets or the user's own (``--model pkg.module:factory``, called once per checkpoint, and ``--data
+pkg.module:factory``)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import json_dict
+from ._common import add_data_option, add_model_option, json_dict
 
 METHODS = ("linear", "bezier", "polychain", "neb")
 
@@ -15,10 +17,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("connect", help="mode connectivity between two checkpoints: path and barriers")
     p.add_argument("--a", required=True, help="first checkpoint (.safetensors or a torch state dict)")
     p.add_argument("--b", required=True, help="second checkpoint")
-    p.add_argument("--model", required=True, help="model name (see lrbs.list_models())")
-    p.add_argument("--model-opts", default=None, type=json_dict, help="JSON dict of model options")
+    add_model_option(p)
     p.add_argument("--dataset", default="mnist1d", help="dataset name")
     p.add_argument("--dataset-opts", default=None, type=json_dict, help="JSON dict of dataset options")
+    add_data_option(p)
     p.add_argument("--method", default="bezier", help="linear, bezier, polychain or neb")
     p.add_argument("--bends", type=int, default=3, help="trainable inner bends of a curve")
     p.add_argument("--epochs", type=float, default=20, help="curve training epochs")
@@ -38,23 +40,23 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ..connectivity import auto_neb, fit_curve, linear_path
-    from ..data import load_dataset
     from ..errors import check_choice
-    from ..models import build_model
     from ..objective import Objective
     from ..train import load_checkpoint
+    from ._common import load_data, load_model
 
     check_choice("--method", args.method, METHODS)
-    ds = load_dataset(args.dataset, **(args.dataset_opts or {}))
+    data = load_data(args)
+    ds = data.fit_data
     models = []
     for ckpt in (args.a, args.b):
-        m = build_model(args.model, dataset=ds, **(args.model_opts or {}))
+        m = load_model(args, data)
         load_checkpoint(ckpt, m)
         models.append(m)
     a, b = models
     if args.method == "linear":
-        obj = Objective(a, data=ds.train, bn=args.bn, batch_size=1000)
-        test_obj = Objective(a, data=ds.test, bn=args.bn, batch_size=1000)
+        obj = Objective(a, data=data.train, bn=args.bn, batch_size=1000)
+        test_obj = None if data.test is None else Objective(a, data=data.test, bn=args.bn, batch_size=1000)
         path = linear_path(a, b, obj, args.points, test_obj=test_obj)
     elif args.method == "neb":
         path = auto_neb(

@@ -1,18 +1,19 @@
-"""``lrbs find-lr``: the LR range test on a zoo model, with the suggestions and the one it recommends."""
+"""``lrbs find-lr``: the LR range test on a zoo model or the user's own (``--model pkg.module:factory``, ``--data
+pkg.module:factory``), with the suggestions and the one it recommends."""
 
 from __future__ import annotations
 
 import argparse
 
-from ._common import json_dict
+from ._common import add_data_option, add_model_option, json_dict
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("find-lr", help="LR range test: suggestions, whether they agree, and a recommendation")
-    p.add_argument("--model", default="cnn1d", help="model name (see lrbs.models.list_models())")
-    p.add_argument("--model-opts", default=None, type=json_dict, help="JSON dict, e.g. '{\"depth\": 4}'")
+    add_model_option(p, default="cnn1d")
     p.add_argument("--dataset", default="mnist1d", help="dataset name (mnist1d, blobs, teacher, cifar10)")
     p.add_argument("--dataset-opts", default=None, type=json_dict, help="JSON dict of dataset options")
+    add_data_option(p)
     p.add_argument("--optimizer", default="sgd", help="sgd, adam, adamw, sam, asam, lars, lamb")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Adam's beta1)")
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -50,20 +51,19 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..data import load_dataset
     from ..errors import ConfigError
-    from ..models import build_model
     from ..range_test import SUGGESTION_METHODS, lr_range_test
+    from ._common import load_data, load_model
 
     console = Console()
-    ds = load_dataset(args.dataset, **(args.dataset_opts or {}))
-    model = build_model(args.model, dataset=ds, seed=args.seed, **(args.model_opts or {}))
+    data = load_data(args)
+    model = load_model(args, data, seed=args.seed)
     opt = _optimizer(args.optimizer, model.parameters(), args.start_lr, args.momentum, args.weight_decay)
     config = {
         "command": "find-lr",
         "model": args.model,
         "model_opts": args.model_opts or {},
-        "dataset": ds.describe(),
+        "dataset": data.describe(),
         "optimizer": args.optimizer,
         "momentum": args.momentum,
         "weight_decay": args.weight_decay,
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         res = lr_range_test(
             model,
             opt,
-            data=ds,
+            data=data.fit_data,
             start_lr=args.start_lr,
             end_lr=args.end_lr,
             num_iter=args.num_iter,
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         else f"ran all {len(res.lrs)} iterations"
     )
     console.print(
-        f"lrbs find-lr: {args.model} on {args.dataset}, {args.optimizer}, "
+        f"lrbs find-lr: {args.model} on {data.name}, {args.optimizer}, "
         f"{args.start_lr:g} -> {args.end_lr:g} ({args.mode}), {stop}"
     )
     try:

@@ -1,20 +1,21 @@
-"""``lrbs landscape``: a filter-normalized 2-D loss surface around a checkpoint (npz + json + png)."""
+"""``lrbs landscape``: a filter-normalized 2-D loss surface around a checkpoint (npz + json + png); zoo models and
+datasets or the user's own (``--model pkg.module:factory``, ``--data pkg.module:factory``)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ._common import json_dict
+from ._common import add_data_option, add_model_option, json_dict
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("landscape", help="2-D loss surface around a checkpoint (Li et al. 2018)")
     p.add_argument("--checkpoint", required=True, help="weights (.safetensors or a torch state dict)")
-    p.add_argument("--model", required=True, help="model name (see lrbs.list_models())")
-    p.add_argument("--model-opts", default=None, type=json_dict, help="JSON dict, e.g. '{\"depth\": 4}'")
+    add_model_option(p)
     p.add_argument("--dataset", default="mnist1d", help="dataset name")
     p.add_argument("--dataset-opts", default=None, type=json_dict, help="JSON dict of dataset options")
+    add_data_option(p)
     p.add_argument("--grid", type=int, default=21, help="points per axis")
     p.add_argument("--range", type=float, default=1.0, help="the grid spans [-range, range] on both axes")
     p.add_argument("--norm", default="filter", help="direction normalization: filter, layer, none")
@@ -34,20 +35,23 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..data import load_dataset
-    from ..errors import check_int, check_positive
+    from ..errors import ConfigError, check_int, check_positive
     from ..landscape import landscape_2d, nonconvexity, random_direction
-    from ..models import build_model
     from ..objective import Objective
     from ..train import load_checkpoint
+    from ._common import load_data, load_model
 
     grid = check_int("--grid", args.grid, low=2)
     rng = check_positive("--range", args.range)
-    ds = load_dataset(args.dataset, **(args.dataset_opts or {}))
-    model = build_model(args.model, dataset=ds, **(args.model_opts or {}))
+    data = load_data(args)
+    if args.test and data.test is None:
+        raise ConfigError(
+            f"--test is not allowed with --data {data.name}: its factory returned no (train, test) pair"
+        )
+    model = load_model(args, data)
     load_checkpoint(args.checkpoint, model)
-    obj = Objective(model, data=ds.train, bn=args.bn, max_samples=args.max_samples, seed=args.seed)
-    test_obj = Objective(model, data=ds.test, bn=args.bn) if args.test else None
+    obj = Objective(model, data=data.train, bn=args.bn, max_samples=args.max_samples, seed=args.seed)
+    test_obj = Objective(model, data=data.test, bn=args.bn) if args.test else None
     d1 = random_direction(obj, norm=args.norm, ignore=args.ignore, seed=args.seed)
     d2 = random_direction(obj, norm=args.norm, ignore=args.ignore, seed=args.seed + 1)
     coords = np.linspace(-rng, rng, grid)

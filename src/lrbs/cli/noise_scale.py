@@ -1,10 +1,11 @@
-"""``lrbs noise-scale``: the simple gradient noise scale of a model (McCandlish et al. 2018), with its CI."""
+"""``lrbs noise-scale``: the simple gradient noise scale of a model (McCandlish et al. 2018), with its CI; zoo models
+and datasets or the user's own (``--model pkg.module:factory``, ``--data pkg.module:factory``)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ._common import json_dict
+from ._common import add_data_option, add_model_option, json_dict
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -12,10 +13,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "noise-scale",
         help="gradient noise scale B_simple = tr(Sigma)/|G|^2 with a bootstrap CI (McCandlish et al. 2018)",
     )
-    p.add_argument("--model", default="cnn1d", help="model name (see lrbs.list_models())")
-    p.add_argument("--model-opts", default=None, type=json_dict, help="JSON dict, e.g. '{\"depth\": 4}'")
+    add_model_option(p, default="cnn1d")
     p.add_argument("--dataset", default="mnist1d", help="dataset name (mnist1d, blobs, teacher, cifar10)")
     p.add_argument("--dataset-opts", default=None, type=json_dict, help='JSON dict, e.g. \'{"path": "..."}\'')
+    add_data_option(p)
     p.add_argument("--checkpoint", default=None, help="load these weights (.safetensors) before measuring")
     p.add_argument("--small-batch", type=int, default=32, help="B_s, the small batch (default 32)")
     p.add_argument("--big-batch", type=int, default=1024, help="B_b, a multiple of B_s (default 1024)")
@@ -25,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=0.1, help="LR for --train-steps")
     p.add_argument("--batch-size", type=int, default=128, help="batch size for --train-steps")
     p.add_argument("--bn", default="eval", help="BatchNorm mode of the measurement: eval, train, recompute")
+    p.add_argument(
+        "--precision", default="32", help="32, bf16-mixed or 16-mixed (CUDA) for the forward passes"
+    )
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -34,12 +38,11 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..data import load_dataset
-    from ..models import build_model
     from ..noise_scale import noise_scale
+    from ._common import load_data, load_model
 
-    ds = load_dataset(args.dataset, **(args.dataset_opts or {}))
-    model = build_model(args.model, dataset=ds, seed=args.seed, **(args.model_opts or {}))
+    data = load_data(args)
+    model = load_model(args, data, seed=args.seed)
     if args.checkpoint:
         from ..train import load_checkpoint
 
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
         fit(
             model,
-            ds,
+            data.fit_data,
             optimizer=args.optimizer,
             lr=args.lr,
             batch_size=args.batch_size,
@@ -60,15 +63,16 @@ def run(args: argparse.Namespace) -> int:
         )
     res = noise_scale(
         model,
-        ds,
+        data.train,
         small_batch=args.small_batch,
         big_batch=args.big_batch,
         num_estimates=args.estimates,
         seed=args.seed,
         confidence=args.confidence,
         bn=args.bn,
+        precision=args.precision,
     )
-    table = Table(title=f"lrbs noise-scale: {args.model} on {args.dataset}")
+    table = Table(title=f"lrbs noise-scale: {args.model} on {data.name}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
     table.add_row("B_simple = tr(Sigma)/|G|^2", f"{res.b_simple:.4g}")

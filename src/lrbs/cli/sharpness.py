@@ -1,4 +1,5 @@
-"""``lrbs sharpness``: every sharpness measure of a checkpoint (or of a model trained first) in one table."""
+"""``lrbs sharpness``: every sharpness measure of a checkpoint (or of a model trained first) in one table; zoo
+models and datasets or the user's own (``--model pkg.module:factory``, ``--data pkg.module:factory``)."""
 
 from __future__ import annotations
 
@@ -59,11 +60,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..data import load_dataset
-    from ..models import build_model
     from ..objective import Objective
     from ..sharpness import sharpness_report
     from ..train import load_checkpoint, train_config
+    from ._common import fit_from_config, load_data, load_model, uses_own_code
 
     cfg = config_from_args(args)
     measures = _measures(args)
@@ -72,18 +72,21 @@ def run(args: argparse.Namespace) -> int:
         lr = cfg["lr"]
     if lr is None and "edge_of_stability" in measures:
         measures.remove("edge_of_stability")  # a schedule spec has no single lr; give --eos-lr for it
-    ds = load_dataset(cfg["dataset"], **cfg["dataset_opts"])
-    if args.train:
-        model, _ = train_config(cfg, dataset=ds)
+    data = load_data(args)
+    if args.train and not uses_own_code(args):
+        model, _ = train_config(cfg, dataset=data.dataset)
     else:
-        model = build_model(cfg["model"], dataset=ds, seed=cfg["seed"], **cfg["model_opts"])
-        load_checkpoint(args.checkpoint, model)
-    obj = Objective(model, data=ds, bn=args.bn)
+        model = load_model(args, data, seed=cfg["seed"])
+        if args.train:
+            fit_from_config(cfg, model, data)
+        else:
+            load_checkpoint(args.checkpoint, model)
+    obj = Objective(model, data=data.fit_data, bn=args.bn)
     config = {
         "source": "train" if args.train else {"checkpoint": str(args.checkpoint)},
         "model": cfg["model"],
         "model_opts": cfg["model_opts"],
-        "dataset": cfg["dataset"],
+        "dataset": data.name,
         "dataset_opts": cfg["dataset_opts"],
         "train": cfg if args.train else None,
         "measures": measures,
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             store.close()
     s = report.settings
     table = Table(
-        title=f"lrbs sharpness: {cfg['model']} on {cfg['dataset']} ({s['num_samples']} samples, "
+        title=f"lrbs sharpness: {cfg['model']} on {data.name} ({s['num_samples']} samples, "
         f"bn={s['bn']}, {s['num_params']} parameters)"
     )
     for col, justify in (

@@ -1,10 +1,11 @@
-"""``lrbs train``: train a model from the zoo on a dataset, with a progress bar and a final table."""
+"""``lrbs train``: train a model (from the zoo or the user's ``--model pkg.module:factory``) on a dataset (built-in
+or ``--data pkg.module:factory``), with a progress bar and a final table."""
 
 from __future__ import annotations
 
 import argparse
 
-from ._common import add_train_options, config_from_args
+from ._common import add_train_options, config_from_args, uses_own_code
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +42,12 @@ def run(args: argparse.Namespace) -> int:
     ):
         if val is not None:
             cfg[key] = val
+    own = uses_own_code(args)
+    if own and args.ddp:
+        raise ConfigError(
+            "--ddp is not allowed with --model/--data import specs: every rank rebuilds the run from built-in "
+            "names; use built-in names, or call lrbs.ddp_train from your own script"
+        )
     console = Console()
     store = None
     if args.store:
@@ -48,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
         store = Store(args.store)
     try:
-        if args.ddp:
+        if own:
+            result = _train_own(args, cfg, store, console.is_terminal)
+        elif args.ddp:
             from ..distributed import ddp_train
 
             result = ddp_train(cfg, store=store, sync_bn=args.sync_bn, checkpoint=args.checkpoint)
@@ -61,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if store is not None:
             store.close()
-    table = Table(title=f"lrbs train: {cfg['model']} on {cfg['dataset']} ({result.status})")
+    data_name = args.data or cfg["dataset"]
+    table = Table(title=f"lrbs train: {cfg['model']} on {data_name} ({result.status})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in result.final.items():
@@ -71,3 +81,13 @@ def run(args: argparse.Namespace) -> int:
         table.add_row("store key", result.run_key[:16])
     console.print(table)
     return 0
+
+
+def _train_own(args: argparse.Namespace, cfg: dict, store, progress: bool):
+    """The user's own model and/or data (import specs): resolve them, then fit with the same options."""
+    from ._common import fit_from_config, load_data, load_model
+
+    data = load_data(args)
+    seed = cfg["seed"]
+    model = load_model(args, data, seed=seed)
+    return fit_from_config(cfg, model, data, store=store, checkpoint=args.checkpoint, progress=progress)
