@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from lrbs.batches import Sampler
 from lrbs.data import load_dataset
 from lrbs.distributed import ddp_train, two_batch_noise_scale
 from lrbs.errors import ConfigError
 from lrbs.models import build_model
 from lrbs.store import Store
-from lrbs.train import _Sampler, train_config
+from lrbs.train import train_config
 
 CFG = {
     "model": "mlp",
@@ -110,7 +111,7 @@ def test_ddp_noise_scale_matches_two_batch_estimator(ddp_out):
     h = res["history"]
     ds = load_dataset("blobs", **CFG["dataset_opts"])
     model = build_model("mlp", dataset=ds, seed=0, depth=2, width=16).double()
-    idx = _Sampler(len(ds.train), torch.Generator().manual_seed(0)).take(32)  # the first global batch
+    idx = Sampler(len(ds.train), torch.Generator().manual_seed(0)).take(32)  # the first global batch
 
     def grad_sq(i: torch.Tensor) -> float:
         model.zero_grad()

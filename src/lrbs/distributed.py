@@ -254,21 +254,20 @@ def ddp_train(
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from . import schedules
+    from .batches import Sampler
     from .data import load_dataset
     from .models import build_model
-    from .optim import frozen_running_stats
+    from .step import frozen_running_stats, is_sam
     from .train import (
         FitResult,
-        _as_schedule,
-        _is_sam,
-        _jsonable,
-        _make_optimizer,
-        _parse_spec,
-        _Sampler,
-        _set_group_values,
+        as_schedule,
         evaluate,
+        jsonable,
+        make_optimizer,
         normalize_config,
+        parse_spec,
         save_checkpoint,
+        set_group_values,
     )
 
     cfg = normalize_config(dict(config))
@@ -307,8 +306,8 @@ def ddp_train(
         test = (ds.test.x.to(device), ds.test.y.to(device))
         n_train = len(y_train)
 
-        bs_s = _as_schedule("batch_size", _parse_spec("batch_size", cfg["batch_size"]), integer=True)
-        lr_spec = _parse_spec("lr", cfg["lr"])
+        bs_s = as_schedule("batch_size", parse_spec("batch_size", cfg["batch_size"]), integer=True)
+        lr_spec = parse_spec("lr", cfg["lr"])
         B = int(bs_s(0))
         _check_global_batch(B, world, n_train, 0)
         lr_factor = 1.0
@@ -318,9 +317,9 @@ def ddp_train(
         if warm is not None:
             base = lr_spec if isinstance(lr_spec, schedules.Schedule) else schedules.constant(float(lr_spec))
             lr_spec = schedules.warmup(base, warm)
-        lr_s = _as_schedule("lr", lr_spec)
+        lr_s = as_schedule("lr", lr_spec)
         mom_s = (
-            _as_schedule("momentum", _parse_spec("momentum", cfg["momentum"]))
+            as_schedule("momentum", parse_spec("momentum", cfg["momentum"]))
             if cfg["momentum"] is not None
             else None
         )
@@ -339,12 +338,12 @@ def ddp_train(
         hook = DDPNoiseScale(beta=noise_beta) if noise_scale else None
         if hook is not None:
             ddp.register_comm_hook(None, hook.hook)
-        opt = _make_optimizer(
+        opt = make_optimizer(
             cfg["optimizer"], model, lr_s(0), mom_s(0) if mom_s else 0.0, cfg["weight_decay"], cfg["rho"]
         )
         base_lr = opt.param_groups[0]["lr"] or 1.0
         ratios = [g["lr"] / base_lr if base_lr else 1.0 for g in opt.param_groups]
-        sam = _is_sam(opt)
+        sam = is_sam(opt)
         lossf = nn.functional.cross_entropy
 
         ddp_info = {
@@ -362,7 +361,7 @@ def ddp_train(
         record = {
             "model": getattr(model, "lrbs_spec", {"name": cfg["model"]}),
             "dataset": ds.describe(),
-            "train_config": _jsonable(cfg),
+            "train_config": jsonable(cfg),
             "ddp": ddp_info,
         }
         db, own_db, run_key = _open_store(store, rank)
@@ -393,14 +392,14 @@ def ddp_train(
         try:
             with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
                 torch.manual_seed(cfg["seed"])
-                sampler = _Sampler(n_train, torch.Generator(device="cpu").manual_seed(cfg["seed"]))
+                sampler = Sampler(n_train, torch.Generator(device="cpu").manual_seed(cfg["seed"]))
                 step = samples = 0
                 while step < steps and (max_samples is None or samples < max_samples):
                     B = int(bs_s(step))
                     _check_global_batch(B, world, n_train, step)
                     b = B // world
                     cur_lr = float(lr_s(step))
-                    _set_group_values(opt, cur_lr, ratios, float(mom_s(step)) if mom_s else None)
+                    set_group_values(opt, cur_lr, ratios, float(mom_s(step)) if mom_s else None)
                     idx = sampler.take(B)[rank * b : (rank + 1) * b].to(device)
                     xb, yb = x_train[idx], y_train[idx]
                     opt.zero_grad(set_to_none=True)
@@ -467,7 +466,7 @@ def ddp_train(
             ]
             for e in evals:
                 rows += [(int(e["step"]), k, float(v)) for k, v in e.items() if k != "step"]
-            db.finish_run(run_key, status, result=_jsonable(result.to_dict()), metrics=rows)
+            db.finish_run(run_key, status, result=jsonable(result.to_dict()), metrics=rows)
             if own_db:
                 db.close()
         ddp_model = model

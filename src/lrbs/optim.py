@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 
 from lrbs.errors import (
     ConfigError,
@@ -35,6 +34,7 @@ from lrbs.errors import (
     check_positive,
     unknown_name,
 )
+from lrbs.step import disable_running_stats, enable_running_stats, frozen_running_stats
 
 __all__ = [
     "LAMB",
@@ -213,6 +213,24 @@ class SAM(torch.optim.Optimizer):
         Raises:
             LrbsError: :meth:`first_step` was not called before.
         """
+        self.restore_weights()
+        self.base_optimizer.step()
+        # An LRScheduler attached to SAM only sees calls to SAM.step(); record that an update happened
+        # so that it does not warn about "lr_scheduler.step() before optimizer.step()".
+        self._opt_called = True
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def restore_weights(self) -> None:
+        """Put back the weights ``w`` saved by :meth:`first_step`, without a base step.
+
+        :meth:`second_step` is ``restore_weights()`` then the base optimizer's step; a caller that decides to skip
+        the update (a GradScaler that found non-finite gradients in the second pass) restores only.
+
+        Raises:
+            LrbsError: :meth:`first_step` was not called before.
+        """
         restored = 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -225,12 +243,6 @@ class SAM(torch.optim.Optimizer):
                 "SAM.second_step() was called without a first_step() before it: call first_step() after the "
                 "first backward pass, or use step(closure) / sam_step(...)"
             )
-        self.base_optimizer.step()
-        # An LRScheduler attached to SAM only sees calls to SAM.step(); record that an update happened
-        # so that it does not warn about "lr_scheduler.step() before optimizer.step()".
-        self._opt_called = True
-        if zero_grad:
-            self.zero_grad()
 
     def step(  # type: ignore[override]
         self, closure: Callable[[], Tensor] | None = None, *, model: nn.Module | None = None
@@ -273,73 +285,6 @@ class SAM(torch.optim.Optimizer):
         """Load a state dict from :meth:`state_dict` and re-share the param groups with the base optimizer."""
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
-
-
-def _bn_modules(model: nn.Module) -> Iterator[_NormBase]:
-    for m in model.modules():
-        if isinstance(m, _NormBase) and m.track_running_stats:
-            yield m
-
-
-def disable_running_stats(model: nn.Module) -> None:
-    """Freeze the running statistics of every BatchNorm (and tracking InstanceNorm) layer in ``model``.
-
-    Sets each layer's ``momentum`` to 0 and saves ``running_mean``, ``running_var`` and
-    ``num_batches_tracked``; :func:`enable_running_stats` restores the momentum and those buffers, so
-    a forward pass in between leaves them exactly as they were (``num_batches_tracked`` included, which
-    momentum 0 alone would not). Batch statistics are still used for normalisation in train mode.
-
-    Args:
-        model: the model; layers are found with ``model.modules()``.
-    """
-    for m in _bn_modules(model):
-        if hasattr(m, "_lrbs_backup"):
-            continue  # already disabled: keep the first backup
-        buffers = {
-            k: b.detach().clone()
-            for k, b in (
-                ("running_mean", m.running_mean),
-                ("running_var", m.running_var),
-                ("num_batches_tracked", m.num_batches_tracked),
-            )
-            if b is not None
-        }
-        m._lrbs_backup = (m.momentum, buffers)
-        m.momentum = 0.0
-
-
-def enable_running_stats(model: nn.Module) -> None:
-    """Undo :func:`disable_running_stats`: restore each layer's momentum and its saved running statistics.
-
-    Args:
-        model: the model passed to :func:`disable_running_stats`.
-    """
-    for m in _bn_modules(model):
-        backup = m.__dict__.pop("_lrbs_backup", None)
-        if backup is None:
-            continue
-        momentum, buffers = backup
-        m.momentum = momentum
-        with torch.no_grad():
-            for k, b in buffers.items():
-                getattr(m, k).copy_(b)
-
-
-@contextlib.contextmanager
-def frozen_running_stats(model: nn.Module) -> Iterator[nn.Module]:
-    """Context manager: :func:`disable_running_stats` on entry, :func:`enable_running_stats` on exit.
-
-    Args:
-        model: the model whose normalisation layers are frozen.
-
-    Yields:
-        The model.
-    """
-    disable_running_stats(model)
-    try:
-        yield model
-    finally:
-        enable_running_stats(model)
 
 
 def sam_step(

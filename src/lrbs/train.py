@@ -1,8 +1,10 @@
 """``fit()``: a plain, deterministic training loop with LR / momentum / batch-size schedules.
 
-The loop owns the data order (a seeded sampler that can change the batch size between steps without rebuilding a
-DataLoader), the schedules, gradient accumulation, SAM's two passes, divergence detection (a non-finite loss ends the
-run with status ``diverged``; it never raises), evaluation, checkpoints and logging to a :class:`~lrbs.store.Store`.
+The loop owns the data order (:class:`lrbs.batches.BatchStream`: a seeded sampler over indexable data that can
+change the batch size between steps without rebuilding a DataLoader, or a loader's own batches), the schedules,
+divergence detection (a non-finite loss ends the run with status ``diverged``; it never raises), evaluation,
+checkpoints and logging to a :class:`~lrbs.store.Store`. Forward, loss, backward, gradient accumulation, SAM's two
+passes, mixed precision and the optimizer step are the one training step, :class:`lrbs.step.TrainStep`.
 On CPU the same seed gives the same history, bit for bit. The caller's global random state is left untouched
 (the loop runs in a forked RNG).
 """
@@ -21,8 +23,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batches import (
+    BatchLoss,
+    BatchStream,
+    LoaderSource,
+    MapSource,
+    TensorSource,
+    as_source,
+    batch_size_of,
+    collect_batches,
+    model_device,
+    slice_batch,
+    to_device,
+)
 from .errors import CheckpointError, ConfigError, LrbsTypeError, check_int, check_number
-from .objective import as_tensors
+from .step import TrainStep, autocast, check_precision
 
 __all__ = [
     "fit",
@@ -39,7 +54,12 @@ __all__ = [
 # --------------------------------------------------------------------------- results and callbacks
 @dataclass
 class TrainState:
-    """What callbacks see: the live model and optimizer, the current step and its batch."""
+    """What callbacks see: the live model and optimizer, the current step and its batch.
+
+    ``batch`` is the step's batch as the data gave it (any kind); ``x`` / ``y`` are its two parts when it is an
+    ``(x, y)`` tuple, else None. ``batch_loss`` is how a batch becomes a loss (:class:`lrbs.batches.BatchLoss`).
+    ``step`` counts iterations; with ``16-mixed`` the schedules count applied updates only.
+    """
 
     step: int
     model: nn.Module
@@ -57,6 +77,8 @@ class TrainState:
     stop: bool = False
     last_eval: dict[str, float] = field(default_factory=dict)
     max_micro_batch: int | None = None
+    batch: Any = None
+    batch_loss: BatchLoss | None = None
 
 
 class Callback:
@@ -193,7 +215,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None) -> 
 
 
 # --------------------------------------------------------------------------- helpers
-def _as_schedule(name: str, value: Any, *, integer: bool = False, **bounds: Any) -> Callable[[int], float]:
+def as_schedule(name: str, value: Any, *, integer: bool = False, **bounds: Any) -> Callable[[int], float]:
+    """A constant (checked: a number, or an integer >= 1) or a callable ``step -> value`` as a schedule."""
     if callable(value):
         return value
     if integer:
@@ -209,51 +232,117 @@ def _describe(value: Any) -> Any:
     return repr(value)
 
 
+#: Evaluation on a loader (or an iterable dataset) uses its first this many samples, collected once.
+LOADER_EVAL_SAMPLES = 4096
+
+
+class EvalSet:
+    """Data evaluated again and again (fit's evaluations): indexable data is read in consecutive slices of
+    ``batch_size`` at each evaluation (nothing is held); a loader's first ``max_samples`` samples (default
+    :data:`LOADER_EVAL_SAMPLES`) are collected once, seeded, and kept on ``device``. With ``max_samples`` given,
+    indexable data is a fixed seeded subset of that size too."""
+
+    def __init__(
+        self,
+        data: Any,
+        batch_size: int,
+        device: torch.device,
+        *,
+        max_samples: int | None = None,
+        seed: int = 0,
+        name: str = "data",
+    ):
+        src = (
+            data if isinstance(data, (TensorSource, MapSource, LoaderSource)) else as_source(data, name=name)
+        )
+        self.source, self.batch_size, self.device = (
+            src,
+            check_int("eval_batch_size", batch_size, low=1),
+            device,
+        )
+        self.fixed: list[Any] | None = None
+        if isinstance(src, LoaderSource) or max_samples is not None:
+            cap = LOADER_EVAL_SAMPLES if max_samples is None else max_samples
+            fixed = collect_batches(src, batch_size=self.batch_size, max_samples=cap, seed=seed)
+            self.fixed = [to_device(b, device) for b in fixed]
+
+    def batches(self) -> Iterable[Any]:
+        """The batches of one evaluation, in order."""
+        if self.fixed is not None:
+            return self.fixed
+        n, b, src = self.source.num_samples, self.batch_size, self.source
+        return (to_device(src.slice(i, min(i + b, n)), self.device) for i in range(0, n, b))
+
+
+def evaluate_batches(
+    model: nn.Module,
+    batches: Iterable[Any],
+    batch_loss: BatchLoss | None = None,
+    precision: str = "32",
+) -> dict[str, float | None]:
+    r"""Weighted mean loss and accuracy over ``batches`` in eval mode (the model's modes are restored).
+
+    .. math::  L = \frac{\sum_b w_b L_b}{\sum_b w_b}, \qquad \text{acc} = \frac{\sum_b \#\text{correct}_b}{\sum_b n_b}
+
+    with :math:`w_b` the batch's weight (:meth:`lrbs.batches.BatchLoss.weight`); ``accuracy`` is None where it is
+    undefined (not classification logits against integer labels, or ``compute_loss``).
+
+    Raises:
+        ConfigError: the batches have total weight 0.
+    """
+    bl = batch_loss if batch_loss is not None else BatchLoss()
+    device = model_device(model)
+    was = {k: m.training for k, m in model.named_modules()}
+    model.eval()
+    total = weight = 0.0
+    correct, count, acc = 0, 0, True
+    try:
+        with torch.no_grad(), autocast(precision, device):
+            for batch in batches:
+                ev = bl.evaluate(model, batch)
+                total += float(ev.loss) * ev.weight
+                weight += ev.weight
+                c = bl.correct(ev.output, batch) if acc else None
+                if c is None:
+                    acc = False
+                else:
+                    correct += int(c)
+                    count += batch_size_of(batch)
+    finally:
+        for k, m in model.named_modules():
+            m.training = was.get(k, m.training)
+    if weight == 0:
+        raise ConfigError("the evaluation data have total weight 0: nothing to average")
+    return {"loss": total / weight, "accuracy": correct / count if acc and count else None}
+
+
 def evaluate(
     model: nn.Module,
     data: Any,
     loss_fn: Callable | None = None,
     batch_size: int = 1000,
-) -> dict[str, float]:
-    """Loss and accuracy of ``model`` on ``data`` in eval mode (the model's mode is restored afterwards)."""
-    x, y = as_tensors(data)
-    was = model.training
-    model.eval()
-    total, correct = 0.0, 0
-    try:
-        with torch.no_grad():
-            for i in range(0, len(y), batch_size):
-                xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-                out = model(xb)
-                lo = nn.functional.cross_entropy(out, yb) if loss_fn is None else loss_fn(out, yb)
-                total += float(lo) * len(yb)
-                correct += int((out.argmax(-1) == yb).sum())
-    finally:
-        model.train(was)
-    return {"loss": total / len(y), "accuracy": correct / len(y)}
+    *,
+    compute_loss: Callable | None = None,
+    batch_weight: Callable | None = None,
+    max_samples: int | None = None,
+    precision: str = "32",
+    seed: int = 0,
+) -> dict[str, float | None]:
+    """Loss and accuracy of ``model`` on ``data`` in eval mode (the model's modes are restored afterwards).
+
+    ``data`` is anything :func:`lrbs.batches.as_source` takes. Indexable data is read in consecutive slices of
+    ``batch_size`` (all of it, or a seeded subset of ``max_samples``); a loader contributes its first
+    ``max_samples`` samples (default :data:`LOADER_EVAL_SAMPLES`). The loss is the weighted mean over batches
+    (see :func:`evaluate_batches`); ``accuracy`` is None where it is undefined.
+    """
+    device = model_device(model)
+    precision = check_precision(precision, device)
+    bl = BatchLoss(loss_fn, compute_loss, batch_weight)
+    es = EvalSet(data, batch_size, device, max_samples=max_samples, seed=seed)
+    return evaluate_batches(model, es.batches(), bl, precision)
 
 
-class _Sampler:
-    """Seeded sampling without replacement; epochs are consecutive permutations and a batch may span two."""
-
-    def __init__(self, n: int, generator: torch.Generator):
-        self.n, self.g = n, generator
-        self.perm = torch.randperm(n, generator=generator)
-        self.pos = 0
-
-    def take(self, b: int) -> torch.Tensor:
-        parts, need = [], b
-        while need:
-            if self.pos == self.n:
-                self.perm, self.pos = torch.randperm(self.n, generator=self.g), 0
-            k = min(need, self.n - self.pos)
-            parts.append(self.perm[self.pos : self.pos + k])
-            self.pos += k
-            need -= k
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _make_optimizer(
+def make_optimizer(
     optimizer: Any,
     model: nn.Module,
     lr0: float,
@@ -262,6 +351,8 @@ def _make_optimizer(
     rho: float | None,
     opts: dict[str, Any] | None = None,
 ) -> torch.optim.Optimizer:
+    """The optimizer ``fit`` trains with: an instance as is, a name through :func:`lrbs.optim.get_optimizer`, or
+    a callable ``params -> optimizer``."""
     params = [p for p in model.parameters() if p.requires_grad]
     if isinstance(optimizer, torch.optim.Optimizer):
         return optimizer
@@ -279,9 +370,10 @@ def _make_optimizer(
     )
 
 
-def _set_group_values(
+def set_group_values(
     opt: torch.optim.Optimizer, lr: float, ratios: list[float], momentum: float | None
 ) -> None:
+    """Set every param group's lr to ``lr * ratio`` and its momentum (SGD) or beta1 (Adam) to ``momentum``."""
     for g, r in zip(opt.param_groups, ratios):
         g["lr"] = lr * r
         if momentum is not None:
@@ -291,8 +383,88 @@ def _set_group_values(
                 g["momentum"] = momentum
 
 
-def _is_sam(opt: torch.optim.Optimizer) -> bool:
-    return hasattr(opt, "first_step") and hasattr(opt, "second_step")
+def micro_batches(
+    batch: Any, size: int, max_micro_batch: int | None, batch_loss: BatchLoss
+) -> tuple[list[Any], list[float] | None]:
+    r"""Split a batch of ``size`` samples into micro-batches of at most ``max_micro_batch`` and their loss scales.
+
+    The scales are :math:`c_i = w_i / \sum_j w_j` (by default :math:`w_i = |b_i|`, computed as ``len(b_i) / B``),
+    so the accumulated loss is the full batch's weighted mean. One micro-batch: ``([batch], None)``.
+    """
+    if max_micro_batch is None or max_micro_batch >= size:
+        return [batch], None
+    starts = range(0, size, max_micro_batch)
+    parts = [slice_batch(batch, s, s + max_micro_batch) for s in starts]
+    if batch_loss.batch_weight is None:
+        return parts, [(min(s + max_micro_batch, size) - s) / size for s in starts]
+    w = [batch_loss.weight(p) for p in parts]
+    tw = sum(w)
+    if tw <= 0:
+        raise ConfigError("batch_weight gave a total weight of 0 for a training batch: nothing to average")
+    return parts, [x / tw for x in w]
+
+
+# --------------------------------------------------------------------------- data of fit
+@dataclass
+class TrainData:
+    """What ``fit`` trains on: the source, its size (None when unknown) and whether batches are the loader's."""
+
+    source: Any
+    num_samples: int | None
+    loader: bool
+    batch_size: int | None  # the loader's batch size (None: unknown or not a loader)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(x, y)`` when the data are two tensors (callbacks' ``state.train_data``), else None."""
+        src = self.source
+        if isinstance(src, TensorSource) and src.keys is None and len(src.tensors) == 2:
+            return src.tensors[0], src.tensors[1]
+        return None
+
+
+def train_data(dataset: Any, batch_size: Any, device: torch.device) -> TrainData:
+    """Normalize ``fit``'s data argument (see :func:`fit`); a bare ``IterableDataset`` is batched by ``batch_size``.
+
+    Raises:
+        ConfigError: empty data, data on another (non-CPU) device than the model, a ``batch_size`` that differs
+            from a DataLoader's own.
+    """
+    iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+    src = as_source(dataset, name="dataset", batch_size=batch_size if isinstance(batch_size, int) else None)
+    if isinstance(src, TensorSource) and src.device.type != "cpu" and src.device != device:
+        raise ConfigError(f"data is on device {src.device} but the model is on {device}: move one of them")
+    if not isinstance(src, LoaderSource):
+        return TrainData(src, src.num_samples, False, None)
+    it = src.iterable
+    own = getattr(it, "batch_size", None) if isinstance(it, torch.utils.data.DataLoader) else None
+    if not iterable and batch_size is not None and batch_size != own:
+        raise ConfigError(
+            f"batch_size={_describe(batch_size)} is not allowed with a {type(it).__name__} of batch_size={own}: "
+            "leave it None (the loader's batches are used) or pass the dataset itself"
+        )
+    n = None
+    ds = getattr(it, "dataset", None)
+    if ds is not None and not isinstance(ds, torch.utils.data.IterableDataset):
+        try:
+            n = len(ds)
+        except TypeError:
+            n = None
+    elif isinstance(it, (list, tuple)):
+        n = sum(batch_size_of(b) for b in it)
+    return TrainData(src, n, True, own)
+
+
+def _check_batch(b: Any, n_train: int | None, where: str) -> int:
+    if (
+        isinstance(b, bool)
+        or not isinstance(b, (int, np.integer))
+        or b < 1
+        or (n_train is not None and b > n_train)
+    ):
+        limit = f" and <= {n_train} (train size)" if n_train is not None else ""
+        raise ConfigError(f"batch_size{where}={b!r} is not allowed: must be an integer >= 1{limit}")
+    return int(b)
 
 
 # --------------------------------------------------------------------------- fit
@@ -302,7 +474,7 @@ def fit(
     *,
     optimizer: str | torch.optim.Optimizer | Callable = "sgd",
     lr: float | Callable[[int], float] = 0.1,
-    batch_size: int | Callable[[int], int] = 128,
+    batch_size: int | Callable[[int], int] | None = None,
     steps: int | None = None,
     epochs: float | None = None,
     momentum: float | Callable[[int], float] = 0.9,
@@ -312,8 +484,13 @@ def fit(
     seed: int = 0,
     eval_every: int | None = None,
     eval_batch_size: int = 1000,
+    eval_max_samples: int | None = None,
     max_micro_batch: int | None = None,
     loss_fn: Callable | None = None,
+    compute_loss: Callable | None = None,
+    batch_weight: Callable | None = None,
+    precision: str = "32",
+    clip_grad_norm: float | None = None,
     test_data: Any = None,
     callbacks: Iterable[Callback] = (),
     store: Any = None,
@@ -321,27 +498,44 @@ def fit(
     progress: bool = False,
     config: dict[str, Any] | None = None,
 ) -> FitResult:
-    """Train ``model`` in place on ``dataset``.
+    """Train ``model`` in place on ``dataset``, one :class:`lrbs.step.TrainStep` per step.
 
     Args:
         model: the model to train (it is trained in place, like any training loop).
-        dataset: an lrbs ``Dataset`` (train + test splits), a ``Split`` or an ``(x, y)`` pair.
+        dataset: anything :func:`lrbs.batches.as_source` takes: an lrbs ``Dataset`` (train + test splits), a
+            ``Split``, ``(x, y)`` or ``(x1, ..., xk, y)`` tensors, a dict of tensors, a ``TensorDataset``, any
+            map-style ``Dataset`` (e.g. with transforms), an ``IterableDataset``, a ``DataLoader`` or a list of
+            batches. Indexable data is sampled by a seeded sampler (consecutive ``torch.randperm`` epochs; a batch
+            may span two), so the batch size may change between steps; a loader yields its own batches, cycled,
+            with its generators reseeded by ``seed`` and restored afterwards.
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"sam"``, ``"asam"``, ``"lars"``, ``"lamb"``, an optimizer
             instance, or a callable ``params -> optimizer``.
-        lr: a float or a schedule ``step -> lr`` (step 0 is the first update). With several param groups the
-            schedule sets the first group and the others keep their ratio to it.
-        batch_size: an int or a schedule ``step -> int``: the batch drawn at each step may change.
-        steps, epochs: the length of training; exactly one of them (an epoch is ``len(train) / batch_size(0)``
-            steps... computed in samples: training stops once ``epochs * len(train)`` samples were seen).
+        lr: a float or a schedule ``update -> lr`` (update 0 is the first optimizer step). With several param
+            groups the schedule sets the first group and the others keep their ratio to it.
+        batch_size: an int or a schedule ``update -> int`` for indexable data (default 128); a bare
+            ``IterableDataset`` is batched by it; with a DataLoader or a list of batches leave it None (the
+            loader's batches are used; a different value is an error).
+        steps, epochs: the length of training; exactly one of them. ``steps`` counts iterations (batches
+            drawn); ``epochs`` stops once ``epochs * len(train)`` samples were seen (needs data of known size).
         momentum: SGD momentum (or Adam's beta1), a float or a schedule.
         weight_decay: L2 weight decay of the optimizer.
         rho: SAM's neighbourhood size (for ``"sam"`` / ``"asam"``).
         optimizer_opts: extra options of a named optimizer (e.g. ``{"base": "adam"}`` for SAM on Adam).
         seed: seeds the data order (and dropout, inside a forked RNG).
         eval_every: evaluate every this many steps (default: about 20 evaluations per run) and at the end.
+        eval_batch_size: batch size of evaluations.
+        eval_max_samples: evaluate on a fixed seeded subset of this many samples (default: all of indexable
+            data; the first :data:`LOADER_EVAL_SAMPLES` of a loader).
         max_micro_batch: split a larger batch into accumulated micro-batches of at most this size (the effective
-            batch, and any LR rule, count the accumulated batch).
-        loss_fn: ``loss_fn(output, y)``, mean reduction; default cross-entropy.
+            batch, and any LR rule, count the accumulated batch; the schedules advance once per optimizer step).
+        loss_fn: ``loss_fn(output, y)`` for tuple batches / ``loss_fn(output, batch)`` for mappings, mean
+            reduction; default cross-entropy (tuples) or the model's own loss (mappings).
+        compute_loss: ``compute_loss(model, batch) -> scalar tensor`` for any batch (HF Trainer's name).
+        batch_weight: ``batch_weight(batch) -> float``: a batch's weight in means and micro-batch scales
+            (default: its number of samples).
+        precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (CUDA; a GradScaler whose skipped steps are not
+            LR steps: the schedules index applied updates; the history gets an ``applied`` column).
+        clip_grad_norm: clip the gradient's global 2-norm to this before each step.
         test_data: evaluation data when ``dataset`` has no test split.
         callbacks: :class:`Callback` objects.
         store: a :class:`~lrbs.store.Store`; the run, its metrics and its final result are written to it.
@@ -351,97 +545,144 @@ def fit(
 
     Returns:
         A :class:`FitResult`; a non-finite loss ends the run with ``status="diverged"`` (it never raises).
+        Evaluation rows hold ``train_acc`` / ``test_acc`` only where accuracy is defined.
 
     Raises:
         ConfigError / LrbsTypeError: invalid arguments (checked before anything is trained).
     """
-    # ---- validate everything first: nothing is trained on bad input
     if not isinstance(model, nn.Module):
         raise LrbsTypeError(f"model={type(model).__name__} is not allowed: must be a torch.nn.Module")
-    x_train, y_train = as_tensors(dataset)
-    if test_data is None and hasattr(dataset, "test"):
+    device = model_device(model)
+    data = train_data(dataset, batch_size, device)
+    if test_data is None and hasattr(dataset, "test") and not isinstance(dataset, torch.utils.data.Dataset):
         test_data = dataset.test
-    n_train = len(y_train)
-    if n_train == 0:
-        raise ConfigError("dataset is empty")
-    params = list(model.parameters())
-    device = params[0].device if params else torch.device("cpu")
-    if x_train.device != device:
-        raise ConfigError(
-            f"data is on device {x_train.device} but the model is on {device}: move one of them"
+    loop = _FitLoop(model, data, device, locals())
+    return loop.run(dataset, test_data, list(callbacks), store, checkpoint, progress, config)
+
+
+class _FitLoop:
+    """fit()'s validated settings and its loop (split out of :func:`fit` to keep each piece short)."""
+
+    def __init__(self, model: nn.Module, data: TrainData, device: torch.device, kw: dict[str, Any]):
+        self.model, self.data, self.device, self.kw = model, data, device, kw
+        n = data.num_samples
+        steps, epochs = kw["steps"], kw["epochs"]
+        if (steps is None) == (epochs is None):
+            raise ConfigError(
+                f"give exactly one of steps= and epochs= (got steps={steps!r}, epochs={epochs!r})"
+            )
+        bs = kw["batch_size"]
+        if data.loader and callable(bs):
+            raise ConfigError(
+                f"batch_size={_describe(bs)} is not allowed with a loader: a batch-size schedule needs indexable "
+                "data (tensors or a map-style Dataset), a loader's batches are its own"
+            )
+        if data.loader:
+            self.bs_s = None
+        else:
+            self.bs_s = as_schedule("batch_size", 128 if bs is None else bs, integer=True)
+        self.lr_s = as_schedule("lr", kw["lr"])
+        mom = kw["momentum"]
+        self.mom_s = (
+            as_schedule("momentum", mom, low=0.0, low_inclusive=True, high=1.0, high_inclusive=False)
+            if mom is not None
+            else None
         )
-    if (steps is None) == (epochs is None):
-        raise ConfigError(f"give exactly one of steps= and epochs= (got steps={steps!r}, epochs={epochs!r})")
-    lr_s = _as_schedule("lr", lr)
-    bs_s = _as_schedule("batch_size", batch_size, integer=True)
-    mom_s = (
-        _as_schedule("momentum", momentum, low=0.0, low_inclusive=True, high=1.0, high_inclusive=False)
-        if momentum is not None
-        else None
-    )
-    b0 = bs_s(0)
-    for name, val in (("lr", lr_s(0)),):
-        check_number(name, val, low=0.0)
-    if isinstance(b0, bool) or not isinstance(b0, (int, np.integer)) or b0 < 1 or b0 > n_train:
-        raise ConfigError(
-            f"batch_size={b0!r} is not allowed: must be an integer >= 1 and <= {n_train} (train size)"
+        check_number("lr", self.lr_s(0), low=0.0)
+        b0 = _check_batch(self.bs_s(0), n, "") if self.bs_s is not None else data.batch_size
+        self.b0 = b0
+        if steps is not None:
+            self.steps, self.max_samples = check_int("steps", steps, low=1), None
+            self.epochs = epochs
+        else:
+            epochs = check_number("epochs", epochs, low=0.0)
+            if n is None:
+                raise ConfigError(
+                    f"epochs={epochs!r} is not allowed with data of unknown size ({type(data.source.iterable).__name__}"
+                    "): give steps="
+                )
+            self.steps, self.max_samples = 10**9, int(math.ceil(epochs * n))
+            self.epochs = epochs
+        check_number("weight_decay", kw["weight_decay"], low=0.0, low_inclusive=True)
+        mmb = kw["max_micro_batch"]
+        self.micro = None if mmb is None else check_int("max_micro_batch", mmb, low=1)
+        per = b0 or 1
+        est = self.steps if self.max_samples is None else max(1, self.max_samples // per)
+        self.total_steps_est = est
+        ev = kw["eval_every"]
+        self.eval_every = check_int("eval_every", max(1, est // 20) if ev is None else ev, low=1)
+        if kw["eval_max_samples"] is not None:
+            check_int("eval_max_samples", kw["eval_max_samples"], low=1)
+        self.precision = check_precision(kw["precision"], device)
+        self.batch_loss = BatchLoss(kw["loss_fn"], kw["compute_loss"], kw["batch_weight"])
+        self.opt = make_optimizer(
+            kw["optimizer"],
+            model,
+            self.lr_s(0),
+            self.mom_s(0) if self.mom_s else 0.0,
+            kw["weight_decay"],
+            kw["rho"],
+            kw["optimizer_opts"],
         )
-    if steps is not None:
-        steps = check_int("steps", steps, low=1)
-        max_samples = None
-    else:
-        epochs = check_number("epochs", epochs, low=0.0)
-        max_samples = int(math.ceil(epochs * n_train))
-        steps = 10**9
-    check_number("weight_decay", weight_decay, low=0.0, low_inclusive=True)
-    if max_micro_batch is not None:
-        max_micro_batch = check_int("max_micro_batch", max_micro_batch, low=1)
-    total_steps_est = steps if max_samples is None else max(1, max_samples // b0)
-    if eval_every is None:
-        eval_every = max(1, total_steps_est // 20)
-    eval_every = check_int("eval_every", eval_every, low=1)
-    opt = _make_optimizer(
-        optimizer, model, lr_s(0), mom_s(0) if mom_s else 0.0, weight_decay, rho, optimizer_opts
-    )
-    base = opt.param_groups[0]["lr"] or 1.0
-    ratios = [g["lr"] / base if base else 1.0 for g in opt.param_groups]
-    callbacks = list(callbacks)
+        self.step_fn = TrainStep(
+            model, self.opt, self.batch_loss, precision=self.precision, clip_grad_norm=kw["clip_grad_norm"]
+        )
+        base = self.opt.param_groups[0]["lr"] or 1.0
+        self.ratios = [g["lr"] / base if base else 1.0 for g in self.opt.param_groups]
 
-    cfg = {
-        "model": getattr(model, "lrbs_spec", {"name": type(model).__name__}),
-        "dataset": dataset.describe() if hasattr(dataset, "describe") else {"n_train": n_train},
-        "optimizer": optimizer if isinstance(optimizer, str) else type(opt).__name__,
-        "lr": _describe(lr),
-        "batch_size": _describe(batch_size),
-        "steps": None if max_samples is not None else steps,
-        "epochs": epochs,
-        "momentum": _describe(momentum),
-        "weight_decay": weight_decay,
-        "rho": rho,
-        "optimizer_opts": optimizer_opts,
-        "seed": seed,
-        "max_micro_batch": max_micro_batch,
-        "eval_every": eval_every,
-        **(config or {}),
-    }
-    run_key = None
-    if store is not None:
-        run_key = store.start_run(cfg, kind="fit")
+    def config(self, dataset: Any, extra: dict[str, Any] | None) -> dict[str, Any]:
+        """The run's config (JSON-able); arguments at their defaults add no keys (run keys stay stable)."""
+        kw, data = self.kw, self.data
+        if hasattr(dataset, "describe"):
+            ds = dataset.describe()
+        elif isinstance(data.source, TensorSource):
+            ds = {"n_train": data.num_samples}
+        else:
+            ds = {**data.source.describe(), "n_train": data.num_samples}
+        cfg = {
+            "model": getattr(self.model, "lrbs_spec", {"name": type(self.model).__name__}),
+            "dataset": ds,
+            "optimizer": kw["optimizer"] if isinstance(kw["optimizer"], str) else type(self.opt).__name__,
+            "lr": _describe(kw["lr"]),
+            "batch_size": _describe(kw["batch_size"] if kw["batch_size"] is not None else self.b0),
+            "steps": None if self.max_samples is not None else self.steps,
+            "epochs": self.epochs,
+            "momentum": _describe(kw["momentum"]),
+            "weight_decay": kw["weight_decay"],
+            "rho": kw["rho"],
+            "optimizer_opts": kw["optimizer_opts"],
+            "seed": kw["seed"],
+            "max_micro_batch": self.micro,
+            "eval_every": self.eval_every,
+        }
+        if self.precision != "32":
+            cfg["precision"] = self.precision
+        if kw["clip_grad_norm"] is not None:
+            cfg["clip_grad_norm"] = kw["clip_grad_norm"]
+        if kw["eval_max_samples"] is not None:
+            cfg["eval_max_samples"] = kw["eval_max_samples"]
+        if kw["loss_fn"] is not None or kw["compute_loss"] is not None or kw["batch_weight"] is not None:
+            cfg["loss"] = self.batch_loss.name
+        return {**cfg, **(extra or {})}
 
-    hist: dict[str, list] = {"step": [], "samples": [], "lr": [], "batch_size": [], "loss": []}
-    evals: list[dict] = []
-    status, diverged_at = "completed", None
-    t_start = time.perf_counter()
-    sam = _is_sam(opt)
-    lossf = loss_fn or nn.functional.cross_entropy
-
-    def do_eval(step: int, samples: int, state: TrainState) -> dict:
-        row = {"step": step, "samples": samples}
-        tr = evaluate(model, (x_train, y_train), loss_fn, eval_batch_size)
-        row["train_loss"], row["train_acc"] = tr["loss"], tr["accuracy"]
+    def eval_sets(self, test_data: Any) -> tuple[EvalSet, EvalSet | None]:
+        kw = self.kw
+        b, cap, seed = kw["eval_batch_size"], kw["eval_max_samples"], kw["seed"]
+        tr = EvalSet(self.data.source, b, self.device, max_samples=cap, seed=seed)
+        te = None
         if test_data is not None:
-            te = evaluate(model, test_data, loss_fn, eval_batch_size)
-            row["test_loss"], row["test_acc"] = te["loss"], te["accuracy"]
+            te = EvalSet(test_data, b, self.device, max_samples=cap, seed=seed, name="test_data")
+        return tr, te
+
+    def evaluate(self, step: int, samples: int, state: TrainState, sets, evals, callbacks) -> dict:
+        row: dict[str, Any] = {"step": step, "samples": samples}
+        for prefix, es in zip(("train", "test"), sets):
+            if es is None:
+                continue
+            r = evaluate_batches(self.model, es.batches(), self.batch_loss, self.precision)
+            row[f"{prefix}_loss"] = r["loss"]
+            if r["accuracy"] is not None:
+                row[f"{prefix}_acc"] = r["accuracy"]
         state.evals = evals
         state.last_eval = row
         for cb in callbacks:
@@ -451,149 +692,176 @@ def fit(
         evals.append(row)
         return row
 
-    bar = None
-    if progress:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(
-            TextColumn("[bold]fit[/]"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TimeRemainingColumn(),
-            transient=True,
-        )
-        bar.start()
-        task = bar.add_task("fit", total=total_steps_est, loss=float("nan"))
-
-    model.train()
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-        torch.manual_seed(seed)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        sampler = _Sampler(n_train, gen)
-        state = TrainState(
-            0,
-            model,
-            opt,
-            lr_s(0),
-            b0,
-            float("nan"),
-            0,
-            loss_fn=loss_fn,
-            train_data=(x_train, y_train),
-            max_micro_batch=max_micro_batch,
-        )
-        for cb in callbacks:
-            cb.on_start(state)
-        samples = 0
-        step = 0
-        last_set: tuple = ()
+    def run(self, dataset, test_data, callbacks, store, checkpoint, progress, extra) -> FitResult:
+        cfg = self.config(dataset, extra)
+        sets = self.eval_sets(test_data)
+        run_key = store.start_run(cfg, kind="fit") if store is not None else None
+        t_start = time.perf_counter()
+        bar = _progress_bar(self.total_steps_est) if progress else None
         try:
-            while step < steps and (max_samples is None or samples < max_samples):
-                b = int(bs_s(step))
-                if b < 1 or b > n_train:
-                    raise ConfigError(
-                        f"batch_size schedule gave {b} at step {step}: must be >= 1 and <= {n_train} (train size)"
-                    )
-                cur_lr = float(lr_s(step))
-                if not math.isfinite(cur_lr) or cur_lr < 0:
-                    raise ConfigError(
-                        f"lr schedule gave {cur_lr} at step {step}: must be a finite number >= 0"
-                    )
-                cur_mom = float(mom_s(step)) if mom_s else None
-                if (cur_lr, cur_mom) != last_set:  # constant schedules write the groups once
-                    _set_group_values(opt, cur_lr, ratios, cur_mom)
-                    last_set = (cur_lr, cur_mom)
-                idx = sampler.take(b).to(device)
-                xb, yb = x_train[idx], y_train[idx]
-                micro = max_micro_batch or b
-                opt.zero_grad(set_to_none=True)
-                loss_val = 0.0
-                if micro >= b:  # one pass, no slicing or rescaling (the common case, kept lean)
-                    lo = lossf(model(xb), yb)
-                    lo.backward()
-                    loss_val = float(lo.detach())
-                else:
-                    for s in range(0, b, micro):
-                        xm, ym = xb[s : s + micro], yb[s : s + micro]
-                        lo = lossf(model(xm), ym) * (len(ym) / b)
-                        lo.backward()
-                        loss_val += float(lo.detach())
-                if not math.isfinite(loss_val):
-                    status, diverged_at = "diverged", step
-                    break
-                if sam:
-                    from .optim import frozen_running_stats
-
-                    opt.first_step(zero_grad=True)
-                    with frozen_running_stats(model):  # BN statistics are not updated by the second pass
-                        for s in range(0, b, micro):
-                            xm, ym = xb[s : s + micro], yb[s : s + micro]
-                            (lossf(model(xm), ym) * (len(ym) / b)).backward()
-                    opt.second_step(zero_grad=False)
-                else:
-                    opt.step()
-                samples += b
-                hist["step"].append(step)
-                hist["samples"].append(samples)
-                hist["lr"].append(cur_lr)
-                hist["batch_size"].append(b)
-                hist["loss"].append(loss_val)
-                state.step, state.lr, state.batch_size, state.loss = step, cur_lr, b, loss_val
-                state.samples_seen, state.x, state.y = samples, xb, yb
-                for cb in callbacks:
-                    cb.on_step(state)
-                step += 1
-                if bar is not None:
-                    bar.update(task, advance=1, loss=loss_val)
-                if state.stop:
-                    break
-                if step % eval_every == 0:
-                    row = do_eval(step, samples, state)
-                    if not math.isfinite(row["train_loss"]):
-                        status, diverged_at = "diverged", step
-                        break
-                    if state.stop:
-                        break
+            out = self.train(sets, callbacks, bar)
         except BaseException as e:
-            if bar is not None:
-                bar.stop()
             if store is not None and run_key is not None:
                 store.fail_run(run_key, f"{type(e).__name__}: {e}")
             raise
-        if status == "completed" and (not evals or evals[-1]["step"] != step):
-            do_eval(step, samples, state)
-        for cb in callbacks:
-            cb.on_end(state)
-    if bar is not None:
-        bar.stop()
-    wall = time.perf_counter() - t_start
-    final = {k: v for k, v in (evals[-1] if evals else {}).items() if isinstance(v, (int, float))}
-    if status == "diverged":
-        final = {"train_loss": float("nan"), "diverged_at": diverged_at, "step": diverged_at}
-    history = {k: np.asarray(v) for k, v in hist.items()}
-    if checkpoint is not None and status == "completed":
-        save_checkpoint(model, checkpoint, meta={"lrbs": "fit"})
-    result = FitResult(status, history, evals, final, wall, cfg, diverged_at, run_key)
-    if store is not None and run_key is not None:
-        rows = [(int(s), "batch_loss", float(v)) for s, v in zip(history["step"], history["loss"])]
-        rows += [(int(s), "lr", float(v)) for s, v in zip(history["step"], history["lr"])]
-        rows += [(int(s), "batch_size", float(v)) for s, v in zip(history["step"], history["batch_size"])]
-        for e in evals:
-            rows += [
-                (int(e["step"]), k, float(v))
-                for k, v in e.items()
-                if k not in ("step",) and isinstance(v, (int, float))
-            ]
-        store.finish_run(run_key, status, result=_jsonable(result.to_dict()), metrics=rows)
-    return result
+        finally:
+            if bar is not None:
+                bar[0].stop()
+        status, diverged_at, rows, evals = out
+        wall = time.perf_counter() - t_start
+        final = {k: v for k, v in (evals[-1] if evals else {}).items() if isinstance(v, (int, float))}
+        if status == "diverged":
+            final = {"train_loss": float("nan"), "diverged_at": diverged_at, "step": diverged_at}
+        keys = ("step", "samples", "lr", "batch_size", "loss", "applied")
+        cols = list(zip(*rows)) if rows else [() for _ in keys]
+        history = {k: np.asarray(c) for k, c in zip(keys, cols)}
+        if self.precision != "16-mixed":
+            history.pop("applied")
+        else:
+            history["applied"] = history["applied"].astype(bool)
+        if checkpoint is not None and status == "completed":
+            save_checkpoint(self.model, checkpoint, meta={"lrbs": "fit"})
+        result = FitResult(status, history, evals, final, wall, cfg, diverged_at, run_key)
+        if store is not None and run_key is not None:
+            _store_result(store, run_key, result)
+        return result
+
+    def train(self, sets, callbacks, bar) -> tuple[str, int | None, list[tuple], list[dict]]:
+        """The loop (in a forked RNG seeded by ``seed``); returns status, diverged_at, history rows, evals."""
+        model, opt, kw, data = self.model, self.opt, self.kw, self.data
+        device, seed = self.device, kw["seed"]
+        rows: list[tuple] = []
+        evals: list[dict] = []
+        status, diverged_at = "completed", None
+        model.train()
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            torch.manual_seed(seed)
+            stream = BatchStream(data.source, self.b0, device, seed)
+            state = TrainState(
+                0,
+                model,
+                opt,
+                self.lr_s(0),
+                self.b0 or 0,
+                float("nan"),
+                0,
+                loss_fn=kw["loss_fn"],
+                train_data=data.tensors,
+                max_micro_batch=self.micro,
+                batch_loss=self.batch_loss,
+            )
+            try:
+                for cb in callbacks:
+                    cb.on_start(state)
+                step, updates, samples = 0, 0, 0
+                last_set: tuple = ()
+                n, steps, max_samples = data.num_samples, self.steps, self.max_samples
+                lr_s, mom_s, bs_s, step_fn = self.lr_s, self.mom_s, self.bs_s, self.step_fn
+                lean = self.micro is None and not step_fn.sam
+                src = data.source
+                direct = src if isinstance(src, TensorSource) and src.device == device else None
+                while step < steps and (max_samples is None or samples < max_samples):
+                    cur_lr = float(lr_s(updates))
+                    if not math.isfinite(cur_lr) or cur_lr < 0:
+                        raise ConfigError(
+                            f"lr schedule gave {cur_lr} at step {updates}: must be a finite number >= 0"
+                        )
+                    cur_mom = float(mom_s(updates)) if mom_s else None
+                    if (cur_lr, cur_mom) != last_set:  # constant schedules write the groups once
+                        set_group_values(opt, cur_lr, self.ratios, cur_mom)
+                        last_set = (cur_lr, cur_mom)
+                    if bs_s is not None:
+                        b = int(bs_s(updates))
+                        if b < 1 or b > n:
+                            raise ConfigError(
+                                f"batch_size schedule gave {b} at step {updates}: must be >= 1 and <= {n} (train size)"
+                            )
+                        # tensors already on the model's device: index them directly (no per-step device check)
+                        batch = direct.take(stream.sampler.take(b)) if direct is not None else stream.next(b)
+                    else:
+                        batch = stream.next()
+                        b = batch_size_of(batch)
+                    if lean:  # one pass, no slicing or rescaling (the common case, kept lean)
+                        mbs, scales = [batch], None
+                        loss_val = float(step_fn.forward_backward(mbs)[0])
+                    else:
+                        mbs, scales = micro_batches(batch, b, self.micro, self.batch_loss)
+                        loss_val = sum(float(lo) for lo in step_fn.forward_backward(mbs, scales))
+                    if not math.isfinite(loss_val):
+                        status, diverged_at = "diverged", step
+                        break
+                    applied = step_fn.update(mbs, scales)
+                    updates += applied
+                    samples += b
+                    rows.append((step, samples, cur_lr, b, loss_val, applied))
+                    state.step, state.lr, state.batch_size, state.loss = step, cur_lr, b, loss_val
+                    state.samples_seen, state.batch = samples, batch
+                    state.x, state.y = _xy(batch)
+                    for cb in callbacks:
+                        cb.on_step(state)
+                    step += 1
+                    if bar is not None:
+                        bar[0].update(bar[1], advance=1, loss=loss_val)
+                    if state.stop:
+                        break
+                    if step % self.eval_every == 0:
+                        row = self.evaluate(step, samples, state, sets, evals, callbacks)
+                        if not math.isfinite(row.get("train_loss", 0.0)):
+                            status, diverged_at = "diverged", step
+                            break
+                        if state.stop:
+                            break
+                if status == "completed" and (not evals or evals[-1]["step"] != step):
+                    self.evaluate(step, samples, state, sets, evals, callbacks)
+                for cb in callbacks:
+                    cb.on_end(state)
+            finally:
+                stream.close()
+        return status, diverged_at, rows, evals
 
 
-def _jsonable(obj: Any) -> Any:
+def _xy(batch: Any) -> tuple[Any, Any]:
+    """``(x, y)`` of an ``(x, y)`` tuple batch (callbacks' ``state.x`` / ``state.y``), else ``(None, None)``."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    return None, None
+
+
+def _progress_bar(total: int) -> tuple[Any, Any]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("[bold]fit[/]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+        transient=True,
+    )
+    bar.start()
+    return bar, bar.add_task("fit", total=total, loss=float("nan"))
+
+
+def _store_result(store: Any, run_key: str, result: FitResult) -> None:
+    history = result.history
+    rows = [(int(s), "batch_loss", float(v)) for s, v in zip(history["step"], history["loss"])]
+    rows += [(int(s), "lr", float(v)) for s, v in zip(history["step"], history["lr"])]
+    rows += [(int(s), "batch_size", float(v)) for s, v in zip(history["step"], history["batch_size"])]
+    for e in result.evals:
+        rows += [
+            (int(e["step"]), k, float(v))
+            for k, v in e.items()
+            if k not in ("step",) and isinstance(v, (int, float))
+        ]
+    store.finish_run(run_key, result.status, result=jsonable(result.to_dict()), metrics=rows)
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with numpy scalars as Python numbers, non-finite floats as None, and anything else as its repr."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (np.floating, float)):
@@ -602,6 +870,9 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (int, str, bool)) or obj is None:
         return obj
     return repr(obj)
+
+
+_jsonable = jsonable  # kept for sweep.py until it imports the public name
 
 
 # --------------------------------------------------------------------------- config-driven training
@@ -631,7 +902,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _parse_spec(name: str, value: Any) -> Any:
+def parse_spec(name: str, value: Any) -> Any:
     """A schedule given as a string spec (``"cosine(start=0.1, steps=1000)"``) becomes a Schedule."""
     if isinstance(value, str):
         from .schedules import parse
@@ -684,8 +955,8 @@ def train_config(
     ds = dataset if dataset is not None else load_dataset(cfg["dataset"], **(cfg["dataset_opts"] or {}))
     mseed = cfg["seed"] if cfg["model_seed"] is None else cfg["model_seed"]
     model = build_model(cfg["model"], dataset=ds, seed=mseed, **(cfg["model_opts"] or {}))
-    lr = _parse_spec("lr", cfg["lr"])
-    batch = _parse_spec("batch_size", cfg["batch_size"])
+    lr = parse_spec("lr", cfg["lr"])
+    batch = parse_spec("batch_size", cfg["batch_size"])
     if cfg["lr_rule"] is not None or cfg["warmup"]:
         from .recipes import linear_scaling
 
@@ -706,7 +977,7 @@ def train_config(
         batch_size=batch,
         steps=cfg["steps"],
         epochs=cfg["epochs"],
-        momentum=_parse_spec("momentum", cfg["momentum"]),
+        momentum=parse_spec("momentum", cfg["momentum"]),
         weight_decay=cfg["weight_decay"],
         rho=cfg["rho"],
         optimizer_opts=cfg["optimizer_opts"] or None,
@@ -720,6 +991,6 @@ def train_config(
         store=store,
         checkpoint=checkpoint,
         progress=progress,
-        config={"train_config": _jsonable(cfg)},
+        config={"train_config": jsonable(cfg)},
     )
     return model, result
