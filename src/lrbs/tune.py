@@ -559,7 +559,7 @@ def _ladder(batch_sizes: Any, max_batch_size: Any, n: int | None, loader_batch: 
         while b <= top:
             sizes.append(b)
             b *= 2
-        sizes = sizes or [top]
+        sizes = sizes or [_LADDER_START]  # cut to the data / max_batch_size below, with the reason
     if max_batch_size is not None:
         kept = [b for b in sizes if b <= max_batch_size]
         sizes = kept or [max_batch_size]
