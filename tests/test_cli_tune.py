@@ -1,0 +1,54 @@
+"""``lrbs tune``: bad inputs give one line and exit status 2; a run prints the table and writes the files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lrbs.cli import main
+
+BLOBS = ["--dataset", "blobs", "--dataset-opts", '{"n_train": 512, "n_test": 128, "num_features": 8}',
+         "--model", "mlp", "--model-opts", '{"depth": 2, "width": 16}', "--no-progress"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ([], "give exactly one of budget_epochs= and budget_samples="),
+        (["--budget-epochs", "1", "--budget-samples", "100"], "give exactly one of budget_epochs"),
+        (["--budget-epochs", "0"], "budget_epochs=0.0 is not allowed"),
+        (["--budget-samples", "-5"], "budget_samples=-5 is not allowed"),
+        (["--budget-epochs", "1", "--max-batch-size", "0"], "max_batch_size=0 is not allowed"),
+        (
+            ["--budget-epochs", "1", "--max-batch-size", "100000"],
+            r"max_batch_size=100000 is not allowed: .*<= 512",
+        ),
+        (["--budget-epochs", "1", "--optimizer", "sgdd"], "unknown optimizer 'sgdd'. Did you mean 'sgd'"),
+        (["--budget-epochs", "1", "--batch-sizes", "64,32"], r"strictly increasing \(32 follows 64\)"),
+        (
+            ["--budget-epochs", "1", "--batch-sizes", "16,a"],
+            "--batch-sizes: must be comma-separated integers",
+        ),
+        (["--budget-epochs", "1", "--precision", "16-mixed"], "needs a CUDA GPU"),
+    ],
+)
+def test_bad_inputs_one_line_exit_2(capsys, args, match):
+    import re
+
+    assert main(["tune", *BLOBS, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(match, err), err
+    assert "Traceback" not in err
+
+
+def test_tune_run_writes_report_and_json(capsys, tmp_path):
+    report, evidence = tmp_path / "tune.html", tmp_path / "tune.json"
+    args = ["tune", *BLOBS, "--budget-samples", "24000", "--batch-sizes", "16,32", "--report", str(report),
+            "--json", str(evidence)]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    data = json.loads(evidence.read_text())
+    assert "lrbs tune: recommendation" in out and "learning rate" in out
+    assert data["batch_size"] in (16, 32) and data["lr"] > 0 and data["confidence"] in ("high", "low")
+    assert report.read_text().count("data:image/svg+xml;base64,") == 4
