@@ -277,6 +277,9 @@ class Store:
             be checked (another host) or its pid was reused.
         busy_timeout: seconds to wait for a lock held by another connection before failing.
 
+    One Store may be used from several threads of its process, one call at a time (callers serialize, as the
+    study does); its connection is not tied to the thread that opened it.
+
     Raises:
         StoreError: the location is read-only or not a directory; the file is not a SQLite database,
             is corrupt, is not an lrbs store, or was written by a newer lrbs (newer schema version); a
@@ -308,13 +311,15 @@ class Store:
             if not self.path.is_file():
                 raise StoreError(f"cannot open the store {str(self.path)!r} read-only: no such file")
             uri = "file:" + urllib.parse.quote(str(self.path)) + "?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, timeout=busy, isolation_level=None)
+            conn = sqlite3.connect(uri, uri=True, timeout=busy, isolation_level=None, check_same_thread=False)
         else:
             # Detect a read-only or impossible location before anything is created.
             _check_writable_location(self.path, "file")
             _check_writable_location(self.artifact_dir, "folder")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(self.path), timeout=busy, isolation_level=None)
+            conn = sqlite3.connect(
+                str(self.path), timeout=busy, isolation_level=None, check_same_thread=False
+            )
         try:
             self._setup(conn, busy)
         except BaseException:

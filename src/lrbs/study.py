@@ -11,15 +11,16 @@ that does not reproduce at this scale is reported as such with its numbers.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, check_choice, check_int
+from .errors import ConfigError, LrbsError, check_choice, check_int
 from .papers import PAPERS
-from .papers._common import Context, PaperResult, _clean
+from .papers._common import Context, Executor, PaperResult, _clean
 
 __all__ = ["run_study", "StudyResult", "PAPERS"]
 
@@ -44,25 +45,35 @@ def run_study(
     seeds: int | None = None,
     progress: bool = False,
     threads: int | None = 1,
+    jobs: int | None = None,
     log: Any = print,
 ) -> StudyResult:
     """Run the study and write ``out/report.html`` and ``out/lab.sqlite``.
+
+    With ``jobs > 1`` the papers run side by side (each in a thread of this process that holds the driver's side
+    of the study only while it is not waiting) and their independent training runs and measurements run in
+    ``jobs`` worker processes started once for the whole study (or as Ray tasks with ``backend="ray"``), with
+    ``threads`` torch threads each. Every number is bitwise the same as with ``jobs=1``: the same seeds and
+    settings, every result is handed back in the order it was asked for, and only this process writes the store.
 
     Args:
         out: output directory.
         quick: a reduced budget (about 3 minutes on 2 CPU cores instead of about 15).
         papers: which paper modules to run (default: all, see :data:`lrbs.papers.PAPERS`).
-        backend: ``"local"`` or ``"ray"`` (independent training runs fan out as Ray tasks).
+        backend: ``"local"`` or ``"ray"`` (independent training runs and measurements fan out as Ray tasks).
         seeds: number of seeds (default 1 for quick, 3 for full); seeds are 0..N-1, fixed up front.
-        progress: show progress bars.
-        threads: torch CPU threads (default 1: the study's models are small, and two OpenMP threads per process
-            on a busy 2-core machine were measured up to 100x slower); None leaves torch's setting alone.
+        progress: show progress bars (training in this process, ``jobs=1``).
+        threads: torch CPU threads per run (default 1: the study's models are small, and two OpenMP threads per
+            process on a busy 2-core machine were measured up to 100x slower); None leaves torch's setting alone.
+        jobs: worker processes (Ray: CPUs); default the CPUs this process may use; 1 runs everything here.
 
     Raises:
-        ConfigError: unknown paper name (suggests the closest), bad seed count or backend.
+        ConfigError: unknown paper name (suggests the closest), bad seed count, backend or jobs.
+        LrbsError: a paper failed (with ``jobs > 1``: after the other papers finished); everything finished is
+            in the store, and running the same command again completes the study without recomputing it.
     """
     from .data import load_dataset
-    from .report import Report, environment, write_html
+    from .pool import available_cpus
     from .store import Store
 
     names = list(PAPERS) if not papers else list(papers)
@@ -70,6 +81,15 @@ def run_study(
         check_choice("papers", n, PAPERS)
     check_choice("backend", backend, ("local", "ray"))
     n_seeds = check_int("seeds", seeds if seeds is not None else (1 if quick else 3), low=1, high=10)
+    cpus = available_cpus()
+    n_jobs = check_int("jobs", cpus if jobs is None else jobs, low=1)
+    if threads is not None:
+        threads = check_int("threads", threads, low=1)
+    if n_jobs * (threads or 1) > cpus:
+        log(
+            f"note: jobs={n_jobs} x threads={threads or 1} is more than the {cpus} CPU(s) this process may use: "
+            "runs share cores (slower each, same numbers)"
+        )
     if not quick and n_seeds < 2:
         log("note: one seed gives no spread; use --seeds 2 or more for uncertainties")
     out = Path(out)
@@ -79,9 +99,9 @@ def run_study(
 
     old_threads = torch.get_num_threads()
     if threads is not None:
-        torch.set_num_threads(check_int("threads", threads, low=1))
+        torch.set_num_threads(threads)
     store = Store(out / "lab.sqlite")
-    results: dict[str, PaperResult] = {}
+    executor = Executor(backend, n_jobs, threads)
     try:
         ctx = Context(
             store=store,
@@ -92,52 +112,19 @@ def run_study(
             progress=progress,
             dataset=load_dataset("mnist1d"),
             log=log,
+            jobs=n_jobs,
+            threads=threads,
+            executor=executor,
         )
-        for name in names:
-            t = time.perf_counter()
-            log(f"== {name}")
-            res = PAPERS[name].run(ctx)
-            res.seconds = time.perf_counter() - t
-            results[name] = res
-            # the numbers shown in the report are stored, so the report can be checked against the store
-            cfg = {
-                "paper": name,
-                "scale": ctx.scale,
-                "seeds": list(ctx.seeds),
-                "data": ctx.dataset.fingerprint,
-            }
-            key = store.start_run(cfg, kind="paper", rerun=True)
-            store.finish_run(
-                key,
-                "completed",
-                result={"numbers": _clean(res.numbers), "findings": [f.to_dict() for f in res.findings]},
-            )
-            log(f"   {name}: {res.seconds:.0f}s")
-        settings = {
-            "seeds": list(ctx.seeds),
-            "scale": ctx.scale,
-            "backend": backend,
-            "dataset": ctx.dataset.describe(),
-            "papers": names,
-            "seconds": round(time.perf_counter() - t0, 1),
-            **environment(),
-        }
-        report = Report(
-            title="lrbs study: learning rate and batch size on MNIST-1D",
-            summary_findings=[f for r in results.values() for f in r.findings],
-            sections=[_overview(results, ctx)] + [r.section for r in results.values()],
-            settings=settings,
-            warnings=list(ctx.warnings)
-            + (
-                [
-                    "Quick scale: reduced budgets, one seed unless --seeds is given; verdicts are indicative only."
-                ]
-                if quick
-                else []
-            ),
-        )
-        path = write_html(report, out / "report.html")
+        try:
+            results = _run_papers(names, ctx)
+        except Exception:  # what was started still finishes and is stored (Ctrl-C cancels it: finally below)
+            executor.close()
+            raise
+        executor.close()
+        path = _write_report(results, ctx, names, time.perf_counter() - t0, quick)
     finally:
+        executor.close(cancel=True)
         store.close()
         torch.set_num_threads(old_threads)
     return StudyResult(
@@ -147,6 +134,100 @@ def run_study(
         results,
         time.perf_counter() - t0,
     )
+
+
+def _run_paper(name: str, ctx: Context) -> PaperResult:
+    """One paper: run it, time it, store its numbers and findings (so the report can be checked against them)."""
+    t = time.perf_counter()
+    ctx.log(f"== {name}")
+    res = PAPERS[name].run(ctx)
+    res.seconds = time.perf_counter() - t
+    cfg = {"paper": name, "scale": ctx.scale, "seeds": list(ctx.seeds), "data": ctx.dataset.fingerprint}
+    key = ctx.store.start_run(cfg, kind="paper", rerun=True)
+    ctx.store.finish_run(
+        key,
+        "completed",
+        result={"numbers": _clean(res.numbers), "findings": [f.to_dict() for f in res.findings]},
+    )
+    ctx.log(f"   {name}: {res.seconds:.0f}s")
+    return res
+
+
+def _run_papers(names: list[str], ctx: Context) -> dict[str, PaperResult]:
+    """Every paper, one after the other (``jobs=1``) or side by side in threads; results in the order of
+    ``names``, each paper's warnings in ``ctx.warnings`` in that order too."""
+    views = {name: ctx.for_paper() for name in names}
+    results: dict[str, PaperResult] = {}
+    if not ctx.executor.parallel:
+        for name in names:
+            results[name] = _run_paper(name, views[name])
+            ctx.warnings.extend(views[name].warnings)
+        return results
+    errors: dict[str, BaseException] = {}
+
+    def work(name: str) -> None:
+        try:
+            with ctx.executor.baton():
+                results[name] = _run_paper(name, views[name])
+        except BaseException as e:  # noqa: BLE001 - reported below, after the other papers
+            errors[name] = e
+
+    threads = [threading.Thread(target=work, args=(n,), name=f"paper-{n}", daemon=True) for n in names]
+    for th in threads:
+        th.start()
+    for th in threads:
+        while th.is_alive():  # a timeout keeps Ctrl-C responsive
+            th.join(0.2)
+    for name in names:
+        ctx.warnings.extend(views[name].warnings)
+    if errors:
+        raise _papers_failed(errors, names)
+    return {name: results[name] for name in names}
+
+
+def _papers_failed(errors: dict[str, BaseException], names: list[str]) -> BaseException:
+    """One error for the papers that failed (a KeyboardInterrupt or SystemExit passes through as it is)."""
+    failed = [(n, errors[n]) for n in names if n in errors]
+    for _, e in failed:
+        if not isinstance(e, Exception):
+            return e
+    lines = [f"{n}: {type(e).__name__}: {e}" for n, e in failed]
+    err = LrbsError(
+        f"{len(failed)} of {len(names)} paper(s) did not finish:\n  "
+        + "\n  ".join(lines)
+        + "\nEverything that finished is in the store: run the same command again to complete the study."
+    )
+    err.__cause__ = failed[0][1]
+    return err
+
+
+def _write_report(
+    results: dict[str, PaperResult], ctx: Context, names: list[str], seconds: float, quick: bool
+):
+    from .report import Report, environment, write_html
+
+    settings = {
+        "seeds": list(ctx.seeds),
+        "scale": ctx.scale,
+        "backend": ctx.backend,
+        "dataset": ctx.dataset.describe(),
+        "papers": names,
+        "seconds": round(seconds, 1),
+        **environment(),
+    }
+    report = Report(
+        title="lrbs study: learning rate and batch size on MNIST-1D",
+        summary_findings=[f for r in results.values() for f in r.findings],
+        sections=[_overview(results, ctx)] + [r.section for r in results.values()],
+        settings=settings,
+        warnings=list(ctx.warnings)
+        + (
+            ["Quick scale: reduced budgets, one seed unless --seeds is given; verdicts are indicative only."]
+            if quick
+            else []
+        ),
+    )
+    return write_html(report, ctx.out / "report.html")
 
 
 def _overview(results: dict[str, PaperResult], ctx: Context):

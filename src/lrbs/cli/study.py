@@ -12,7 +12,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--papers", default=None, help="comma-separated subset of the paper modules")
     p.add_argument("--backend", default="local", choices=["local", "ray"])
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 1 quick, 3 full)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; small models)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads per run (default 1; small models)"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="training runs and measurements in parallel: worker processes (Ray: CPUs); default the number of "
+        "CPUs; 1 runs everything in this process (same numbers either way)",
+    )
     p.set_defaults(func=run)
 
 
@@ -30,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         seeds=args.seeds,
         threads=args.threads,
+        jobs=args.jobs,
         progress=console.is_terminal,
         log=lambda m: console.print(m, markup=False),
     )

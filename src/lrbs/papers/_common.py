@@ -3,15 +3,24 @@
 A :class:`Context` wraps the study's :class:`~lrbs.store.Store`. Training runs and measurements are keyed by their
 full config, so a second ``lrbs study`` skips everything already finished (trained weights are stored as
 safetensors artifacts and reloaded; measurement results as JSON + ``.npz``).
+
+Independent runs and measurements go through the context's :class:`Executor`: in this process (``jobs=1``), or in
+a local process pool / Ray (``jobs > 1``), one torch thread each, with results recorded by the driver alone and
+handed back in the order they were asked for, so that every number is bitwise the same as with ``jobs=1``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
+import queue
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +29,11 @@ import torch
 from torch import nn
 
 from ..data import Dataset, load_dataset
-from ..errors import check_choice
+from ..errors import check_choice, check_int
 from ..models import build_model
 from ..objective import Objective
+from ..pool import Job
+from ..store import key_for
 from ..train import Callback, load_checkpoint, normalize_config, save_checkpoint, train_config
 
 SCALES = ("quick", "full")
@@ -69,6 +80,161 @@ class _Snapshots(Callback):
             self._take(state.step + 1, state.model)
 
 
+class _Baton:
+    """The right to run the driver's side of the study (paper code, store reads and writes): one thread at a time.
+
+    A paper thread holds it while it runs and lets it go while it waits for a worker, so the papers' own code (and
+    matplotlib, and SQLite) never runs concurrently; only the workers compute in parallel.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holder: int | None = None
+
+    def held(self) -> bool:
+        return self._holder == threading.get_ident()
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self.held():
+            yield
+            return
+        self._lock.acquire()
+        self._holder = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._holder = None
+            self._lock.release()
+
+    @contextmanager
+    def released(self) -> Iterator[None]:
+        """Let go of the baton (if this thread holds it) for the duration of a wait."""
+        if not self.held():
+            yield
+            return
+        self._holder = None
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()
+            self._holder = threading.get_ident()
+
+
+class Pending:
+    """A training run or measurement under way (``wait=False``): :meth:`result` waits for it and returns it."""
+
+    def __init__(self, job: Job, baton: _Baton, transform: Callable[[Any], Any] | None = None):
+        self._job, self._baton, self._transform = job, baton, transform
+
+    def done(self) -> bool:
+        return self._job.done()
+
+    def result(self) -> Any:
+        """The :class:`Trained` or the measurement dict (raises the error of the run, e.g. a dead worker)."""
+        if not self._job.done():
+            with self._baton.released():
+                self._job.exception()
+        value = self._job.result()
+        return value if self._transform is None else self._transform(value)
+
+
+def _timed(fn: Callable[..., dict], *args: Any) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+class Executor:
+    """Where a study's independent work runs: in this process (``jobs=1``), a local process pool, or Ray tasks.
+
+    Every training run and measurement goes through :meth:`run`: ``fn(*args)`` runs here or in a worker with
+    ``threads`` torch threads, and its result is recorded (``record(value)``) in this process only, by one thread
+    at a time, as soon as it arrives: the driver stays the only writer of the store, and a worker that dies loses
+    only the task it was running. Work started in this session is remembered by key (:attr:`memo`), so a second
+    request for it (another paper, or the same one later) waits for the same result instead of starting it again.
+
+    Args:
+        backend: ``"local"`` or ``"ray"``.
+        jobs: worker processes (local) or Ray CPUs; 1 with the local backend runs everything in this process.
+        threads: torch threads per task (None: leave the setting alone).
+    """
+
+    def __init__(self, backend: str = "local", jobs: int = 1, threads: int | None = 1):
+        self.backend = check_choice("backend", backend, ("local", "ray"))
+        self.jobs = check_int("jobs", jobs, low=1)
+        self.threads = threads
+        self.baton = _Baton()
+        self.memo: dict[tuple[str, str], Job] = {}
+        self._pool: Any = None
+        self._inbox: queue.Queue = queue.Queue()
+        self._recorder: threading.Thread | None = None
+        self._outstanding: list[Job] = []
+
+    @property
+    def parallel(self) -> bool:
+        """True when work runs outside this process (a pool or Ray)."""
+        return self.backend == "ray" or self.jobs > 1
+
+    def run(
+        self, fn: Callable, args: tuple, record: Callable[[Any], Any], describe: str, *, here: bool = False
+    ) -> Job:
+        """``record(fn(*args))``: at once in this process (``jobs=1`` or ``here``), or ``fn`` in a worker and
+        ``record`` here when it is done."""
+        if here or not self.parallel:
+            with self.baton():
+                return Job.completed(record(fn(*args)), describe)
+        done = Job(describe)
+        work = self._workers().submit(fn, *args, threads=self.threads, describe=describe)
+        work.add_done_callback(lambda w: self._inbox.put((w, record, done)))
+        self._outstanding.append(done)
+        return done
+
+    def _workers(self) -> Any:
+        if self._pool is None:
+            from ..pool import RayPool, WorkerPool
+
+            self._pool = RayPool(self.jobs) if self.backend == "ray" else WorkerPool(self.jobs)
+            self._recorder = threading.Thread(target=self._record_loop, name="lrbs-recorder", daemon=True)
+            self._recorder.start()
+        return self._pool
+
+    def _record_loop(self) -> None:
+        """The one thread that records workers' results (store writes), in the order they arrive."""
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                return
+            work, record, done = item
+            try:
+                value = work.result()
+                with self.baton():
+                    value = record(value)
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits for this job
+                done._finish(error=e)
+            else:
+                done._finish(value)
+
+    def close(self, cancel: bool = False) -> None:
+        """Wait for every started task to be recorded (or cancel the queued ones), then stop the workers."""
+        if self._pool is None:
+            return
+        if not cancel:
+            with self.baton.released():
+                for job in self._outstanding:
+                    job.exception()
+        self._pool.close(cancel=cancel)
+        self._inbox.put(None)
+        if self._recorder is not None:
+            self._recorder.join()
+        self._pool = None
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """The log of a context inside a worker process: nothing."""
+
+
 @dataclass
 class Context:
     """Shared state of one study run.
@@ -77,9 +243,12 @@ class Context:
         store: the study's store (``DIR/lab.sqlite``).
         scale: ``"quick"`` or ``"full"``.
         seeds: the seeds, fixed up front; every one of them is reported.
-        backend: ``"local"`` or ``"ray"`` (independent training runs fan out as Ray tasks).
+        backend: ``"local"`` or ``"ray"`` (independent runs and measurements fan out as Ray tasks).
         out: the output directory.
-        progress: show progress bars.
+        progress: show progress bars (training in this process only).
+        jobs: worker processes (or Ray CPUs) for independent training runs and measurements; 1 runs them here.
+        threads: torch threads of every training run and measurement.
+        executor: where the work runs (shared by the per-paper views of one study, see :meth:`for_paper`).
     """
 
     store: Any
@@ -91,12 +260,25 @@ class Context:
     dataset: Dataset | None = None
     log: Callable[[str], None] = print
     warnings: list[str] = field(default_factory=list)
+    jobs: int = 1
+    threads: int | None = 1
+    executor: Executor | None = None
 
     def __post_init__(self) -> None:
         check_choice("scale", self.scale, SCALES)
         check_choice("backend", self.backend, ("local", "ray"))
         if self.dataset is None:
             self.dataset = load_dataset("mnist1d")
+        if self.executor is None:
+            self.executor = Executor(self.backend, self.jobs, self.threads)
+
+    def __getstate__(self) -> dict:
+        """What a worker gets: the settings and the data, without the store, the executor or the log."""
+        return {**self.__dict__, "store": None, "executor": None, "log": _quiet, "warnings": []}
+
+    def for_paper(self) -> Context:
+        """A view for one paper: the same store and executor, its own warnings (reported in paper order)."""
+        return replace(self, warnings=[])
 
     @property
     def quick(self) -> bool:
@@ -125,9 +307,15 @@ class Context:
         *,
         snapshot_steps: Sequence[int] | None = None,
         noise_tracker: bool = False,
-    ) -> Trained:
-        """Train ``config`` (options of :func:`lrbs.train.train_config`), or reload it from the store."""
-        return self.train_many(paper, [config], snapshot_steps=snapshot_steps, noise_tracker=noise_tracker)[0]
+        wait: bool = True,
+    ) -> Trained | Pending:
+        """Train ``config`` (options of :func:`lrbs.train.train_config`), or reload it from the store.
+
+        With ``wait=False`` the run starts (in a worker when ``jobs > 1``) and a :class:`Pending` comes back.
+        """
+        return self.train_many(
+            paper, [config], snapshot_steps=snapshot_steps, noise_tracker=noise_tracker, wait=wait
+        )[0]
 
     def train_many(
         self,
@@ -136,30 +324,33 @@ class Context:
         *,
         snapshot_steps: Sequence[int] | None = None,
         noise_tracker: bool = False,
-    ) -> list[Trained]:
-        """Train several independent configs (as Ray tasks with ``backend="ray"``), reusing finished ones."""
-        out: list[Trained | None] = [None] * len(configs)
-        todo = []
-        for i, cfg in enumerate(configs):
-            kc = self._key_config(paper, cfg, snapshot_steps, noise_tracker)
+        wait: bool = True,
+    ) -> list[Trained] | list[Pending]:
+        """Train several independent configs (in parallel with ``jobs > 1`` or Ray), reusing finished ones.
+
+        All runs are started before the first is waited for; the results come back in the order of ``configs``.
+        """
+        pending = [self._submit_train(paper, cfg, snapshot_steps, noise_tracker) for cfg in configs]
+        return [p.result() for p in pending] if wait else pending
+
+    def _submit_train(self, paper: str, cfg: dict, snapshot_steps, noise_tracker: bool) -> Pending:
+        ex = self.executor
+        kc = self._key_config(paper, cfg, snapshot_steps, noise_tracker)
+        memo_key = ("train", key_for(kc))
+        with ex.baton():
+            if memo_key in ex.memo:  # started earlier in this session: the same result, a private copy
+                return Pending(ex.memo[memo_key], ex.baton, lambda t: replace(copy.deepcopy(t), config=cfg))
             rec = self.store.find(kc, kind="train")
             if rec is not None:
-                out[i] = self._reload(rec, cfg)
-            else:
-                todo.append((i, cfg, kc))
-        if todo:
-            if self.backend == "ray" and len(todo) > 1:
-                results = _train_ray([c for _, c, _ in todo], snapshot_steps, noise_tracker, self.dataset)
-            else:
-                results = []
-                for _, cfg, _ in todo:
-                    self.log(f"  train {paper}: {_short(cfg)}")
-                    results.append(
-                        _train_one(cfg, snapshot_steps, noise_tracker, self.dataset, self.progress)
-                    )
-            for (i, cfg, kc), res in zip(todo, results):
-                out[i] = self._record(kc, cfg, res)
-        return out  # type: ignore[return-value]
+                return Pending(Job.completed(self._reload(rec, cfg)), ex.baton)
+            self.log(f"  train {paper}: {_short(cfg)}")
+            progress = self.progress and not ex.parallel
+            args = (cfg, snapshot_steps, noise_tracker, self.dataset, progress)
+            job = ex.run(
+                _train_one, args, lambda res: self._record(kc, cfg, res), f"train {paper}: {_short(cfg)}"
+            )
+            ex.memo[memo_key] = job
+            return Pending(job, ex.baton)
 
     def _record(self, kc: dict, cfg: dict, res: dict) -> Trained:
         store = self.store
@@ -227,27 +418,64 @@ class Context:
 
     # ------------------------------------------------------------------ measurements
     def measure(
-        self, paper: str, name: str, config: dict[str, Any], fn: Callable[[], dict[str, Any]]
-    ) -> dict:
-        """Run ``fn()`` (returning JSON-able numbers, arrays under ``"arrays"``) once per config; cache it."""
+        self,
+        paper: str,
+        name: str,
+        config: dict[str, Any],
+        fn: Callable[..., dict[str, Any]],
+        *args: Any,
+        wait: bool = True,
+    ) -> dict | Pending:
+        """Run ``fn(*args)`` (returning JSON-able numbers, arrays under ``"arrays"``) once per config; cache it.
+
+        ``fn`` and ``args`` go to a worker process when ``jobs > 1``: ``fn`` must then be a module-level function
+        and ``args`` picklable (a :class:`Context` travels without its store); a closure runs here. ``config``
+        must hold every setting that ``fn`` uses: it is the measurement's key in the store. With ``wait=False``
+        the measurement starts and a :class:`Pending` comes back.
+        """
+        ex = self.executor
         kc = {"paper": paper, "measure": name, "data": self.dataset.fingerprint, **config}
-        rec = self.store.find(kc, kind="measure")
-        if rec is not None:
-            out = dict(rec.result or {})
-            arts = self.store.artifacts(rec.key, kind="arrays")
-            if arts:
-                out["arrays"], _ = self.store.load_arrays(arts[0].path)
-            return out
-        t0 = time.perf_counter()
-        out = fn()
+        memo_key = ("measure", key_for(kc))
+        with ex.baton():
+            if memo_key in ex.memo:
+                pending = Pending(ex.memo[memo_key], ex.baton, transform=copy.deepcopy)
+            else:
+                rec = self.store.find(kc, kind="measure")
+                if rec is not None:
+                    pending = Pending(Job.completed(self._reload_measure(rec)), ex.baton)
+                else:
+                    job = self._run_measure(kc, name, fn, args, f"measure {paper}: {name}")
+                    ex.memo[memo_key] = job
+                    pending = Pending(job, ex.baton)
+        return pending.result() if wait else pending
+
+    def _run_measure(self, kc: dict, name: str, fn: Callable, args: tuple, describe: str) -> Job:
+        ex = self.executor
+        here = ex.parallel and not _picklable(fn, args)
+        if here:
+            self.log(
+                f"  note: {describe} runs in this process ({getattr(fn, '__qualname__', fn)} cannot be sent)"
+            )
+        return ex.run(
+            _timed, (fn, *args), lambda res: self._record_measure(kc, name, *res), describe, here=here
+        )
+
+    def _record_measure(self, kc: dict, name: str, out: dict, seconds: float) -> dict:
         arrays = out.pop("arrays", None)
-        out["seconds"] = time.perf_counter() - t0
+        out["seconds"] = seconds
         key = self.store.start_run(kc, kind="measure")
         if arrays:
             self.store.save_arrays(key, "arrays", name, {k: np.asarray(v) for k, v in arrays.items()})
         self.store.finish_run(key, "completed", result=_clean(out))
         if arrays:
             out["arrays"] = {k: np.asarray(v) for k, v in arrays.items()}
+        return out
+
+    def _reload_measure(self, rec: Any) -> dict:
+        out = dict(rec.result or {})
+        arts = self.store.artifacts(rec.key, kind="arrays")
+        if arts:
+            out["arrays"], _ = self.store.load_arrays(arts[0].path)
         return out
 
     def objective(
@@ -263,6 +491,14 @@ class Context:
         """An Objective on the embedded data (train or test split, optionally a seeded subset)."""
         data = self.dataset.train if split == "train" else self.dataset.test
         return Objective(model, data=data, bn=bn, dtype=dtype, max_samples=max_samples, seed=seed)
+
+
+def _picklable(fn: Callable, args: tuple) -> bool:
+    try:
+        pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- workers
@@ -307,29 +543,6 @@ def _train_one(
             "ns_trace_sigma": h[:, 3],
         }
     return out
-
-
-def _train_ray(configs, snapshot_steps, noise_tracker, dataset) -> list[dict]:
-    from ..errors import DependencyError
-
-    try:
-        import ray
-    except ImportError:
-        raise DependencyError("backend='ray' needs Ray: pip install 'lrbs[ray]'") from None
-    if not ray.is_initialized():
-        ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False)
-
-    @ray.remote(num_cpus=1, max_retries=3)
-    def task(cfg):
-        torch.set_num_threads(1)
-        res = _train_one(cfg, snapshot_steps, noise_tracker, dataset)
-        res["state"] = {k: v.numpy() for k, v in res["state"].items()}
-        return res
-
-    results = ray.get([task.remote(c) for c in configs])
-    for r in results:
-        r["state"] = {k: torch.from_numpy(np.array(v)) for k, v in r["state"].items()}
-    return results
 
 
 def _short(cfg: dict) -> str:

@@ -66,41 +66,41 @@ def _neb_settings(ctx: Context) -> dict:
     }
 
 
-def _paths(ctx: Context, a, b) -> dict:
-    """Linear path, Bezier curve and AutoNEB between the trained models ``a`` and ``b`` (cached)."""
+def _paths_compute(ctx: Context, a, b, cs: dict, ns: dict) -> dict:
+    """Linear path, Bezier curve (settings ``cs``) and AutoNEB (settings ``ns``) between ``a`` and ``b``."""
     from ..connectivity import auto_neb, fit_curve, linear_path
 
+    obj = ctx.objective(a.model)
+    test = ctx.objective(a.model, split="test")
+    paths = {
+        "linear": linear_path(a.model, b.model, obj, n=41, test_obj=test),
+        "bezier": fit_curve(a.model, b.model, ctx.dataset, **cs).path,
+        "neb": auto_neb(a.model, b.model, ctx.dataset, **ns),
+    }
+    out: dict = {"arrays": {}}
+    for k, p in paths.items():
+        for name in BARRIERS:
+            out[f"{k}_{name}"] = p.barriers[name]
+            out[f"{k}_test_{name}"] = p.test_barriers[name] if p.test_barriers else float("nan")
+        out[f"{k}_length"] = p.length
+        out["arrays"].update(
+            {
+                f"{k}_t": p.t,
+                f"{k}_loss": p.loss,
+                f"{k}_test_loss": p.test_loss,
+                f"{k}_acc": p.accuracy,
+                f"{k}_test_acc": p.test_accuracy,
+            }
+        )
+    out["neb_pivots"] = int(paths["neb"].settings["num_pivots"])
+    return out
+
+
+def _paths(ctx: Context, a, b, wait: bool = True):
+    """Linear path, Bezier curve and AutoNEB between the trained models ``a`` and ``b`` (cached)."""
     cs, ns = _curve_settings(ctx), _neb_settings(ctx)
-
-    def compute() -> dict:
-        obj = ctx.objective(a.model)
-        test = ctx.objective(a.model, split="test")
-        paths = {
-            "linear": linear_path(a.model, b.model, obj, n=41, test_obj=test),
-            "bezier": fit_curve(a.model, b.model, ctx.dataset, **cs).path,
-            "neb": auto_neb(a.model, b.model, ctx.dataset, **ns),
-        }
-        out: dict = {"arrays": {}}
-        for k, p in paths.items():
-            for name in BARRIERS:
-                out[f"{k}_{name}"] = p.barriers[name]
-                out[f"{k}_test_{name}"] = p.test_barriers[name] if p.test_barriers else float("nan")
-            out[f"{k}_length"] = p.length
-            out["arrays"].update(
-                {
-                    f"{k}_t": p.t,
-                    f"{k}_loss": p.loss,
-                    f"{k}_test_loss": p.test_loss,
-                    f"{k}_acc": p.accuracy,
-                    f"{k}_test_acc": p.test_accuracy,
-                }
-            )
-        out["neb_pivots"] = int(paths["neb"].settings["num_pivots"])
-        return out
-
-    return ctx.measure(
-        NAME, "paths", {"a": a.key, "b": b.key, "curve": cs, "neb": ns, "linear_n": 41}, compute
-    )
+    config = {"a": a.key, "b": b.key, "curve": cs, "neb": ns, "linear_n": 41}
+    return ctx.measure(NAME, "paths", config, _paths_compute, ctx, a, b, cs, ns, wait=wait)
 
 
 def run(ctx: Context) -> PaperResult:
@@ -110,7 +110,8 @@ def run(ctx: Context) -> PaperResult:
     trained = dict(
         zip(seeds, ctx.train_many(keskar.NAME, [keskar._config(ctx, keskar.SB, s) for s in seeds]))
     )
-    meas = {p: _paths(ctx, trained[p[0]], trained[p[1]]) for p in pairs}
+    started = {p: _paths(ctx, trained[p[0]], trained[p[1]], wait=False) for p in pairs}
+    meas = {p: m.result() for p, m in started.items()}
 
     numbers: dict = {}
     rows, ratio_rows = [], []

@@ -90,12 +90,18 @@ def final_test_acc(t, num_classes: int = 10) -> float:
 def sweep(ctx: Context) -> tuple[dict[int, list], dict[int, list]]:
     """The scaled sweep and the unscaled control: ``{batch: [Trained per seed]}`` (cached in the store)."""
     seeds = list(ctx.seeds)
-    scaled = {b: ctx.train_many(NAME, [config(ctx, b, s) for s in seeds]) for b in batch_sizes(ctx)}
+    # every run starts before the first is waited for (in parallel with jobs > 1)
+    scaled = {
+        b: ctx.train_many(NAME, [config(ctx, b, s) for s in seeds], wait=False) for b in batch_sizes(ctx)
+    }
     control = {
-        b: ctx.train_many(NAME, [config(ctx, b, s, scaled=False) for s in seeds])
+        b: ctx.train_many(NAME, [config(ctx, b, s, scaled=False) for s in seeds], wait=False)
         for b in control_batches(ctx)
     }
-    return scaled, control
+    return (
+        {b: [p.result() for p in runs] for b, runs in scaled.items()},
+        {b: [p.result() for p in runs] for b, runs in control.items()},
+    )
 
 
 def run(ctx: Context) -> PaperResult:

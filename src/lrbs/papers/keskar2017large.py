@@ -48,39 +48,98 @@ def _config(ctx: Context, batch_size: int, seed: int, **extra) -> dict:
     return cfg
 
 
-def _sharpness(ctx: Context, trained, *, subspace: bool = True) -> dict:
+def _sharpness_compute(ctx: Context, trained, subspace: bool) -> dict:
     """Keskar phi (full space and 100-dim subspace), top eigenvalue and trace on the full training loss."""
     from ..curvature import hessian_eigenvalues, hessian_trace
     from ..sharpness import keskar_sharpness
 
-    def compute() -> dict:
-        obj = ctx.objective(trained.model)
-        out = {"train_loss": obj.loss()}
-        out["keskar"] = keskar_sharpness(obj, epsilon=EPSILON, max_iter=10, seed=0).value
-        if subspace:
-            out["keskar_sub100"] = keskar_sharpness(
-                obj, epsilon=EPSILON, subspace_dim=100, max_iter=10, seed=0
-            ).value
-        eig = hessian_eigenvalues(obj, k=1, tol=1e-3, seed=0)
-        out["top_eig"] = float(eig.values[0])
-        tr = hessian_trace(obj, num_hvps=ctx.pick(30, 60), seed=0)
-        out["trace"], out["trace_se"] = tr.value, tr.stderr
-        theta = obj.theta()
-        from ..models import build_model
+    obj = ctx.objective(trained.model)
+    out = {"train_loss": obj.loss()}
+    out["keskar"] = keskar_sharpness(obj, epsilon=EPSILON, max_iter=10, seed=0).value
+    if subspace:
+        out["keskar_sub100"] = keskar_sharpness(
+            obj, epsilon=EPSILON, subspace_dim=100, max_iter=10, seed=0
+        ).value
+    eig = hessian_eigenvalues(obj, k=1, tol=1e-3, seed=0)
+    out["top_eig"] = float(eig.values[0])
+    tr = hessian_trace(obj, num_hvps=ctx.pick(30, 60), seed=0)
+    out["trace"], out["trace_se"] = tr.value, tr.stderr
+    theta = obj.theta()
+    from ..models import build_model
 
-        init = build_model(
-            trained.config.get("model", "mlp"), dataset=ctx.dataset, seed=trained.config["seed"]
-        )
-        theta0 = torch.cat([p.detach().reshape(-1) for p in init.parameters()])
-        out["dist_from_init"] = float((theta - theta0.to(theta.dtype)).norm())
-        return out
+    init = build_model(trained.config.get("model", "mlp"), dataset=ctx.dataset, seed=trained.config["seed"])
+    theta0 = torch.cat([p.detach().reshape(-1) for p in init.parameters()])
+    out["dist_from_init"] = float((theta - theta0.to(theta.dtype)).norm())
+    return out
 
-    return ctx.measure(NAME, "sharpness", {"run": trained.key, "subspace": subspace}, compute)
+
+def _sharpness(ctx: Context, trained, *, subspace: bool = True, wait: bool = True):
+    """:func:`_sharpness_compute` of a run, cached (a :class:`Pending` with ``wait=False``)."""
+    config = {"run": trained.key, "subspace": subspace}
+    return ctx.measure(NAME, "sharpness", config, _sharpness_compute, ctx, trained, subspace, wait=wait)
+
+
+def _interpolation_compute(ctx: Context, sb, lb, alphas: np.ndarray) -> dict:
+    """Train and test loss and accuracy along ``(1 - alpha) SB + alpha LB``."""
+    from ..landscape import interpolate
+
+    land = interpolate(
+        sb.model,
+        lb.model,
+        ctx.objective(sb.model),
+        alphas,
+        test_obj=ctx.objective(sb.model, split="test"),
+    )
+    return {"arrays": {k: np.asarray(v) for k, v in land.values.items()}}
+
+
+def _interpolation(ctx: Context, sb, lb, wait: bool = True):
+    alphas = np.linspace(-1, 2, 25)
+    config = {"a": sb.key, "b": lb.key, "alphas": alphas.tolist()}
+    return ctx.measure(NAME, "interpolation", config, _interpolation_compute, ctx, sb, lb, alphas, wait=wait)
+
+
+def _batch_sizes(ctx: Context) -> list[int]:
+    """The batch sizes of the sharpness-against-batch-size curve."""
+    return ctx.pick([64, 256, 1024], [32, 64, 128, 256, 512, 1024])
+
+
+def _remedy_configs(ctx: Context, seed: int) -> dict[str, dict]:
+    """The two remedies at the large batch: a small-batch warmup, and SAM."""
+    warm_steps = ctx.pick(4, 10) * len(ctx.dataset.train) // SB
+    return {
+        "SB warmup -> LB": {
+            **_config(ctx, LB, seed),
+            "batch_size": f"batch_step(sizes=[{SB}, {LB}], milestones=[{warm_steps}])",
+        },
+        "SAM at LB": _config(ctx, LB, seed, optimizer="sam", rho=0.05, optimizer_opts={"base": "adam"}),
+    }
+
+
+def _start_all(ctx: Context, seeds: list[int]) -> None:
+    """Start every training run of this section at once, then each run's measurements when it is done.
+
+    The code of :func:`run` asks for the same runs and measurements again and gets these (the context remembers
+    what it started), so with ``jobs > 1`` they all run in parallel; with ``jobs = 1`` only the order changes.
+    """
+    conv = ctx.train_many(
+        NAME, [_config(ctx, b, s, model="cnn1d") for b in (SB, LB) for s in seeds], wait=False
+    )
+    mlp = ctx.train_many(NAME, [_config(ctx, b, s) for b in (SB, LB) for s in seeds], wait=False)
+    rest = ctx.train_many(NAME, [_config(ctx, b, seeds[0]) for b in _batch_sizes(ctx)], wait=False)
+    rest += ctx.train_many(NAME, list(_remedy_configs(ctx, seeds[0]).values()), wait=False)
+    trained = [p.result() for p in mlp]
+    for t in trained:
+        _sharpness(ctx, t, wait=False)
+    _interpolation(ctx, trained[0], trained[len(seeds)], wait=False)
+    for p in conv + rest:
+        _sharpness(ctx, p.result(), subspace=False, wait=False)
 
 
 def run(ctx: Context) -> PaperResult:
     seeds = list(ctx.seeds)
     ctx.log(f"[{NAME}] SB={SB} vs LB={LB}, seeds {seeds}")
+    _start_all(ctx, seeds)
     runs = {}
     for label, b in (("SB", SB), ("LB", LB)):
         runs[label] = ctx.train_many(NAME, [_config(ctx, b, s) for s in seeds])
@@ -156,7 +215,7 @@ def run(ctx: Context) -> PaperResult:
     )
 
     # ---- sharpness against batch size (seed 0)
-    batch_sizes = ctx.pick([64, 256, 1024], [32, 64, 128, 256, 512, 1024])
+    batch_sizes = _batch_sizes(ctx)
     bs_runs = ctx.train_many(NAME, [_config(ctx, b, seeds[0]) for b in batch_sizes])
     bs_meas = [_sharpness(ctx, t, subspace=False) for t in bs_runs]
     bs_keskar = [m["keskar"] for m in bs_meas]
@@ -185,24 +244,9 @@ def run(ctx: Context) -> PaperResult:
     )
 
     # ---- parametric interpolation SB -> LB (seed 0)
-    from ..landscape import interpolate
-
     sb0, lb0 = runs["SB"][0], runs["LB"][0]
     alphas = np.linspace(-1, 2, 25)
-
-    def interp() -> dict:
-        land = interpolate(
-            sb0.model,
-            lb0.model,
-            ctx.objective(sb0.model),
-            alphas,
-            test_obj=ctx.objective(sb0.model, split="test"),
-        )
-        return {"arrays": {k: np.asarray(v) for k, v in land.values.items()}}
-
-    iv = ctx.measure(NAME, "interpolation", {"a": sb0.key, "b": lb0.key, "alphas": alphas.tolist()}, interp)[
-        "arrays"
-    ]
+    iv = _interpolation(ctx, sb0, lb0)["arrays"]
     fig_int = plot_curves(
         alphas,
         {k.replace("_", " "): iv[k] for k in sorted(iv) if "loss" in k},
@@ -221,19 +265,11 @@ def run(ctx: Context) -> PaperResult:
 
     # ---- remedies at the large batch
     warm_epochs = ctx.pick(4, 10)
-    warm_steps = warm_epochs * len(ctx.dataset.train) // SB
+    remedy = _remedy_configs(ctx, seeds[0])
     remedies = {
         "LB": runs["LB"][0],
-        "SB warmup -> LB": ctx.train(
-            NAME,
-            {
-                **_config(ctx, LB, seeds[0]),
-                "batch_size": f"batch_step(sizes=[{SB}, {LB}], milestones=[{warm_steps}])",
-            },
-        ),
-        "SAM at LB": ctx.train(
-            NAME, _config(ctx, LB, seeds[0], optimizer="sam", rho=0.05, optimizer_opts={"base": "adam"})
-        ),
+        "SB warmup -> LB": ctx.train(NAME, remedy["SB warmup -> LB"]),
+        "SAM at LB": ctx.train(NAME, remedy["SAM at LB"]),
         "SB": runs["SB"][0],
     }
     rem_meas = {k: _sharpness(ctx, t, subspace=False) for k, t in remedies.items()}

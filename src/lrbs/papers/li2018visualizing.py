@@ -40,52 +40,50 @@ def _grid(ctx: Context, kind: str) -> np.ndarray:
     return np.linspace(-1.0, 1.0, n)
 
 
-def _surface(ctx: Context, trained, kind: str) -> dict:
-    """Filter-normalized 2-D surface around a trained model (cached): loss grid, flatness, non-convexity."""
+def _surface_compute(ctx: Context, trained, g: np.ndarray) -> dict:
+    """Filter-normalized 2-D surface around a trained model on the grid ``g`` x ``g``: loss, flatness,
+    non-convexity."""
     from ..landscape import landscape_2d, nonconvexity, random_direction
 
+    obj = ctx.objective(trained.model, max_samples=SUBSET, seed=0)
+    d1 = random_direction(obj, norm="filter", ignore="biasbn", seed=1)
+    d2 = random_direction(obj, norm="filter", ignore="biasbn", seed=2)
+    land = landscape_2d(obj, d1, d2, g, g, metrics=("loss",))
+    z = np.asarray(land.loss, dtype=float)
+    aa, bb = np.meshgrid(g, g, indexing="ij")
+    centre = z[int(np.argmin(np.abs(g))), int(np.argmin(np.abs(g)))]
+    inside = np.hypot(aa, bb) <= RADIUS + 1e-9
+    whole = nonconvexity(land, max_rise=None)
+    near = nonconvexity(land, max_rise=1.0)
+    return {
+        "center_loss": float(centre),
+        "rise": float(np.mean(z[inside] - centre)),
+        "rise_points": int(inside.sum()),
+        "max_loss": float(np.nanmax(z)),
+        "nc_ratio": whole.mean_ratio,
+        "nc_fraction": whole.fraction_negative,
+        "nc_points": whole.num_points,
+        "nc_near_ratio": near.mean_ratio,
+        "nc_near_fraction": near.fraction_negative,
+        "nc_near_points": near.num_points,
+        "arrays": {"alphas": g, "betas": g, "loss": z, "ratio_map": whole.ratio_map},
+    }
+
+
+def _surface(ctx: Context, trained, kind: str, wait: bool = True):
+    """The cached surface of a trained model (a :class:`Pending` with ``wait=False``)."""
     g = _grid(ctx, kind)
-
-    def compute() -> dict:
-        obj = ctx.objective(trained.model, max_samples=SUBSET, seed=0)
-        d1 = random_direction(obj, norm="filter", ignore="biasbn", seed=1)
-        d2 = random_direction(obj, norm="filter", ignore="biasbn", seed=2)
-        land = landscape_2d(obj, d1, d2, g, g, metrics=("loss",))
-        z = np.asarray(land.loss, dtype=float)
-        aa, bb = np.meshgrid(g, g, indexing="ij")
-        centre = z[int(np.argmin(np.abs(g))), int(np.argmin(np.abs(g)))]
-        inside = np.hypot(aa, bb) <= RADIUS + 1e-9
-        whole = nonconvexity(land, max_rise=None)
-        near = nonconvexity(land, max_rise=1.0)
-        return {
-            "center_loss": float(centre),
-            "rise": float(np.mean(z[inside] - centre)),
-            "rise_points": int(inside.sum()),
-            "max_loss": float(np.nanmax(z)),
-            "nc_ratio": whole.mean_ratio,
-            "nc_fraction": whole.fraction_negative,
-            "nc_points": whole.num_points,
-            "nc_near_ratio": near.mean_ratio,
-            "nc_near_fraction": near.fraction_negative,
-            "nc_near_points": near.num_points,
-            "arrays": {"alphas": g, "betas": g, "loss": z, "ratio_map": whole.ratio_map},
-        }
-
-    return ctx.measure(
-        NAME,
-        "surface",
-        {
-            "run": trained.key,
-            "grid": g.tolist(),
-            "subset": SUBSET,
-            "dirs": [1, 2],
-            "norm": "filter",
-            "ignore": "biasbn",
-            "bn": "eval",
-            "radius": RADIUS,
-        },
-        compute,
-    )
+    config = {
+        "run": trained.key,
+        "grid": g.tolist(),
+        "subset": SUBSET,
+        "dirs": [1, 2],
+        "norm": "filter",
+        "ignore": "biasbn",
+        "bn": "eval",
+        "radius": RADIUS,
+    }
+    return ctx.measure(NAME, "surface", config, _surface_compute, ctx, trained, g, wait=wait)
 
 
 def _resnet_config(ctx: Context, depth: int, skip: bool, seed: int) -> dict:
@@ -103,6 +101,36 @@ def _resnet_config(ctx: Context, depth: int, skip: bool, seed: int) -> dict:
     }
 
 
+def _variants(ctx: Context) -> tuple[int, list[tuple[str, int, bool]]]:
+    """The deep depth and the resnet1d variants ``(tag, depth, skip)``."""
+    deep = ctx.pick(8, 20)
+    variants = [("skip", deep, True), ("plain", deep, False)]
+    if not ctx.quick:
+        variants.append(("plain_shallow", 8, False))
+    return deep, variants
+
+
+def _start_all(ctx: Context, seeds: list[int]) -> None:
+    """Start every training run of this section at once, then each run's surface when it is done.
+
+    :func:`run` asks for the same runs and surfaces again and gets these (the context remembers what it started):
+    with ``jobs > 1`` they run in parallel; with ``jobs = 1`` only the order changes.
+    """
+    _, variants = _variants(ctx)
+    resnets = [
+        ctx.train_many(NAME, [_resnet_config(ctx, depth, skip, s) for s in seeds], wait=False)
+        for _, depth, skip in variants
+    ]
+    mlps = [
+        ctx.train_many(keskar.NAME, [keskar._config(ctx, b, s) for s in seeds], wait=False)
+        for b in (keskar.SB, keskar.LB)
+    ]
+    for p in (p for group in mlps for p in group):
+        _surface(ctx, p.result(), "mlp", wait=False)
+    for p in (p for group in resnets for p in group):
+        _surface(ctx, p.result(), "resnet", wait=False)
+
+
 def run(ctx: Context) -> PaperResult:
     seeds = list(ctx.seeds)
     ctx.log(f"[{NAME}] SB/LB surfaces and resnet1d skip/depth, seeds {seeds}")
@@ -112,6 +140,7 @@ def run(ctx: Context) -> PaperResult:
     figures = []
 
     # ---------------------------------------------------------------- SB vs LB (the Keskar runs)
+    _start_all(ctx, seeds)
     runs = {
         "SB": ctx.train_many(keskar.NAME, [keskar._config(ctx, keskar.SB, s) for s in seeds]),
         "LB": ctx.train_many(keskar.NAME, [keskar._config(ctx, keskar.LB, s) for s in seeds]),
@@ -182,10 +211,7 @@ def run(ctx: Context) -> PaperResult:
     numbers["SB_rise"], numbers["LB_rise"] = stats[("SB", "rise")], stats[("LB", "rise")]
 
     # ---------------------------------------------------------------- depth and skip connections
-    deep = ctx.pick(8, 20)
-    variants = [("skip", deep, True), ("plain", deep, False)]
-    if not ctx.quick:
-        variants.append(("plain_shallow", 8, False))
+    deep, variants = _variants(ctx)
     res = {}
     for tag, depth, skip in variants:
         res[tag] = ctx.train_many(NAME, [_resnet_config(ctx, depth, skip, s) for s in seeds])

@@ -44,31 +44,45 @@ def target_loss(ctx: Context) -> float:
     return ctx.pick(0.8, 0.5)
 
 
-def _ns(ctx: Context, model, label: str, key: dict, params: np.ndarray | None = None) -> dict:
+def _ns_compute(ctx: Context, model, k: int, params: np.ndarray | None) -> dict:
+    """The two-batch-size noise scale of ``model`` (at flat ``params`` if given) and its training loss there."""
     from ..noise_scale import noise_scale
 
+    obj = ctx.objective(model)
+    p = None if params is None else torch.as_tensor(params)
+    res = noise_scale(obj, small_batch=SMALL, big_batch=BIG, num_estimates=k, seed=0, params=p)
+    return {
+        "b_simple": res.b_simple,
+        "ci_low": res.ci_low,
+        "ci_high": res.ci_high,
+        "grad_sq": res.grad_sq,
+        "trace_sigma": res.trace_sigma,
+        "loss": float(obj.loss(p)),
+    }
+
+
+def _ns_start(ctx: Context, model, label: str, key: dict, params: np.ndarray | None = None):
+    """Start (or find) the noise-scale measurement; :func:`_ns_value` reads its :class:`Pending` result."""
     k = ctx.pick(10, 20)
+    config = {**key, "what": label, "small": SMALL, "big": BIG, "k": k}
+    return ctx.measure(NAME, "noise_scale", config, _ns_compute, ctx, model, k, params, wait=False)
 
-    def compute() -> dict:
-        obj = ctx.objective(model)
-        p = None if params is None else torch.as_tensor(params)
-        res = noise_scale(obj, small_batch=SMALL, big_batch=BIG, num_estimates=k, seed=0, params=p)
-        return {
-            "b_simple": res.b_simple,
-            "ci_low": res.ci_low,
-            "ci_high": res.ci_high,
-            "grad_sq": res.grad_sq,
-            "trace_sigma": res.trace_sigma,
-            "loss": float(obj.loss(p)),
-        }
 
-    out = ctx.measure(
-        NAME, "noise_scale", {**key, "what": label, "small": SMALL, "big": BIG, "k": k}, compute
-    )
+def _ns_value(pending) -> dict:
+    """The measurement, with an infinite ``B_simple`` (stored as null) restored to ``inf``."""
     return {
         kk: (math.inf if v is None and kk in ("b_simple", "ci_low", "ci_high") else v)
-        for kk, v in out.items()
+        for kk, v in pending.result().items()
     }
+
+
+def _track(ctx: Context, seeds: list[int]) -> tuple[dict, list[int]]:
+    """The config of the tracked batch-128 run and its snapshot steps."""
+    track_cfg = goyal.config(ctx, TRACK_BATCH, seeds[0])
+    n = len(ctx.dataset.train)
+    total = math.ceil(track_cfg["epochs"] * n / TRACK_BATCH)
+    snap_steps = sorted({0, *(int(round(v)) for v in np.geomspace(1, total, ctx.pick(8, 12))), total})
+    return track_cfg, snap_steps
 
 
 def run(ctx: Context) -> PaperResult:
@@ -80,14 +94,19 @@ def run(ctx: Context) -> PaperResult:
     numbers: dict = {"target_train_loss": target, "small_batch": SMALL, "big_batch": BIG}
 
     # ---- B_simple at initialization and at the end, every seed of the base-batch runs
+    track_cfg, snap_steps = _track(ctx, seeds)
+    tracking = ctx.train(NAME, track_cfg, snapshot_steps=snap_steps, noise_tracker=True, wait=False)
     scaled, control = goyal.sweep(ctx)
     base_runs = scaled[goyal.B0]
-    init_end = []
-    for t in base_runs:
-        init_model = build_model_for(t.config, ctx.dataset)
-        a = _ns(ctx, init_model, "init", {"config": t.config})
-        b = _ns(ctx, t.model, "end", {"run": t.key})
-        init_end.append((t.config["seed"], a, b))
+    started = [
+        (
+            t.config["seed"],
+            _ns_start(ctx, build_model_for(t.config, ctx.dataset), "init", {"config": t.config}),
+            _ns_start(ctx, t.model, "end", {"run": t.key}),
+        )
+        for t in base_runs
+    ]
+    init_end = [(seed, _ns_value(a), _ns_value(b)) for seed, a, b in started]
     bi = [a["b_simple"] for _, a, _ in init_end]
     be = [b["b_simple"] for _, _, b in init_end]
     numbers["b_simple_init_mean"], numbers["b_simple_init_sd"] = mean_sd(bi)
@@ -143,15 +162,12 @@ def run(ctx: Context) -> PaperResult:
     numbers["fit_batch_sizes"] = n_b
 
     # ---- B_simple along one run: snapshots + tracker
-    track_cfg = goyal.config(ctx, TRACK_BATCH, seeds[0])
-    n = len(ctx.dataset.train)
-    total = math.ceil(track_cfg["epochs"] * n / TRACK_BATCH)
-    snap_steps = sorted({0, *(int(round(v)) for v in np.geomspace(1, total, ctx.pick(8, 12))), total})
-    tr = ctx.train(NAME, track_cfg, snapshot_steps=snap_steps, noise_tracker=True)
+    tr = tracking.result()
     along = [
-        _ns(ctx, tr.model, "snapshot", {"run": tr.key, "step": int(st)}, params=theta)
+        _ns_start(ctx, tr.model, "snapshot", {"run": tr.key, "step": int(st)}, params=theta)
         for st, theta in zip(tr.snapshot_steps, tr.snapshots)
     ]
+    along = [_ns_value(a) for a in along]
     sn_steps = np.asarray(tr.snapshot_steps, float)
     sn_b = np.asarray([a["b_simple"] for a in along], float)
     sn_lo = np.asarray([a["ci_low"] for a in along], float)

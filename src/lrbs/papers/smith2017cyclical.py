@@ -42,46 +42,113 @@ def _base(ctx: Context, lr, seed: int) -> dict:
     }
 
 
-def _range_test(ctx: Context) -> dict:
+def _range_test_compute(ctx: Context, repeats: int) -> dict:
+    """The LR range test of the cnn1d at batch 100 (runs in a worker with ``jobs > 1``)."""
     import torch
 
     from ..models import build_model
     from ..range_test import lr_range_test
 
-    def compute() -> dict:
-        model = build_model("cnn1d", dataset=ctx.dataset, seed=0)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        res = lr_range_test(
-            model,
-            opt,
-            data=ctx.dataset,
-            start_lr=1e-5,
-            end_lr=10.0,
-            num_iter=100,
-            batch_size=BATCH,
-            repeats=ctx.pick(1, 3),
-            seed=0,
-        )
-        rec, why = res.recommended()
-        base, peak = res.lr_bounds()
-        sugg = {m: float(res.suggest(m)[0]) for m in ("valley", "steepest", "minimum", "slide")}
-        return {
-            "recommended": float(rec),
-            "why": why,
-            "base_lr": float(base),
-            "max_lr": float(peak),
-            "suggestions": sugg,
-            "diverged_at": None if res.diverged_at is None else float(res.lrs[res.diverged_at]),
-            "arrays": {
-                "lrs": np.asarray(res.lrs),
-                "losses": np.asarray(res.losses),
-                "smoothed": np.asarray(res.smoothed),
-            },
-        }
-
-    return ctx.measure(
-        NAME, "range_test", {"model": "cnn1d", "batch": BATCH, "repeats": ctx.pick(1, 3)}, compute
+    model = build_model("cnn1d", dataset=ctx.dataset, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    res = lr_range_test(
+        model,
+        opt,
+        data=ctx.dataset,
+        start_lr=1e-5,
+        end_lr=10.0,
+        num_iter=100,
+        batch_size=BATCH,
+        repeats=repeats,
+        seed=0,
     )
+    rec, why = res.recommended()
+    base, peak = res.lr_bounds()
+    sugg = {m: float(res.suggest(m)[0]) for m in ("valley", "steepest", "minimum", "slide")}
+    return {
+        "recommended": float(rec),
+        "why": why,
+        "base_lr": float(base),
+        "max_lr": float(peak),
+        "suggestions": sugg,
+        "diverged_at": None if res.diverged_at is None else float(res.lrs[res.diverged_at]),
+        "arrays": {
+            "lrs": np.asarray(res.lrs),
+            "losses": np.asarray(res.losses),
+            "smoothed": np.asarray(res.smoothed),
+        },
+    }
+
+
+def _range_test(ctx: Context) -> dict:
+    repeats = ctx.pick(1, 3)
+    config = {"model": "cnn1d", "batch": BATCH, "repeats": repeats}
+    return ctx.measure(NAME, "range_test", config, _range_test_compute, ctx, repeats)
+
+
+def _schedules(ctx: Context, lr: float) -> dict[str, str]:
+    """Every schedule peaks at the range test's recommended LR; cyclical ones go down to a quarter of it.
+
+    One peak for all keeps the comparison like-for-like. Smith (2017) sets ``base_lr`` to 1/3-1/4 of ``max_lr``;
+    the range test's own ``lr_bounds()`` upper end sits close to divergence for momentum SGD (one-cycle at it
+    killed the network in a trial run), so it is reported but not used as the peak.
+    """
+    T = ctx.pick(500, 2000)
+    W = T // 20
+    return {
+        "constant": repr(constant(lr)),
+        "step decay": repr(step(lr, [T // 2, 3 * T // 4], 0.1)),
+        "cosine + warmup": repr(warmup(cosine(lr, T - W), W)),
+        "cyclical (triangular2)": repr(cyclic(lr / 4, lr, T // 8, mode="triangular2")),
+        "SGDR, decaying peak": repr(sgdr(lr, max(1, T // 7), cycle_mult=2.0, peak_decay=0.5)),
+        "one-cycle": repr(one_cycle(lr, T)),
+    }
+
+
+def _sharp_compute(ctx: Context, trained) -> dict:
+    """Top Hessian eigenvalue, Keskar sharpness and lr x lambda_max of a trained run."""
+    from ..curvature import hessian_eigenvalues
+    from ..sharpness import edge_of_stability, keskar_sharpness
+
+    obj = ctx.objective(trained.model)
+    eig = hessian_eigenvalues(obj, k=1, tol=1e-3, seed=0)
+    lam = float(eig.values[0])
+    final_lr = float(trained.history["lr"][-1])
+    return {
+        "top_eig": lam,
+        "keskar": keskar_sharpness(obj, epsilon=1e-3, max_iter=10, seed=0).value,
+        "final_lr": final_lr,
+        "lr_x_lambda": edge_of_stability(final_lr, lam, momentum=0.9).value,
+    }
+
+
+def _sharp(ctx: Context, trained, wait: bool = True):
+    return ctx.measure(NAME, "sharpness", {"run": trained.key}, _sharp_compute, ctx, trained, wait=wait)
+
+
+def _saddle_compute(ctx: Context, trained) -> dict:
+    """Negative spectral mass (SLQ) at every parameter snapshot of a run, on a 1000-sample subset."""
+    import torch
+
+    from ..curvature import spectral_density
+
+    masses = []
+    obj = ctx.objective(trained.model, max_samples=1000)
+    for theta in trained.snapshots:
+        d = spectral_density(
+            obj,
+            num_runs=2,
+            lanczos_steps=ctx.pick(20, 40),
+            seed=0,
+            params=torch.as_tensor(theta, dtype=obj.dtype),
+        )
+        masses.append(float(d.negative_mass))
+    return {"negative_mass": masses, "steps": [int(s) for s in trained.snapshot_steps]}
+
+
+def _saddle(ctx: Context, trained, label: str, wait: bool = True):
+    config = {"run": trained.key, "label": label}
+    return ctx.measure(NAME, "saddle", config, _saddle_compute, ctx, trained, wait=wait)
 
 
 def _range_test_figure(rt: dict, lr: float, base: float, peak: float):
@@ -108,66 +175,6 @@ def _range_test_figure(rt: dict, lr: float, base: float, peak: float):
     return plot_range_test(res, title=f"LR range test: recommended {lr:.3g}, bounds [{base:.3g}, {peak:.3g}]")
 
 
-def _schedules(ctx: Context, lr: float) -> dict[str, str]:
-    """Every schedule peaks at the range test's recommended LR; cyclical ones go down to a quarter of it.
-
-    One peak for all keeps the comparison like-for-like. Smith (2017) sets ``base_lr`` to 1/3-1/4 of ``max_lr``;
-    the range test's own ``lr_bounds()`` upper end sits close to divergence for momentum SGD (one-cycle at it
-    killed the network in a trial run), so it is reported but not used as the peak.
-    """
-    T = ctx.pick(500, 2000)
-    W = T // 20
-    return {
-        "constant": repr(constant(lr)),
-        "step decay": repr(step(lr, [T // 2, 3 * T // 4], 0.1)),
-        "cosine + warmup": repr(warmup(cosine(lr, T - W), W)),
-        "cyclical (triangular2)": repr(cyclic(lr / 4, lr, T // 8, mode="triangular2")),
-        "SGDR, decaying peak": repr(sgdr(lr, max(1, T // 7), cycle_mult=2.0, peak_decay=0.5)),
-        "one-cycle": repr(one_cycle(lr, T)),
-    }
-
-
-def _sharp(ctx: Context, trained) -> dict:
-    from ..curvature import hessian_eigenvalues
-    from ..sharpness import edge_of_stability, keskar_sharpness
-
-    def compute() -> dict:
-        obj = ctx.objective(trained.model)
-        eig = hessian_eigenvalues(obj, k=1, tol=1e-3, seed=0)
-        lam = float(eig.values[0])
-        final_lr = float(trained.history["lr"][-1])
-        return {
-            "top_eig": lam,
-            "keskar": keskar_sharpness(obj, epsilon=1e-3, max_iter=10, seed=0).value,
-            "final_lr": final_lr,
-            "lr_x_lambda": edge_of_stability(final_lr, lam, momentum=0.9).value,
-        }
-
-    return ctx.measure(NAME, "sharpness", {"run": trained.key}, compute)
-
-
-def _saddle(ctx: Context, trained, label: str) -> dict:
-    from ..curvature import spectral_density
-
-    def compute() -> dict:
-        masses = []
-        obj = ctx.objective(trained.model, max_samples=1000)
-        for theta in trained.snapshots:
-            import torch
-
-            d = spectral_density(
-                obj,
-                num_runs=2,
-                lanczos_steps=ctx.pick(20, 40),
-                seed=0,
-                params=torch.as_tensor(theta, dtype=obj.dtype),
-            )
-            masses.append(float(d.negative_mass))
-        return {"negative_mass": masses, "steps": [int(s) for s in trained.snapshot_steps]}
-
-    return ctx.measure(NAME, "saddle", {"run": trained.key, "label": label}, compute)
-
-
 def run(ctx: Context) -> PaperResult:
     seeds = list(ctx.seeds)
     rt = _range_test(ctx)
@@ -176,18 +183,27 @@ def run(ctx: Context) -> PaperResult:
     scheds = _schedules(ctx, lr)
     T = ctx.pick(500, 2000)
     snap_steps = [T // 8, T // 4, T // 2, 3 * T // 4, T]
-    runs: dict[str, list] = {}
+    # every run starts at once (in parallel with jobs > 1); each one's measurements start when it is done
+    started: dict[str, list] = {}
     for name, spec in scheds.items():
         snaps = snap_steps if name in ("constant", "cyclical (triangular2)") else None
-        runs[name] = [
-            ctx.train(NAME, _base(ctx, spec, s), snapshot_steps=snaps if s == seeds[0] else None)
+        started[name] = [
+            ctx.train(NAME, _base(ctx, spec, s), snapshot_steps=snaps if s == seeds[0] else None, wait=False)
             for s in seeds
         ]
-    sharp = {name: [_sharp(ctx, t) for t in runs[name]] for name in runs}
+    runs: dict[str, list] = {}
+    measuring: dict[str, list] = {}
+    saddling = {}
+    for name in scheds:
+        runs[name] = [p.result() for p in started[name]]
+        measuring[name] = [_sharp(ctx, t, wait=False) for t in runs[name]]
+        if name in ("constant", "cyclical (triangular2)"):
+            saddling[name] = _saddle(ctx, runs[name][0], name, wait=False)
+    sharp = {name: [p.result() for p in measuring[name]] for name in runs}
     acc = {name: mean_sd([t.final.get("test_acc", np.nan) for t in runs[name]]) for name in runs}
     eig = {name: mean_sd([m["top_eig"] for m in sharp[name]]) for name in runs}
     kes = {name: mean_sd([m["keskar"] for m in sharp[name]]) for name in runs}
-    saddle = {label: _saddle(ctx, runs[label][0], label) for label in ("constant", "cyclical (triangular2)")}
+    saddle = {label: saddling[label].result() for label in ("constant", "cyclical (triangular2)")}
 
     numbers: dict = {
         "recommended_lr": lr,

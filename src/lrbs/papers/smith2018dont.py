@@ -87,7 +87,8 @@ def run(ctx: Context) -> PaperResult:
     n = len(ctx.dataset.train)
     ctx.log(f"[{NAME}] LR decay vs batch growth, seeds {seeds}")
     cfgs = {s: configs(ctx, s) for s in seeds}
-    runs = {k: ctx.train_many(NAME, [cfgs[s][k] for s in seeds]) for k in LABELS}
+    started = {k: ctx.train_many(NAME, [cfgs[s][k] for s in seeds], wait=False) for k in LABELS}
+    runs = {k: [p.result() for p in started[k]] for k in LABELS}
     chance = 1.0 / ctx.dataset.num_classes
 
     def acc(t) -> float:
