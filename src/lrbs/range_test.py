@@ -37,7 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batches import BatchLoss, BatchStream, LoaderSource, TensorSource, as_source, model_device
 from .errors import ConfigError, LrbsTypeError, check_choice, check_int, check_number, check_positive
+from .step import TrainStep, check_precision
+from .train import EvalSet, evaluate_batches
 
 __all__ = [
     "lr_range_test",
@@ -531,91 +534,15 @@ class RangeTestResult:
 
 
 # --------------------------------------------------------------------------- data
-def _first_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    return torch.device("cpu")
+def _source(data: Any, batch_size: int | None, device: torch.device) -> tuple[Any, int | None]:
+    """The batch source of ``data`` and the batch size drawn from it (None: a loader's own batches).
 
-
-class _TensorBatches:
-    """Seeded sampling without replacement from (x, y); epochs are consecutive permutations."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device):
-        self.x, self.y = x.to(device), y.to(device)
-        self.n, self.b, self.device = len(y), batch_size, device
-
-    def start(self, seed: int) -> None:
-        self.g = torch.Generator().manual_seed(seed)
-        self.perm, self.pos = torch.randperm(self.n, generator=self.g), 0
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pos + self.b <= self.n:
-            idx = self.perm[self.pos : self.pos + self.b]
-            self.pos += self.b
-        else:
-            parts, need = [], self.b
-            while need:
-                if self.pos == self.n:
-                    self.perm, self.pos = torch.randperm(self.n, generator=self.g), 0
-                k = min(need, self.n - self.pos)
-                parts.append(self.perm[self.pos : self.pos + k])
-                self.pos, need = self.pos + k, need - k
-            idx = torch.cat(parts)
-        if self.device.type != "cpu":
-            idx = idx.to(self.device, non_blocking=True)
-        return self.x[idx], self.y[idx]
-
-    def restore(self) -> None:
-        pass
-
-
-class _LoaderBatches:
-    """Batches from a DataLoader or a list of batches, cycled when exhausted; seeded generators restored."""
-
-    def __init__(self, loader: Any, device: torch.device):
-        self.loader, self.device = loader, device
-        gens = [
-            getattr(loader, "generator", None),
-            getattr(getattr(loader, "sampler", None), "generator", None),
-        ]
-        bs = getattr(loader, "batch_sampler", None)
-        gens.append(getattr(getattr(bs, "sampler", None), "generator", None))
-        self.gens: list[torch.Generator] = []
-        for g in gens:
-            if isinstance(g, torch.Generator) and all(g is not h for h in self.gens):
-                self.gens.append(g)
-        self.states = [g.get_state() for g in self.gens]
-
-    def start(self, seed: int) -> None:
-        for g in self.gens:
-            g.manual_seed(seed)
-        self.it = iter(self.loader)
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            batch = next(self.it)
-        except StopIteration:
-            self.it = iter(self.loader)
-            try:
-                batch = next(self.it)
-            except StopIteration:
-                raise ConfigError("data is empty: the loader yielded no batches") from None
-        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-            raise LrbsTypeError(f"data batches must be (x, y, ...) tuples, got {type(batch).__name__}")
-        x, y = batch[0], batch[1]
-        if x.device != self.device:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        return x, y
-
-    def restore(self) -> None:
-        for g, s in zip(self.gens, self.states):
-            g.set_state(s)
-
-
-def _batches(data: Any, batch_size: int | None, device: torch.device) -> _TensorBatches | _LoaderBatches:
+    Tensors are moved to the model's device once (as the range test always did); other sources stream.
+    """
     if data is None:
         raise ConfigError(
-            "data=None is not allowed: give a DataLoader, an lrbs Dataset or Split, or an (x, y) pair"
+            "data=None is not allowed: give a DataLoader, an lrbs Dataset or Split, (x, y) tensors, a torch "
+            "Dataset or a list of batches"
         )
     if isinstance(data, torch.utils.data.DataLoader):
         if batch_size is not None and data.batch_size is not None and batch_size != data.batch_size:
@@ -623,34 +550,41 @@ def _batches(data: Any, batch_size: int | None, device: torch.device) -> _Tensor
                 f"batch_size={batch_size!r} is not allowed with a DataLoader of batch_size="
                 f"{data.batch_size}: leave it None (the loader's batches are used) or pass the dataset itself"
             )
-        if hasattr(data, "__len__") and _safe_len(data) == 0:
+        if _safe_len(data) == 0:
             raise ConfigError("data is empty: the DataLoader has no batches")
-        return _LoaderBatches(data, device)
-    if hasattr(data, "train") and hasattr(data, "test"):
-        data = data.train
-    if hasattr(data, "x") and hasattr(data, "y"):
-        x, y = data.x, data.y
-    elif (
-        isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
-    ):
-        x, y = data
-    elif isinstance(data, (list, tuple)):
-        if not data:
-            raise ConfigError("data is empty: the list of batches has no batches")
-        return _LoaderBatches(data, device)
-    else:
-        raise LrbsTypeError(
-            f"data={type(data).__name__} is not allowed: give a DataLoader, a list of (x, y) batches, an "
-            "lrbs Dataset or Split, or an (x, y) pair of tensors"
-        )
-    if len(x) != len(y):
-        raise ConfigError(f"data has {len(x)} inputs but {len(y)} targets: they must match")
-    if len(y) == 0:
+    elif isinstance(data, (list, tuple)) and len(data) == 0:
+        raise ConfigError("data is empty: the list of batches has no batches")
+    if _num_tensor_samples(data) == 0:
         raise ConfigError("data is empty: it has 0 samples")
+    try:
+        src = as_source(data, name="data", batch_size=batch_size)
+    except LrbsTypeError:
+        raise LrbsTypeError(
+            f"data={type(data).__name__} is not allowed: give a DataLoader, a list of batches, an lrbs Dataset or "
+            "Split, (x, y) / (x1, ..., xk, y) tensors, a TensorDataset, a map-style or iterable torch Dataset"
+        ) from None
+    if isinstance(src, LoaderSource):
+        return src, None
+    if isinstance(src, TensorSource) and any(t.device != device for t in src.tensors):
+        moved = [t.to(device) for t in src.tensors]
+        src = TensorSource(dict(zip(src.keys, moved)) if src.keys is not None else moved)
     b = 64 if batch_size is None else batch_size
-    if b > len(y):
-        raise ConfigError(f"batch_size={b} is not allowed: must be <= {len(y)} (the number of samples)")
-    return _TensorBatches(x, y, b, device)
+    if b > src.num_samples:
+        raise ConfigError(
+            f"batch_size={b} is not allowed: must be <= {src.num_samples} (the number of samples)"
+        )
+    return src, b
+
+
+def _num_tensor_samples(data: Any) -> int | None:
+    """The sample count of tensor data (a Split or a tuple of tensors), else None."""
+    if hasattr(data, "train") and hasattr(data, "test") and not isinstance(data, torch.utils.data.Dataset):
+        data = data.train
+    if hasattr(data, "x") and isinstance(getattr(data, "x", None), torch.Tensor):
+        return len(data.x)
+    if isinstance(data, (tuple, list)) and len(data) >= 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return len(data[0])
+    return None
 
 
 def _safe_len(obj: Any) -> int | None:
@@ -658,20 +592,6 @@ def _safe_len(obj: Any) -> int | None:
         return len(obj)
     except TypeError:
         return None
-
-
-def _validation_loss(
-    model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024
-) -> float:
-    """``sum_b loss_b |b| / |val|`` in eval mode, without gradients."""
-    model.eval()
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, len(y), chunk):
-            yb = y[i : i + chunk]
-            total += float(loss_fn(model(x[i : i + chunk]), yb)) * len(yb)
-    model.train()
-    return total / len(y)
 
 
 # --------------------------------------------------------------------------- snapshot / restore
@@ -733,82 +653,108 @@ def _sweep_lrs(start: float, end: float, n: int, mode: str) -> np.ndarray:
     return start + i / (n - 1) * (end - start)
 
 
-def _run_sweep(model, opt, loss_fn, batches, lrs, ratios, beta, factor, accum, val, sam, seed, sync_every):
-    """One sweep; returns the RangeTestSweep. The hot loop holds no per-step sync on accelerators."""
-    n_iter = len(lrs)
-    groups = opt.param_groups
-    raw: list[float] = []
-    smooth: list[float] = []
-    v, best = 0.0, math.inf
-    stop, reason = None, None
-    pending: list[Any] = []
-    batches.start(seed)
-    model.train()
-    for i in range(n_iter):
-        lr = float(lrs[i])
-        for g, r in zip(groups, ratios):
+_MAX_SKIPS = 10  # consecutive GradScaler skips at one lr before the sweep stops as non-finite
+
+
+@dataclass
+class _Sweep:
+    """What every sweep of one range test shares: the model, the optimizer, the data and the settings."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    batch_loss: BatchLoss
+    source: Any
+    batch_size: int | None
+    device: torch.device
+    precision: str
+    lrs: np.ndarray
+    ratios: list[float]
+    beta: float
+    factor: float | None
+    accum: int
+    val: Any
+    sync_every: int
+
+    def _set_lr(self, lr: float) -> None:
+        for g, r in zip(self.opt.param_groups, self.ratios):
             if isinstance(g["lr"], torch.Tensor):
                 g["lr"].fill_(lr * r)
             else:
                 g["lr"] = lr * r
-        opt.zero_grad(set_to_none=True)
-        if accum == 1:
-            x, y = batches.next()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            total = loss.detach()
-            micro = [(x, y)] if sam else None
-        else:
-            total, micro = 0.0, []
-            for _ in range(accum):
-                x, y = batches.next()
-                loss = loss_fn(model(x), y) / accum
-                loss.backward()
-                total = total + loss.detach()
-                if sam:
-                    micro.append((x, y))
-        if sam:
-            from .optim import frozen_running_stats
 
-            opt.first_step(zero_grad=True)
-            with frozen_running_stats(model):
-                for x, y in micro:
-                    (loss_fn(model(x), y) / accum).backward()
-            opt.second_step(zero_grad=False)
+    def _step(self, step: TrainStep, stream: BatchStream) -> tuple[torch.Tensor, bool]:
+        """One optimizer step on ``accum`` batches (each loss divided by ``accum``, or weighted by batch_weight)."""
+        if self.accum == 1:
+            res = step([stream.next()])
         else:
-            opt.step()
-        if val is not None:
-            total = _validation_loss(model, loss_fn, *val)
-        pending.append(total)
-        if len(pending) < sync_every and i < n_iter - 1:
-            continue
-        vals = [float(pending[0])] if len(pending) == 1 else torch.stack(pending).tolist()
-        pending.clear()
-        for loss_v in vals:
-            k = len(raw)
-            v = beta * v + (1.0 - beta) * loss_v
-            s = v / (1.0 - beta ** (k + 1))
-            raw.append(loss_v)
-            smooth.append(s)
-            if not math.isfinite(s):
-                stop, reason = k, "non-finite"
-                break
-            best = min(best, s)
-            if factor is not None and s - best > (factor - 1.0) * abs(best):
-                stop, reason = k, "diverged"
-                break
-        if stop is not None:
-            break
-    n = len(raw)
-    return RangeTestSweep(
-        lrs=np.asarray(lrs[:n], dtype=np.float64),
-        losses=np.asarray(raw, dtype=np.float64),
-        smoothed=np.asarray(smooth, dtype=np.float64),
-        stopped_early=stop is not None,
-        diverged_at=stop,
-        stop_reason=reason,
-        seed=seed,
-    )
+            mbs = [stream.next() for _ in range(self.accum)]
+            if self.batch_loss.batch_weight is None:
+                res = step(mbs, divisor=self.accum)
+            else:
+                w = [self.batch_loss.weight(b) for b in mbs]
+                res = step(mbs, [x / sum(w) for x in w])
+        return res.loss, res.applied
+
+    def run(self, seed: int) -> RangeTestSweep:
+        """One sweep; the hot loop holds no per-step sync on accelerators."""
+        model, n_iter = self.model, len(self.lrs)
+        step = TrainStep(model, self.opt, self.batch_loss, precision=self.precision, device=self.device)
+        raw: list[float] = []
+        smooth: list[float] = []
+        v, best = 0.0, math.inf
+        stop, reason = None, None
+        pending: list[Any] = []
+        stream = BatchStream(self.source, self.batch_size, self.device, seed)
+        model.train()
+        i = skips = 0
+        try:
+            while i < n_iter:
+                self._set_lr(float(self.lrs[i]))
+                total, applied = self._step(step, stream)
+                if not applied:  # a GradScaler skip is not an LR step: the same lr is tried again
+                    skips += 1
+                    if skips < _MAX_SKIPS:
+                        continue
+                    stop, reason = len(raw), "non-finite"
+                    break
+                skips = 0
+                if self.val is not None:
+                    total = evaluate_batches(model, self.val.batches(), self.batch_loss, self.precision)[
+                        "loss"
+                    ]
+                pending.append(total)
+                i += 1
+                if len(pending) < self.sync_every and i < n_iter:
+                    continue
+                vals = [float(pending[0])] if len(pending) == 1 else torch.stack(pending).tolist()
+                pending.clear()
+                for loss_v in vals:
+                    k = len(raw)
+                    v = self.beta * v + (1.0 - self.beta) * loss_v
+                    s = v / (1.0 - self.beta ** (k + 1))
+                    raw.append(loss_v)
+                    smooth.append(s)
+                    if not math.isfinite(s):
+                        stop, reason = k, "non-finite"
+                        break
+                    best = min(best, s)
+                    if self.factor is not None and s - best > (self.factor - 1.0) * abs(best):
+                        stop, reason = k, "diverged"
+                        break
+                if stop is not None:
+                    break
+        finally:
+            stream.close()
+        n = len(raw)
+        return RangeTestSweep(
+            lrs=np.asarray(self.lrs[:n], dtype=np.float64),
+            losses=np.asarray(raw, dtype=np.float64),
+            smoothed=np.asarray(smooth, dtype=np.float64),
+            stopped_early=stop is not None,
+            diverged_at=stop if stop is None or stop < n else None,
+            stop_reason=reason,
+            seed=seed,
+        )
 
 
 def lr_range_test(
@@ -829,6 +775,9 @@ def lr_range_test(
     repeats: int = 1,
     restore: bool = True,
     seed: int = 0,
+    compute_loss: Callable | None = None,
+    batch_weight: Callable | None = None,
+    precision: str = "32",
 ) -> RangeTestResult:
     r"""Run the LR range test (Smith 2017): train briefly while the learning rate grows, and record the loss.
 
@@ -863,10 +812,13 @@ def lr_range_test(
         model: the model to train (in train mode during the sweep).
         optimizer: a ``torch.optim.Optimizer`` over the model's parameters (SAM from :mod:`lrbs.optim` works
             too); its own lr only sets the ratios between param groups.
-        loss_fn: ``loss_fn(output, y)``, mean reduction; default cross-entropy.
-        data: a DataLoader (cycled if it has fewer than ``num_iter x accumulation_steps`` batches) or a list
-            of ``(x, y)`` batches, or an lrbs ``Dataset`` (its train split), a ``Split`` or an ``(x, y)``
-            pair, from which seeded batches of ``batch_size`` are drawn without replacement.
+        loss_fn: ``loss_fn(output, y)`` for tuple batches / ``loss_fn(output, batch)`` for mappings, mean
+            reduction; default cross-entropy (tuples) or the model's own loss (mappings, e.g. HF ``output.loss``).
+        data: anything :func:`lrbs.batches.as_source` takes. Indexable data (an lrbs ``Dataset`` (its train
+            split), a ``Split``, ``(x, y)`` / ``(x1, ..., xk, y)`` tensors or a dict of tensors (moved to the model's
+            device once), a ``TensorDataset``, a map-style ``Dataset``) is sampled in seeded batches of
+            ``batch_size`` without replacement; a DataLoader, a list of batches or an ``IterableDataset`` (batched
+            by ``batch_size``) gives its own batches, cycled if it has fewer than ``num_iter x accumulation_steps``.
         start_lr, end_lr: the range, ``0 < start_lr < end_lr``.
         num_iter: the number of iterations N, >= 10.
         mode: ``"exp"`` (geometric) or ``"linear"``.
@@ -875,12 +827,21 @@ def lr_range_test(
             only on a non-finite loss.
         val_data: if given, the loss recorded after each step is the full loss on this data, in eval mode
             (costs a pass over it per iteration; torch-lr-finder's validation mode).
-        accumulation_steps: batches per iteration; each loss is divided by this, one optimizer step.
-        batch_size: batch size for Dataset / Split / tensor data (default 64); with a DataLoader, its own.
+        accumulation_steps: batches per iteration and one optimizer step, so the lr changes once per optimizer
+            step; each loss is divided by this (with ``batch_weight``: weighted by ``w_b / sum w``).
+        batch_size: batch size for indexable data and a bare ``IterableDataset`` (default 64); with a DataLoader,
+            its own (another value is an error).
         repeats: sweeps from the same starting point over different data orders (seeds ``seed + r``);
             suggestions become medians with a spread.
         restore: put everything back afterwards (see above).
         seed: seeds the data order and any randomness in the model (dropout) of the first sweep.
+        compute_loss: ``compute_loss(model, batch) -> scalar tensor`` for any batch (HF Trainer's name).
+        batch_weight: ``batch_weight(batch) -> float``, a batch's weight under accumulation and in the
+            validation mean (default: its number of samples).
+        precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (CUDA): autocast, and for ``16-mixed`` a
+            GradScaler; a step it skips (non-finite gradients) is not an lr step: the same lr is tried again, and
+            after 10 skips in a row the sweep stops as ``"non-finite"``. The training step is
+            :class:`lrbs.step.TrainStep`, the one ``fit`` uses.
 
     Returns:
         A :class:`RangeTestResult`: ``suggest()``, ``suggestions()``, ``recommended()``, ``lr_bounds()``,
@@ -890,7 +851,7 @@ def lr_range_test(
         LrbsTypeError: ``model`` is not a module, ``optimizer`` not an optimizer, ``data`` of an unknown kind.
         ConfigError: ``start_lr >= end_lr`` or a non-positive / non-finite lr, ``num_iter < 10``, an unknown
             mode, ``smoothing`` outside ``[0, 1)``, ``diverge_factor <= 1``, ``accumulation_steps < 1``,
-            ``repeats < 1``, empty data, a batch size larger than the data, or an optimizer holding parameters
+            ``repeats < 1``, empty data, a precision outside the three names or ``16-mixed`` without CUDA, a batch size larger than the data, or an optimizer holding parameters
             that are not the model's.
 
     Example:
@@ -938,65 +899,36 @@ def lr_range_test(
                 f"optimizer param group {gi} holds parameters that are not the model's: build the optimizer "
                 "on model.parameters() (the restore covers the model only)"
             )
-    device = _first_device(model)
-    batches = _batches(data, batch_size, device)
+    device = model_device(model)
+    precision = check_precision(precision, device)
+    batch_loss = BatchLoss(loss_fn, compute_loss, batch_weight)
+    source, b = _source(data, batch_size, device)
     val = None
     if val_data is not None:
-        from .objective import as_tensors
-
-        vx, vy = as_tensors(val_data)
-        if len(vy) == 0:
-            raise ConfigError("val_data is empty: it has 0 samples")
-        val = (vx.to(device), vy.to(device))
-    loss_fn = loss_fn or nn.functional.cross_entropy
-    sam = hasattr(optimizer, "first_step") and hasattr(optimizer, "second_step")
+        val = EvalSet(val_data, 1024, device, name="val_data", seed=seed)
     base = float(optimizer.param_groups[0]["lr"])
     ratios = [
         float(g["lr"]) / base if base > 0 and math.isfinite(base) else 1.0 for g in optimizer.param_groups
     ]
     lrs = _sweep_lrs(start_lr, end_lr, num_iter, mode)
     sync_every = 1 if device.type == "cpu" or val is not None else 16
-
-    flags = {name: m.training for name, m in model.named_modules()}
-    snap = _Snapshot(model, optimizer) if (restore or repeats > 1) else None
-    py_state, np_state = random.getstate(), np.random.get_state()
-    cuda = [device] if device.type == "cuda" else []
-    sweeps = []
-    try:
-        with torch.random.fork_rng(devices=cuda):
-            for r in range(repeats):
-                if r > 0:
-                    snap.restore()  # every sweep starts from the same point
-                torch.default_generator.manual_seed(seed + r)
-                if cuda:
-                    with torch.cuda.device(device):
-                        torch.cuda.manual_seed(seed + r)
-                sweeps.append(
-                    _run_sweep(
-                        model,
-                        optimizer,
-                        loss_fn,
-                        batches,
-                        lrs,
-                        ratios,
-                        beta,
-                        factor,
-                        accum,
-                        val,
-                        sam,
-                        seed + r,
-                        sync_every,
-                    )
-                )
-    finally:
-        if snap is not None and restore:
-            snap.restore()
-        for name, m in model.named_modules():
-            if name in flags:
-                m.train(flags[name])
-        batches.restore()
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+    sweep = _Sweep(
+        model,
+        optimizer,
+        batch_loss,
+        source,
+        b,
+        device,
+        precision,
+        lrs,
+        ratios,
+        beta,
+        factor,
+        accum,
+        val,
+        sync_every,
+    )
+    sweeps = _run_sweeps(sweep, repeats, restore, seed)
     settings = {
         "start_lr": start_lr,
         "end_lr": end_lr,
@@ -1005,18 +937,22 @@ def lr_range_test(
         "smoothing": beta,
         "diverge_factor": factor,
         "accumulation_steps": accum,
-        "batch_size": batches.b if isinstance(batches, _TensorBatches) else getattr(data, "batch_size", None),
+        "batch_size": b if b is not None else getattr(data, "batch_size", None),
         "repeats": repeats,
         "restore": restore,
         "seed": seed,
         "validation": val is not None,
         "optimizer": type(optimizer).__name__,
         "group_ratios": ratios,
-        "loss_fn": getattr(loss_fn, "__name__", type(loss_fn).__name__),
+        "loss_fn": _loss_name(loss_fn, compute_loss),
         "data": _describe_data(data),
         "model": getattr(model, "lrbs_spec", {"name": type(model).__name__}),
         "device": str(device),
     }
+    if precision != "32":
+        settings["precision"] = precision
+    if batch_weight is not None:
+        settings["batch_weight"] = getattr(batch_weight, "__name__", type(batch_weight).__name__)
     first = sweeps[0]
     return RangeTestResult(
         lrs=first.lrs,
@@ -1029,6 +965,43 @@ def lr_range_test(
         sweeps=tuple(sweeps),
         wall_time=time.perf_counter() - t0,
     )
+
+
+def _loss_name(loss_fn: Callable | None, compute_loss: Callable | None) -> str:
+    fn = compute_loss or loss_fn or nn.functional.cross_entropy
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def _run_sweeps(sweep: _Sweep, repeats: int, restore: bool, seed: int) -> list[RangeTestSweep]:
+    """``repeats`` sweeps from the same start, seeds ``seed + r``; the model, optimizer, training flags, random
+    states and loader generators are put back afterwards (the model and optimizer only with ``restore``)."""
+    model, device = sweep.model, sweep.device
+    flags = {name: m.training for name, m in model.named_modules()}
+    snap = _Snapshot(model, sweep.opt) if (restore or repeats > 1) else None
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = [device] if device.type == "cuda" else []
+    sweeps = []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            for r in range(repeats):
+                if r > 0:
+                    snap.restore()  # every sweep starts from the same point
+                torch.default_generator.manual_seed(seed + r)
+                if cuda:
+                    with torch.cuda.device(device):
+                        torch.cuda.manual_seed(seed + r)
+                sweeps.append(sweep.run(seed + r))
+    finally:
+        if snap is not None and restore:
+            snap.restore()
+        for name, m in model.named_modules():
+            if name in flags:
+                m.train(flags[name])
+        if isinstance(sweep.source, LoaderSource):
+            sweep.source.restore()
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return sweeps
 
 
 def _describe_data(data: Any) -> dict[str, Any]:
