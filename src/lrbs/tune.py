@@ -1103,6 +1103,32 @@ def _setup(
     return ctx, sizes
 
 
+def _settings(ctx: _Ctx, sizes: list[int], budget_epochs: Any) -> dict[str, Any]:
+    """The settings recorded with the evidence (and, hashed with the model and data, the store identity)."""
+    return {
+        "budget_samples": ctx.budget,
+        "budget_epochs": budget_epochs,
+        "optimizer": ctx.optimizer
+        if isinstance(ctx.optimizer, str)
+        else getattr(ctx.optimizer, "__qualname__", type(ctx.optimizer).__name__),
+        "family": ctx.family,
+        "precision": ctx.precision,
+        "seed": ctx.seed,
+        "ladder": sizes,
+        "num_samples": ctx.n,
+        "device": str(ctx.device),
+        "data": ctx.source.describe(),
+        "model": getattr(ctx.model, "lrbs_spec", {"name": type(ctx.model).__name__}),
+        "loss_fn": None
+        if ctx.loss_fn is None
+        else getattr(ctx.loss_fn, "__name__", type(ctx.loss_fn).__name__),
+        "compute_loss": None
+        if ctx.compute_loss is None
+        else getattr(ctx.compute_loss, "__name__", "callable"),
+        "validation": ctx.val_data is not None,
+    }
+
+
 def tune(
     model: nn.Module,
     data: Any,
@@ -1166,22 +1192,7 @@ def tune(
     t0 = time.perf_counter()
     ctx, sizes = _setup(model, data, optimizer, budget_epochs, budget_samples, loss_fn, compute_loss, precision,
                         val_data, batch_sizes, max_batch_size, seed, store, progress)  # fmt: skip
-    settings = {
-        "budget_samples": ctx.budget,
-        "budget_epochs": budget_epochs,
-        "optimizer": ctx.optimizer if isinstance(ctx.optimizer, str) else repr(ctx.optimizer),
-        "family": ctx.family,
-        "precision": ctx.precision,
-        "seed": seed,
-        "ladder": sizes,
-        "num_samples": ctx.n,
-        "device": str(ctx.device),
-        "data": ctx.source.describe(),
-        "model": getattr(model, "lrbs_spec", {"name": type(model).__name__}),
-        "loss_fn": None if loss_fn is None else getattr(loss_fn, "__name__", type(loss_fn).__name__),
-        "compute_loss": None if compute_loss is None else getattr(compute_loss, "__name__", "callable"),
-        "validation": val_data is not None,
-    }
+    settings = _settings(ctx, sizes, budget_epochs)
     if store is not None:
         ctx.key = _fingerprint(ctx, settings)
     try:
