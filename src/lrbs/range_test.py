@@ -851,8 +851,8 @@ def lr_range_test(
         LrbsTypeError: ``model`` is not a module, ``optimizer`` not an optimizer, ``data`` of an unknown kind.
         ConfigError: ``start_lr >= end_lr`` or a non-positive / non-finite lr, ``num_iter < 10``, an unknown
             mode, ``smoothing`` outside ``[0, 1)``, ``diverge_factor <= 1``, ``accumulation_steps < 1``,
-            ``repeats < 1``, empty data, a precision outside the three names or ``16-mixed`` without CUDA, a batch size larger than the data, or an optimizer holding parameters
-            that are not the model's.
+            ``repeats < 1``, empty data, a precision outside the three names or ``16-mixed`` without CUDA, a
+            batch size larger than the data, or an optimizer holding parameters that are not the model's.
 
     Example:
         >>> from lrbs.data import load_dataset
