@@ -49,6 +49,11 @@ def make_train_only():
     return _tensors(128, 0)
 
 
+def make_loaders():
+    train = torch.utils.data.DataLoader(_tensors(128, 0), batch_size=32, shuffle=True)
+    return train, torch.utils.data.DataLoader(_tensors(32, 1), batch_size=32)
+
+
 def returns_a_string():
     return "not a model"
 
@@ -164,15 +169,35 @@ def test_train_own_model_and_data(user_module, tmp_path, capsys):
     assert "completed" in out and ck.exists()
 
 
-@pytest.mark.xfail(
-    strict=False, reason="until lr_range_test reads any data source (the 'step' helper's part)"
-)
-def test_find_lr_own_model_and_data(user_module, capsys):
-    argv = ["find-lr", *OWN, "--num-iter", "20", "--batch-size", "16", "--end-lr", "1"]
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert code in (0, 1), captured.err  # 1: the sweep gave no suggestion (said so), not a crash
-    assert "lrbs find-lr" in captured.out and f"on {MODULE}:make_data" in " ".join(captured.out.split())
+def test_train_on_dataloaders_keeps_their_batch_size(user_module, tmp_path, capsys):
+    from lrbs.store import Store
+
+    store = tmp_path / "lab.sqlite"
+    argv = ["train", "--model", f"{MODULE}:make_model", "--data", f"{MODULE}:make_loaders", "--steps", "4"]
+    assert main([*argv, "--lr", "0.05", "--store", str(store)]) == 0, capsys.readouterr().err
+    assert "completed" in capsys.readouterr().out
+    with Store(store) as s:
+        (run,) = s.runs(kind="fit")
+        assert run.status == "completed"
+        rows = s.metrics(run.key, "batch_size")
+    assert [v for _, _, v in rows] == [32.0] * 4  # the loader's batches, not --batch-size's default 128
+
+
+def test_find_lr_own_model_and_data_equals_the_api(user_module, capsys):
+    from lrbs.optim import get_optimizer
+    from lrbs.range_test import lr_range_test
+
+    argv = ["find-lr", *OWN, "--num-iter", "40", "--batch-size", "16", "--end-lr", "10"]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"on {MODULE}:make_data" in " ".join(out.split())
+    model = _own_model(user_module, 0)
+    opt = get_optimizer("sgd", model.parameters(), lr=1e-7, momentum=0.9, weight_decay=0.0)
+    train, _ = user_module.make_data()
+    ref = lr_range_test(
+        model, opt, data=train, start_lr=1e-7, end_lr=10.0, num_iter=40, batch_size=16, seed=0
+    )
+    assert f"recommended lr: {ref.suggestions().recommended:.3g}" in out
 
 
 def test_factory_options_and_dataset_spec(user_module, capsys):

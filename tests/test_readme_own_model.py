@@ -27,20 +27,12 @@ def test_the_section_has_the_two_examples():
     assert "GPT2LMHeadModel" in blocks[0] and "def forward(self, x, meta)" in blocks[1]
 
 
-# lr_range_test (and fit) on any data source are the "step" helper's part of issue 13; until they land the examples
-# cannot run as written.
-PENDING = pytest.mark.xfail(
-    strict=False, reason="until lr_range_test reads any data source (issue 13, 'step')"
-)
-
-
 def _run(code: str) -> dict:
     namespace: dict = {"__name__": "readme_example"}
     exec(compile(code, f"{README}:{HEADING}", "exec"), namespace)  # noqa: S102 - our own README
     return namespace
 
 
-@PENDING
 def test_huggingface_example_runs():
     pytest.importorskip("transformers")
     ns = _run(_blocks()[0])
@@ -50,7 +42,6 @@ def test_huggingface_example_runs():
     assert len(ns["rt"].lrs) >= 2
 
 
-@PENDING
 def test_two_input_example_runs():
     ns = _run(_blocks()[1])
     assert ns["result"].status == "completed"

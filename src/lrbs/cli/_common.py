@@ -19,7 +19,11 @@ def add_train_options(p: argparse.ArgumentParser, *, steps_default: int | None =
     p.add_argument(
         "--lr", default="0.1", help="a number or a schedule spec, e.g. 'cosine(start=0.1, steps=1000)'"
     )
-    p.add_argument("--batch-size", default="128", help="an integer or a batch schedule spec")
+    p.add_argument(
+        "--batch-size",
+        default="128",
+        help="an integer or a batch schedule spec (a DataLoader from --data keeps its own batches)",
+    )
     p.add_argument("--steps", type=int, default=steps_default)
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--momentum", type=float, default=0.9)
@@ -305,6 +309,17 @@ def load_model(args: argparse.Namespace, data: Data, *, seed: int | None = None)
     return build_model(args.model, dataset=data.dataset, **kw, **opts)
 
 
+def _own_batches(data: Any) -> bool:
+    """Whether ``data`` comes in ready batches (a DataLoader, a list of batches), so ``--batch-size`` does not apply."""
+    import torch
+
+    from ..batches import LoaderSource, as_source
+
+    if isinstance(data, torch.utils.data.IterableDataset):
+        return False  # a bare stream is batched by --batch-size
+    return isinstance(as_source(data, name="data"), LoaderSource)
+
+
 def fit_from_config(
     cfg: dict[str, Any],
     model: Any,
@@ -315,7 +330,8 @@ def fit_from_config(
     progress: bool = False,
 ) -> Any:
     """``fit`` with the options of ``lrbs train`` (``cfg`` from :func:`config_from_args`) on a model and data
-    that the CLI resolved (the user's own or built-in), as :func:`lrbs.train.train_config` does for names."""
+    that the CLI resolved (the user's own or built-in), as :func:`lrbs.train.train_config` does for names. Data that
+    comes in ready batches (a DataLoader from ``--data``) keeps its own batch size: ``--batch-size`` is ignored."""
     from ..schedules import parse
     from ..train import fit
 
@@ -335,6 +351,8 @@ def fit_from_config(
             rule=cfg.get("lr_rule") or "linear",
             warmup_steps=cfg.get("warmup") or 0,
         )
+    if _own_batches(data.fit_data):
+        batch = None  # a DataLoader (or a list of batches) keeps its own batch size
     extra = {} if data.dataset is not None or data.test is None else {"test_data": data.test}
     return fit(
         model,
