@@ -477,10 +477,12 @@ def as_source(data: Any, *, name: str = "data", batch_size: int | None = None) -
 
 
 def _as_source(data: Any, name: str, batch_size: int | None) -> Source:
+    from .data import Split
+
     if hasattr(data, "train") and hasattr(data, "test") and not isinstance(data, torch.utils.data.Dataset):
         data = data.train  # an lrbs Dataset
-    if hasattr(data, "x") and hasattr(data, "y") and isinstance(data.x, torch.Tensor):
-        return TensorSource((data.x, data.y))  # an lrbs Split
+    if isinstance(data, Split):  # exactly its tensors (a user dataset with .x/.y may transform its items)
+        return TensorSource((data.x, data.y))
     if isinstance(data, torch.utils.data.TensorDataset):
         return TensorSource(data.tensors)
     if isinstance(data, (tuple, list)) and len(data) >= 2 and all(isinstance(t, torch.Tensor) for t in data):
