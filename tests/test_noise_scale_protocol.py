@@ -17,10 +17,17 @@ from lrbs.train import fit
 
 
 # ----------------------------------------------------------------------------------------- models and data
-def _gpt2():
+def _gpt2(**config):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        vocab_size=64,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        **config,
     )
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(cfg).eval()
@@ -360,3 +367,28 @@ def test_bad_batches_and_loaders():
             small_batch=4,
             big_batch=8,
         )
+
+
+def test_tracker_in_fit_reads_dict_batches_of_gpt2():
+    """fit's state.batch ({"input_ids", "labels"}) and its BatchLoss: at lr ~ 0 the first single-step estimates
+    equal the float64 reference on the batch fit drew (the seeded sampler's first torch.randperm slice)."""
+    model = _gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).double()  # fit trains in train mode
+    ids = _tokens(n=32)
+    data = {"input_ids": ids, "labels": ids}
+    tracker = NoiseScaleTracker(small_batch=4, every=1, beta=0.0)
+    fit(
+        copy.deepcopy(model),
+        data,
+        lr=1e-30,
+        momentum=0.0,
+        batch_size=16,
+        steps=1,
+        seed=5,
+        callbacks=[tracker],
+    )
+    first = torch.randperm(32, generator=torch.Generator().manual_seed(5))[:16]
+    draw = [(lambda m, s=s: m(input_ids=ids[s], labels=ids[s]).loss) for s in first.split(4)]
+    ref = _reference(model, [draw], 4, 16, None)
+    _, grad_sq, trace = tracker.raw[0]
+    assert grad_sq == pytest.approx(ref["grad_sq"][0], rel=1e-6)
+    assert trace == pytest.approx(ref["trace"][0], rel=1e-6)
