@@ -52,3 +52,25 @@ def test_tune_run_writes_report_and_json(capsys, tmp_path):
     assert "lrbs tune: recommendation" in out and "learning rate" in out
     assert data["batch_size"] in (16, 32) and data["lr"] > 0 and data["confidence"] in ("high", "low")
     assert report.read_text().count("data:image/svg+xml;base64,") == 4
+
+
+def test_tune_on_own_model_and_data_then_train(capsys, tmp_path, monkeypatch):
+    (tmp_path / "tune_own.py").write_text(
+        "import torch\n"
+        "def model():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x = torch.randn(256, 6, generator=g)\n"
+        "    return torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["tune", "--model", "tune_own:model", "--data", "tune_own:data", "--budget-samples", "512",
+            "--batch-sizes", "16,32", "--train", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "lrbs tune: recommendation" in out and "trained: completed" in out
+    bad = ["tune", "--model", "tune_own:nope", "--data", "tune_own:data", "--budget-samples", "512"]
+    assert main(bad) == 2
+    assert "has no attribute 'nope'" in capsys.readouterr().err

@@ -295,6 +295,7 @@ def _batch_protocol_ready() -> bool:
     return all("compute_loss" in inspect.signature(f).parameters for f in (fit, lr_range_test, noise_scale))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not _batch_protocol_ready(), reason="fit / lr_range_test / noise_scale on dict batches (#13)"
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import json_dict
+from ._common import add_data_option, add_model_option, json_dict
 
 
 def _sizes(text: str) -> list[int]:
@@ -22,10 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "tune",
         help="choose the learning rate, batch size, warmup and schedule for a budget, with the evidence",
     )
-    p.add_argument("--model", default="cnn1d", help="model name (see lrbs.models.list_models())")
-    p.add_argument("--model-opts", default=None, type=json_dict, help="JSON dict, e.g. '{\"depth\": 4}'")
+    add_model_option(p, default="cnn1d")
     p.add_argument("--dataset", default="mnist1d", help="dataset name (mnist1d, blobs, teacher, cifar10)")
     p.add_argument("--dataset-opts", default=None, type=json_dict, help="JSON dict of dataset options")
+    add_data_option(p)
     p.add_argument("--optimizer", default="sgd", help="sgd (momentum 0.9), adam or adamw")
     p.add_argument("--budget-epochs", type=float, default=None, help="training budget in epochs")
     p.add_argument("--budget-samples", type=int, default=None, help="training budget in samples")
@@ -46,13 +46,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ..data import load_dataset
-    from ..models import build_model
     from ..tune import tune
+    from ._common import load_data, load_model
 
     console = Console()
-    ds = load_dataset(args.dataset, **(args.dataset_opts or {}))
-    model = build_model(args.model, dataset=ds, seed=args.seed, **(args.model_opts or {}))
+    data = load_data(args)
+    model = load_model(args, data, seed=args.seed)
     store = None
     if args.store:
         from ..store import Store
@@ -61,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         rec = tune(
             model,
-            ds,
+            data.fit_data,
             optimizer=args.optimizer,
             budget_epochs=args.budget_epochs,
             budget_samples=args.budget_samples,
@@ -87,12 +86,14 @@ def run(args: argparse.Namespace) -> int:
     if args.train:
         from ..train import fit
 
+        extra = {"test_data": data.test} if data.dataset is None and data.test is not None else {}
         res = fit(
-            build_model(args.model, dataset=ds, seed=args.seed, **(args.model_opts or {})),
-            ds,
+            load_model(args, data, seed=args.seed),
+            data.fit_data,
             seed=args.seed,
             progress=not args.no_progress,
             **rec.fit_kwargs(),
+            **extra,
         )
         acc = res.final.get("test_acc")
         console.print(f"trained: {res.status}, test accuracy {acc if acc is None else f'{acc:.4f}'}")
