@@ -593,9 +593,13 @@ class Objective:
     def _check_output(self) -> None:
         """One forward pass on two samples of the first batch: the loss is readable and a scalar."""
         batch = self._batches[0]
-        probe = slice_batch(batch, 0, 2) if batch_tensors(batch) else batch
+        probe = slice_batch(batch, 0, 2)
         with torch.no_grad():
-            ev = self.evaluate_on(self._theta0, probe)
+            try:
+                ev = self.evaluate_on(self._theta0, probe)
+            except LrbsError:
+                self.evaluate_on(self._theta0, batch)  # the error again, naming the user's own shapes
+                raise
         self._has_accuracy = self.batch_loss.correct(ev.output, probe) is not None
 
     def _recomputed_buffers(self, theta: torch.Tensor) -> dict:
