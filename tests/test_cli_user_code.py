@@ -161,6 +161,24 @@ def test_connect_linear_between_two_checkpoints(user_module, tmp_path, capsys):
     assert f"{ref.barriers['max_loss']:.4g}" in out and f"{ref.test_barriers['max_loss']:.4g}" in out
 
 
+def test_connect_bezier_reports_train_and_test_barriers(user_module, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from lrbs.connectivity import fit_curve
+
+    a, b = (_checkpoint(user_module, tmp_path, n, seed=s) for n, s in (("a", 0), ("b", 1)))
+    argv = ["connect", *OWN, "--a", str(a), "--b", str(b), "--method", "bezier", "--epochs", "1"]
+    assert main([*argv, "--batch-size", "32", "--bn", "eval"]) == 0
+    out = capsys.readouterr().out
+    train, test = user_module.make_data()
+    splits = SimpleNamespace(train=train, test=test)
+    ma, mb = _own_model(user_module, 0), _own_model(user_module, 1)
+    ref = fit_curve(
+        ma, mb, splits, kind="bezier", bends=3, epochs=1, lr=0.05, batch_size=32, seed=0, bn="eval"
+    ).path
+    assert f"{ref.barriers['max_loss']:.4g}" in out and f"{ref.test_barriers['max_loss']:.4g}" in out
+
+
 def test_train_own_model_and_data(user_module, tmp_path, capsys):
     ck = tmp_path / "trained.safetensors"
     argv = ["train", *OWN, "--lr", "0.1", "--batch-size", "16", "--steps", "5", "--checkpoint", str(ck)]

@@ -326,6 +326,12 @@ class NoiseScale:
 def _bootstrap_ratio(
     num: np.ndarray, den: np.ndarray, num_bootstrap: int, confidence: float, seed: int
 ) -> tuple[float, float]:
+    """Percentile-bootstrap interval of ``mean(num) / mean(den)`` over the draws (a ratio of resampled means).
+
+    Not ``scipy.stats.bootstrap``: its resampling stream and its interpolated percentiles give other numbers
+    (recorded results and the study would change), and interpolation is undefined when some resampled ratios are
+    infinite (a mean ``|G|²`` <= 0 below the noise floor); ``"lower"`` / ``"higher"`` quantiles keep them defined.
+    """
     rng = np.random.default_rng([seed, 0x6E73])
     k = len(num)
     idx = rng.integers(0, k, size=(num_bootstrap, k))
@@ -605,7 +611,8 @@ def noise_scale(
         params: the weights (dict or flat vector; default the Objective's centre point).
         confidence: level of the bootstrap interval, in (0, 1).
         num_bootstrap: bootstrap resamples.
-        bn, dtype: passed to the Objective built from a model.
+        bn, dtype: passed to the Objective built from a model (``bn="recompute"`` reads all the data into it, for
+            the BatchNorm statistics).
         finite_population: apply the finite-data correction described above.
         method: ``"vmap"`` (all sub-batch gradients in one vectorised call), ``"loop"``, or ``None``: vmap,
             falling back to the loop for models or batches vmap cannot handle (e.g. ragged sub-batches).

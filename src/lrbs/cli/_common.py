@@ -228,6 +228,16 @@ class Data:
         """What ``fit`` / ``lr_range_test`` / ``noise_scale`` take: the lrbs Dataset, else the training data."""
         return self.dataset if self.dataset is not None else self.train
 
+    @property
+    def with_test(self) -> Any:
+        """The lrbs Dataset, else an object with ``train`` and ``test`` attributes when there is test data (what
+        the connectivity functions read as both splits), else the training data."""
+        if self.dataset is not None or self.test is None:
+            return self.fit_data
+        from types import SimpleNamespace
+
+        return SimpleNamespace(train=self.train, test=self.test)
+
     def describe(self) -> Any:
         """A JSON-able record for stores: the Dataset's description, or the import spec."""
         return self.dataset.describe() if self.dataset is not None else {"data": self.name}

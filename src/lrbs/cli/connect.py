@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_choice("--method", args.method, METHODS)
     data = load_data(args)
-    ds = data.fit_data
+    ds = data.with_test  # train and test splits, for the test barriers
     models = []
     for ckpt in (args.a, args.b):
         m = load_model(args, data)
