@@ -322,3 +322,19 @@ def test_ddp_and_test_split_errors(user_module, capsys, tmp_path):
     argv = ["landscape", "--model", f"{MODULE}:make_model", "--data", f"{MODULE}:make_train_only"]
     assert main([*argv, "--checkpoint", str(ck), "--test"]) == 2
     assert "--test is not allowed with --data" in capsys.readouterr().err
+
+
+def test_noise_scale_precision_option(user_module, capsys):
+    from lrbs.noise_scale import noise_scale
+
+    argv = ["noise-scale", *OWN, "--small-batch", "4", "--big-batch", "32", "--estimates", "4"]
+    assert main([*argv, "--precision", "bf16-mixed"]) == 0
+    out = capsys.readouterr().out
+    train, _ = user_module.make_data()
+    ref = noise_scale(
+        _own_model(user_module), train, small_batch=4, big_batch=32, num_estimates=4, precision="bf16-mixed"
+    )
+    assert f"{ref.b_simple:.4g}" in out
+    assert main([*argv, "--precision", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "precision='64' is not allowed" in err and err.count("\n") == 1
