@@ -29,6 +29,7 @@ from .measure import (
     GradCapture,
     MeasurementWarning,
     Monitor,
+    current_lr,
     require,
     trainable_parameters,
 )
@@ -154,6 +155,7 @@ class LrbsCallback(_L.pytorch.Callback):
         self._new_step = True
         self._stepped = False
         self._scale = 1.0
+        self._lr: float | None = None
         self._params: list[torch.Tensor] = []
 
     @property
@@ -214,6 +216,7 @@ class LrbsCallback(_L.pytorch.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self._stepped = True
+        self._lr = current_lr(optimizer)  # the step's LR, before any scheduler moves it
         if not self.monitor.free:
             return
         total = float(GradCapture.grad_sq_of(self._params))
@@ -233,7 +236,7 @@ class LrbsCallback(_L.pytorch.Callback):
         self._stepped = False
         step = int(trainer.global_step)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        self.monitor.after_step(step, pl_module, optimizer)
+        self.monitor.after_step(step, pl_module, optimizer, lr=self._lr)
         if step % self.monitor.log_every:
             return
         out = self.monitor.publish(step)
@@ -372,7 +375,9 @@ def find_lr(
 
 
 def _apply(model: Any, res: Any, attr: str | None) -> dict[str, Any] | None:
-    lr, why = res.recommended()
+    lr, why = _recommended(res)
+    if lr is None:
+        return None
     names = [attr] if attr is not None else [n for n in ("lr", "learning_rate") if hasattr(model, n)]
     if not names or not hasattr(model, names[0]):
         warnings.warn(
@@ -399,3 +404,13 @@ def _apply(model: Any, res: Any, attr: str | None) -> dict[str, Any] | None:
         )
     log.info("lrbs find_lr: learning rate %.4g (%s) written to %s", lr, why, ", ".join(where))
     return {"lr": lr, "why": why, "where": where, "optimizer_lr": used}
+
+
+def _recommended(res: Any) -> tuple[float | None, str]:
+    """``res.recommended()``, or ``(None, reason)`` with a warning when the sweep cannot recommend (the result is
+    kept either way)."""
+    try:
+        return res.recommended()
+    except ConfigError as e:
+        warnings.warn(f"lrbs find_lr: no learning rate was written ({e})", MeasurementWarning, stacklevel=4)
+        return None, str(e)

@@ -684,15 +684,16 @@ class Monitor:
             self._fresh = True
 
     # ---- probe and sharpness
-    def after_step(self, step: int, model: nn.Module, optimizer: Any) -> None:
-        """Run the probe and the sharpness measurement when their cadence says so."""
+    def after_step(self, step: int, model: nn.Module, optimizer: Any, lr: float | None = None) -> None:
+        """Run the probe and the sharpness measurement when their cadence says so (``lr``: the learning rate the
+        step used, default the optimizer's current one)."""
         device = next(iter(model.parameters())).device
         if self.noise_scale and not self.free and step % self.log_every == 0:
             with protected_rng(device):
                 guarded("the noise-scale probe", step, lambda: self._probe(step, model))
         if self.sharpness_every is not None and step % self.sharpness_every == 0:
             with protected_rng(device):
-                guarded("the sharpness measurement", step, lambda: self._sharpness(step, model, optimizer))
+                guarded("the sharpness measurement", step, lambda: self._sharpness(model, optimizer, lr))
 
     def _probe(self, step: int, model: nn.Module) -> None:
         import time
@@ -713,12 +714,13 @@ class Monitor:
         self.values[METRICS["probe_seconds"]] = time.perf_counter() - t0
         self._fresh = True
 
-    def _sharpness(self, step: int, model: nn.Module, optimizer: Any) -> None:
+    def _sharpness(self, model: nn.Module, optimizer: Any, lr: float | None) -> None:
         res = sharpness(
             model,
             self.train_source,
             max_samples=self.sharpness_samples,
-            batch_size=self.micro_batch,
+            # batches of 4 micro-batches: fewer, larger HVP passes, memory still of the order of a training step
+            batch_size=None if self.micro_batch is None else 4 * self.micro_batch,
             compute_loss=self.compute_loss,
             batch_weight=self.batch_weight,
             init=self._eigvec,
@@ -727,7 +729,7 @@ class Monitor:
         lam = float(res.values[0])
         self._eigvec = res.vectors[0] if res.vectors is not None else "auto"
         self.values[METRICS["lambda_max"]] = lam
-        lr = current_lr(optimizer)
+        lr = current_lr(optimizer) if lr is None else lr
         if lr is not None:
             self.values[METRICS["lambda_max_x_lr"]] = lr * lam
         threshold = stability_threshold(optimizer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from ..errors import ConfigError, LrbsTypeError
 from .measure import (
     MeasurementWarning,
     Monitor,
+    current_lr,
     protected_rng,
     require,
     trainable_parameters,
@@ -151,6 +153,7 @@ class LrbsCallback(_hf.TrainerCallback):
         self._handle: Any = None
         self._micro: list[tuple[int, torch.Tensor | None]] = []
         self._scale = 1.0
+        self._lr: float | None = None
 
     @property
     def history(self) -> list[dict[str, float]]:
@@ -213,6 +216,7 @@ class LrbsCallback(_hf.TrainerCallback):
         self._micro = []
         scaler = getattr(optimizer, "scaler", None)
         self._scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        self._lr = current_lr(optimizer) if optimizer is not None else None  # before the scheduler moves it
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = int(state.global_step)
@@ -227,7 +231,7 @@ class LrbsCallback(_hf.TrainerCallback):
             else:
                 shares = [1.0 / max(1, len(sizes))] * len(sizes)
             self.monitor.end_step(step, sizes, shares, micro_scale=self._scale, total_sq=self._total(step))
-        self.monitor.after_step(step, model, optimizer)
+        self.monitor.after_step(step, model, optimizer, lr=self._lr)
 
     def _total(self, step: int) -> float | None:
         cap = self.monitor.capture
@@ -372,7 +376,9 @@ def find_lr(
 
 
 def _apply(trainer: Any, res: Any) -> dict[str, Any]:
-    lr, why = res.recommended()
+    lr, why = _recommended(res)
+    if lr is None:
+        return None
     where = ["trainer.args.learning_rate"]
     trainer.args.learning_rate = lr
     if trainer.optimizer is not None:  # a user optimizer: the Trainer will not rebuild it
@@ -385,3 +391,13 @@ def _apply(trainer: Any, res: Any) -> dict[str, Any]:
         where.append("trainer.optimizer.param_groups[*]['lr']")
     log.info("lrbs find_lr: learning rate %.4g (%s) written to %s", lr, why, ", ".join(where))
     return {"lr": lr, "why": why, "where": where}
+
+
+def _recommended(res: Any) -> tuple[float | None, str]:
+    """``res.recommended()``, or ``(None, reason)`` with a warning when the sweep cannot recommend (the result is
+    kept either way)."""
+    try:
+        return res.recommended()
+    except ConfigError as e:
+        warnings.warn(f"lrbs find_lr: no learning rate was written ({e})", MeasurementWarning, stacklevel=4)
+        return None, str(e)

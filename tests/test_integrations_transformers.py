@@ -1,0 +1,293 @@
+"""lrbs.integrations.transformers on a real transformers.Trainer (tiny GPT-2 from a config, CPU, accumulation 4)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import lrbs  # noqa: E402
+from lrbs.batches import MapSource  # noqa: E402
+from lrbs.errors import ConfigError, DependencyError  # noqa: E402
+from lrbs.integrations import transformers as lhf  # noqa: E402
+from lrbs.integrations.measure import MeasurementWarning  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+N, T, VOCAB = 128, 16, 64
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class LMData(torch.utils.data.Dataset):
+    """Sequences with a learnable rule (next = 3 tok + 1 mod 64, replaced by noise 30% of the time)."""
+
+    def __init__(self, n: int = N, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        rows = [torch.randint(0, VOCAB, (n, 1), generator=g)]
+        for _ in range(T - 1):
+            noise = torch.randint(0, VOCAB, (n, 1), generator=g)
+            rows.append(torch.where(torch.rand(n, 1, generator=g) < 0.3, noise, (rows[-1] * 3 + 1) % VOCAB))
+        self.ids = torch.cat(rows, 1)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_embd=16, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def trainer(tmp, *, steps=40, lr=1e-3, accum=4, callback=None, data="default", **args):
+    kw = dict(
+        output_dir=str(tmp),
+        use_cpu=True,
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=accum,
+        learning_rate=lr,
+        report_to=[],
+        logging_steps=10,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    kw.update(args)
+    tr = transformers.Trainer(
+        model=gpt2(),
+        args=transformers.TrainingArguments(**kw),
+        train_dataset=LMData() if data == "default" else data,
+    )
+    if callback is not None:
+        lhf.attach(tr, callback)
+    return tr
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def losses(tr) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["loss"], r["learning_rate"]) for r in tr.state.log_history if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def with_callback(tmp_path_factory):
+    cb = lhf.LrbsCallback(sharpness_every=20, sharpness_samples=64)
+    tr = trainer(tmp_path_factory.mktemp("cb"), callback=cb)
+    tr.train()
+    return tr, cb
+
+
+def test_log_history_has_finite_noise_scale_and_sharpness(with_callback):
+    tr, cb = with_callback
+    rows = [r for r in tr.state.log_history if "loss" in r]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    for r in rows:
+        assert math.isfinite(r["lrbs/b_simple"]) and r["lrbs/b_simple"] > 0
+        assert r["lrbs/b_simple_low"] <= r["lrbs/b_simple"] <= r["lrbs/b_simple_high"]
+        assert r["lrbs/grad_sq"] > 0 and r["lrbs/trace_sigma"] > 0
+    sharp = [r for r in rows if "lrbs/lambda_max" in r]
+    assert [r["step"] for r in sharp] == [20, 40]
+    for r in sharp:
+        assert math.isfinite(r["lrbs/lambda_max"]) and r["lrbs/lambda_max"] > 0
+        assert "lrbs/eos_threshold" not in r  # AdamW: no threshold on the raw Hessian
+    # lr * lambda_max with the LR the step used (the one the Trainer logs: linear decay from 1e-3 over 40 steps)
+    for r in sharp:
+        assert r["learning_rate"] == pytest.approx(1e-3 * (1 - (r["step"] - 1) / 40))
+        assert r["lrbs/lambda_max_x_lr"] == pytest.approx(
+            r["learning_rate"] * r["lrbs/lambda_max"], rel=1e-12
+        )
+    assert cb.summary().num_estimates == 40
+
+
+def test_lambda_max_matches_arpack_on_the_same_subset(with_callback):
+    """The last lambda_max (after step 40, final weights) against scipy's ARPACK on double-backward HVPs over the
+    same seeded subset: 64 of the 128 sequences (torch.randperm with seed 0), mean loss."""
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    tr, _ = with_callback
+    lam = [r["lrbs/lambda_max"] for r in tr.state.log_history if "lrbs/lambda_max" in r][-1]
+    model = copy.deepcopy(tr.model).double().eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    idx = torch.randperm(N, generator=torch.Generator().manual_seed(0))[:64]
+    batch = {"input_ids": LMData().ids[idx], "labels": LMData().ids[idx]}
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # twice differentiable
+        grads = torch.autograd.grad(model(**batch).loss, params, create_graph=True)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+
+    def hvp(v):
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            hv = torch.autograd.grad(flat, params, torch.from_numpy(v.ravel()), retain_graph=True)
+        return torch.cat([h.reshape(-1) for h in hv]).numpy()
+
+    op = LinearOperator((flat.numel(), flat.numel()), matvec=hvp, dtype=np.float64)
+    ref = eigsh(op, k=1, which="LA", tol=1e-8, v0=np.ones(flat.numel()))[0][0]
+    assert lam == pytest.approx(ref, rel=1e-3)
+
+
+def test_training_is_unchanged_by_the_callback(with_callback, tmp_path):
+    tr, _ = with_callback
+    plain = trainer(tmp_path)
+    plain.train()
+    assert losses(plain) == losses(tr)
+    a, b = weights(plain.model), weights(tr.model)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def exact_noise_scale(model, data) -> tuple[float, float, float]:
+    """tr(Sigma)/|G|^2 from all N per-sequence gradients in float64 (Sigma with 1/N, as noise_scale's c(B))."""
+    m = copy.deepcopy(model).double().eval()
+    params = [p for p in m.parameters() if p.requires_grad]
+    rows = []
+    for i in range(len(data)):
+        b = {k: v[None] for k, v in data[i].items()}
+        g = torch.autograd.grad(m(**b).loss, params)
+        rows.append(torch.cat([x.reshape(-1) for x in g]))
+    per = torch.stack(rows)
+    mean = per.mean(0)
+    trace = float(((per - mean) ** 2).sum(1).mean())
+    grad_sq = float((mean**2).sum())
+    return trace / grad_sq, grad_sq, trace
+
+
+def test_micro_batch_noise_scale_agrees_with_references(tmp_path):
+    """At fixed weights (lr=0), 40 steps x 4 micro-batches of 8 give 40 estimates whose interval must hold the
+    exact value (all 128 per-sequence gradients, float64) and lrbs.noise_scale's at B_s=8, B_b=32."""
+    cb = lhf.LrbsCallback(window=1000)
+    tr = trainer(tmp_path, lr=0.0, callback=cb)
+    start = weights(tr.model)
+    tr.train()
+    assert all(torch.equal(v, start[k]) for k, v in weights(tr.model).items())  # weights really fixed
+    s = cb.summary()
+    assert s.num_estimates == 40 and s.source == "micro-batches"
+    exact, _, _ = exact_noise_scale(tr.model, LMData())
+    assert s.ci_low <= exact <= s.ci_high, (s, exact)
+    ref = lrbs.noise_scale(
+        tr.model, MapSource(LMData()), small_batch=8, big_batch=32, num_estimates=40, seed=1
+    )
+    assert s.ci_low <= ref.b_simple <= s.ci_high, (s, ref)
+    # a wrong share (e.g. treating contributions as micro-batch gradients) would be off by far more than this
+    assert s.b_simple == pytest.approx(exact, rel=0.15)
+
+
+def test_probe_when_there_is_no_accumulation(tmp_path):
+    cb = lhf.LrbsCallback(probe_data="train", probe_draws=2)
+    tr = trainer(tmp_path, steps=10, accum=1, callback=cb, logging_steps=5)
+    tr.train()
+    rows = [r for r in tr.state.log_history if "lrbs/b_simple" in r]
+    assert [r["step"] for r in rows] == [5, 10]
+    assert all(math.isfinite(r["lrbs/b_simple"]) and r["lrbs/probe_seconds"] > 0 for r in rows)
+    assert cb.summary().source == "probe"
+
+
+def test_find_lr_then_train_equals_train_at_that_lr(tmp_path, untouched):
+    a = trainer(tmp_path / "a", steps=12, logging_steps=2)
+    rng = torch.get_rng_state()
+    check = untouched(a.model)
+    res = lhf.find_lr(a, num_iter=20, start_lr=1e-5, end_lr=1.0, apply=True)
+    check()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert a.optimizer is None  # built for the sweep, not kept
+    lr = res.settings["applied"]["lr"]
+    assert a.args.learning_rate == lr and 1e-5 < lr < 1.0
+    assert res.settings["applied"]["where"] == ["trainer.args.learning_rate"]
+    assert res.settings["accumulation_steps"] == 4
+    a.train()
+    b = trainer(tmp_path / "b", steps=12, logging_steps=2, lr=lr)
+    b.train()
+    assert losses(a) == losses(b)
+    wa, wb = weights(a.model), weights(b.model)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_failed_measurement_warns_and_training_goes_on(tmp_path):
+    def broken(model, batch):
+        raise RuntimeError("no loss today")
+
+    cb = lhf.LrbsCallback(sharpness_every=5, compute_loss=broken)
+    tr = trainer(tmp_path, steps=10, callback=cb)
+    with pytest.warns(MeasurementWarning, match=r"sharpness measurement at step 5 failed .*no loss today"):
+        tr.train()
+    assert tr.state.global_step == 10
+    assert any("lrbs/b_simple" in r for r in tr.state.log_history)  # the rest still measured
+
+
+# --------------------------------------------------------------------------------------------- bad inputs
+def test_find_lr_without_train_dataset(tmp_path):
+    tr = trainer(tmp_path, data=None)
+    with pytest.raises(ConfigError, match=r"train_dataset is None"):
+        lhf.find_lr(tr)
+
+
+def test_accumulation_one_without_probe_data(tmp_path):
+    tr = trainer(tmp_path, steps=2, accum=1, callback=lhf.LrbsCallback())
+    with pytest.raises(ConfigError, match=r"gradient accumulation 1 on 1 process.*probe_data="):
+        tr.train()
+
+
+def test_frozen_model(tmp_path):
+    tr = trainer(tmp_path)
+    for p in tr.model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ConfigError, match=r"no trainable parameters"):
+        lhf.find_lr(tr)
+    cb = lhf.LrbsCallback()
+    loader = torch.utils.data.DataLoader(LMData(), batch_size=8)
+    with pytest.raises(ConfigError, match=r"no trainable parameters"):
+        cb.on_train_begin(tr.args, tr.state, tr.control, model=tr.model, train_dataloader=loader)
+
+
+@pytest.mark.parametrize("kw", [{"sharpness_every": 0}, {"log_every": -1}, {"sharpness_every": 2.5}])
+def test_cadence_below_one(kw):
+    name = next(iter(kw))
+    with pytest.raises(ConfigError, match=rf"{name}=.* is not allowed: must be an integer >= 1"):
+        lhf.LrbsCallback(**kw)
+
+
+def test_old_transformers(monkeypatch):
+    # sys.modules, not the name imported above: transformers swaps its lazy module on first attribute import
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.30.2")
+    with pytest.raises(DependencyError, match=r"needs transformers >= 4\.40, found transformers 4\.30\.2"):
+        lhf.LrbsCallback()
+    with pytest.raises(DependencyError, match=r"found transformers 4\.30\.2"):
+        lhf.find_lr(object())
+
+
+# --------------------------------------------------------------------------------------------- README
+def readme_section(heading: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    m = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## )", text, flags=re.S | re.M)
+    assert m, f"README has no section {heading!r}"
+    return m.group(1)
+
+
+def readme_example(framework: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", readme_section("Train with HuggingFace or Lightning"), re.S)
+    return next(b for b in blocks if f"lrbs.integrations.{framework}" in b)
+
+
+def test_readme_example(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    np.random.seed(0)
+    exec(compile(readme_example("transformers"), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert re.search(r"B_simple = [0-9.]+", out) and "lambda_max" in out
