@@ -1,5 +1,6 @@
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -205,3 +206,147 @@ def test_pickled_objective_evaluates_the_same_points():
     b = other.loss_many(stack, method="sequential")["loss"]
     assert len(set(a.tolist())) == 4  # four different points give four different losses
     assert a.tolist() == b.tolist()
+
+
+# --------------------------------------------------------------------------- which implementation runs (issue 16)
+def test_methods_are_chosen_by_rule_and_recorded():
+    from lrbs.objective import rule_hvp_block, rule_hvp_method, rule_loss_many_method
+
+    obj = Objective(tiny(), data=data(), batch_size=16)
+    s = obj.settings()
+    assert (s["hvp_method"], s["hvp_block"], s["loss_many_method"]) == ("rev_rev", "loop", "sequential")
+    assert (rule_hvp_method("cuda"), rule_hvp_block("cuda"), rule_loss_many_method("cuda")) == (
+        "fwd_rev",
+        "batched",
+        "batched",
+    )
+    assert rule_loss_many_method("cuda", bn="recompute") == "sequential"
+    th = obj.theta()
+    obj.hvp(th, torch.randn(3, obj.num_params, dtype=torch.float64))
+    obj.loss_many(th[None] + 0.1)
+    assert (obj.hvp_method, obj.hvp_block, obj.loss_many_method) == ("rev_rev", "loop", "sequential")
+    assert not any(hasattr(obj, a) for a in ("hvp_timings", "hvp_block_timings", "loss_many_timings"))
+    assert "fallbacks" not in obj.settings()
+
+
+def test_the_cuda_rule_path_agrees_with_the_dense_hessian(monkeypatch):
+    """The choices the rule makes on CUDA (fwd_rev, batched block, batched loss_many), run here on the CPU."""
+    import lrbs.objective as O
+
+    monkeypatch.setattr(O, "rule_hvp_method", lambda device: "fwd_rev")
+    monkeypatch.setattr(O, "rule_hvp_block", lambda device: "batched")
+    monkeypatch.setattr(O, "rule_loss_many_method", lambda device, bn="eval": "batched")
+    model = tiny()
+    x, y = data()
+    obj = Objective(model, data=(x, y), batch_size=16)
+    H = torch.func.hessian(lambda t: obj.loss_tensor(t))(obj.theta())
+    V = torch.randn(4, obj.num_params, dtype=torch.float64)
+    torch.testing.assert_close(obj.hvp(obj.theta(), V), V @ H, rtol=1e-9, atol=1e-11)
+    stack = obj.theta()[None] + 0.3 * torch.randn(3, obj.num_params, dtype=torch.float64)
+    got = obj.loss_many(stack)
+    for i in range(3):
+        assert abs(got["loss"][i] - naive_metrics(model, stack[i], x, y, "eval")[0]) < 1e-9
+    s = obj.settings()
+    assert (s["hvp_method"], s["hvp_block"], s["loss_many_method"]) == ("fwd_rev", "batched", "batched")
+
+
+class _NoTransforms(torch.autograd.Function):
+    """tanh as an old-style autograd.Function: plain autograd (and double backward) works; torch.func
+    transforms (forward-mode AD, vmap) refuse it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (1 - torch.tanh(x) ** 2)
+
+
+class _Tanh(nn.Module):
+    def forward(self, x):
+        return _NoTransforms.apply(x)
+
+
+def test_a_rule_choice_the_model_cannot_run_falls_back_and_is_recorded(monkeypatch):
+    import lrbs.objective as O
+
+    monkeypatch.setattr(O, "rule_hvp_method", lambda device: "fwd_rev")
+    monkeypatch.setattr(O, "rule_loss_many_method", lambda device, bn="eval": "batched")
+    model = tiny(act=_Tanh)
+    x, y = data()
+    obj = Objective(model, data=(x, y), batch_size=16)
+    ref = Objective(tiny(), data=(x, y), batch_size=16)  # the same network with nn.Tanh
+    v = torch.randn(obj.num_params, dtype=torch.float64)
+    torch.testing.assert_close(obj.hvp(obj.theta(), v), ref.hvp(ref.theta(), v), rtol=1e-12, atol=1e-14)
+    stack = obj.theta()[None] + 0.2 * torch.randn(2, obj.num_params, dtype=torch.float64)
+    np.testing.assert_allclose(obj.loss_many(stack)["loss"], ref.loss_many(stack)["loss"], rtol=1e-13)
+    fb = obj.settings()["fallbacks"]
+    assert fb["hvp_method"].startswith("fwd_rev failed") and fb["hvp_method"].endswith("rev_rev ran")
+    assert fb["loss_many_method"].startswith("batched failed")
+    assert obj.settings()["hvp_method"] == "rev_rev" and obj.settings()["loss_many_method"] == "sequential"
+    # asked for explicitly, the same failure is the caller's to see
+    with pytest.raises(RuntimeError):
+        obj.hvp(obj.theta(), v, method="fwd_rev")
+
+
+def test_timing_is_an_opt_in():
+    obj = Objective(tiny(), data=data(), batch_size=16)
+    H = torch.func.hessian(lambda t: obj.loss_tensor(t))(obj.theta())
+    v = torch.randn(obj.num_params, dtype=torch.float64)
+    torch.testing.assert_close(obj.hvp(obj.theta(), v, method="timed"), H @ v, rtol=1e-9, atol=1e-11)
+    assert set(obj.hvp_timings) == {"rev_rev", "fwd_rev"} and obj.hvp_method in ("rev_rev", "fwd_rev")
+    V = torch.randn(5, obj.num_params, dtype=torch.float64)
+    torch.testing.assert_close(obj.hvp(obj.theta(), V, block="timed"), V @ H, rtol=1e-9, atol=1e-11)
+    assert set(obj.hvp_block_timings) == {"loop", "batched"} and obj.hvp_block in ("loop", "batched")
+    obj.loss_many(obj.theta()[None], method="timed")
+    assert set(obj.loss_many_timings) == {"sequential", "batched"}
+    s = obj.settings()
+    assert (s["hvp_method"], s["hvp_block"], s["loss_many_method"]) == (
+        obj.hvp_method,
+        obj.hvp_block,
+        obj.loss_many_method,
+    )
+    with pytest.raises(
+        ConfigError, match=r"method='fastest' is not allowed: must be one of \['rev_rev', 'fwd_rev'\]"
+    ):
+        obj.hvp(obj.theta(), v, method="fastest")
+    with pytest.raises(
+        ConfigError, match=r"method='vmap' is not allowed: must be one of \['sequential', 'batched'\]"
+    ):
+        obj.loss_many(obj.theta()[None], method="vmap")
+
+
+def test_user_choice_is_kept():
+    obj = Objective(tiny(), data=data(), batch_size=16)
+    obj.hvp_method, obj.loss_many_method = "fwd_rev", "batched"
+    obj.hvp(obj.theta(), torch.ones(obj.num_params, dtype=torch.float64))
+    obj.loss_many(obj.theta()[None])
+    s = obj.settings()
+    assert (s["hvp_method"], s["loss_many_method"]) == ("fwd_rev", "batched")
+
+
+def test_bn_statistics_from_another_objective():
+    """A test-set objective with recomputed BN statistics taken from the train data (Garipov et al.'s update_bn)."""
+    model = tiny(True)
+    (xa, ya), (xb, yb) = data(48, seed=1), data(20, seed=2)
+    train = Objective(model, data=(xa, ya), batch_size=16, bn="recompute")
+    test = Objective(model, data=(xb, yb), bn="recompute").with_bn_statistics_from(train)
+    theta = train.theta() * 1.1
+    m = copy.deepcopy(model)
+    torch.nn.utils.vector_to_parameters(theta, list(m.parameters()))
+    m[1].reset_running_stats()
+    m[1].momentum = None
+    m.train()
+    with torch.no_grad():
+        for i in range(0, 48, 16):
+            m(xa[i : i + 16])
+    m.eval()
+    with torch.no_grad():
+        ref = float(nn.functional.cross_entropy(m(xb), yb))
+    assert abs(test.loss(theta) - ref) < 1e-12
+    assert abs(test.loss_many(theta[None])["loss"][0] - ref) < 1e-12
+    with pytest.raises(LrbsTypeError, match="other=int"):
+        test.with_bn_statistics_from(3)

@@ -49,7 +49,6 @@ from torch.func import functional_call
 from .batches import (
     BatchLoss,
     Evaluated,
-    MapSource,
     TensorSource,
     as_source,
     batch_size_of,
@@ -65,7 +64,6 @@ from .errors import ConfigError, LrbsError, LrbsTypeError, ShapeError, check_cho
 
 __all__ = [
     "Objective",
-    "as_tensors",
     "HVP_METHODS",
     "HVP_BLOCKS",
     "LOSS_MANY_METHODS",
@@ -109,38 +107,6 @@ def rule_loss_many_method(device: torch.device | str, bn: str = "eval") -> str:
     if bn == "recompute":
         return "sequential"
     return "batched" if torch.device(device).type == "cuda" else "sequential"
-
-
-def as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two tensors ``(x, y)`` of a source of ``(x, y)`` samples (kept for callers that still need whole tensors).
-
-    Accepts what :func:`lrbs.batches.as_source` accepts when its samples are ``(x, y)`` pairs: an lrbs ``Dataset``
-    (its train split), a ``Split``, an ``(x, y)`` pair, a ``TensorDataset`` of two tensors, a map-style dataset of
-    ``(x, y)`` items, a DataLoader or a list of ``(x, y)`` batches (concatenated). New code should stream batches
-    through :mod:`lrbs.batches` instead.
-
-    Raises:
-        LrbsTypeError: the data are not ``(x, y)`` pairs (e.g. dict batches: use the batch protocol).
-        ConfigError: the data are empty.
-    """
-    src = as_source(data)
-    if isinstance(src, TensorSource):
-        if src.keys is not None or len(src.tensors) != 2:
-            raise LrbsTypeError("data batches must be (x, y) pairs")
-        return src.tensors[0], src.tensors[1]
-    if isinstance(src, MapSource):
-        batches = [src.slice(i, min(i + 1024, src.num_samples)) for i in range(0, src.num_samples, 1024)]
-    else:
-        batches = list(src)
-    xs, ys = [], []
-    for batch in batches:
-        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-            raise LrbsTypeError("data batches must be (x, y) pairs")
-        xs.append(batch[0])
-        ys.append(batch[1])
-    if not xs:
-        raise ConfigError("data is empty: the loader yielded no batches")
-    return torch.cat(xs), torch.cat(ys)
 
 
 @dataclass(frozen=True)
@@ -628,17 +594,6 @@ class Objective:
             for m, mom in saved.items():
                 m.momentum = mom
         return buffers
-
-    # Transitional aliases for modules not yet on the public batch-level methods (noise_scale); remove once none
-    # calls them.
-    def _buffers_at(self, theta: torch.Tensor) -> dict:
-        return self.buffers_at(theta)
-
-    def _forward(self, theta: torch.Tensor, x: torch.Tensor, buffers: dict | None = None) -> Any:
-        return self.forward(theta, (x, None), buffers)
-
-    def _loss_value(self, out: Any, y: torch.Tensor) -> torch.Tensor:
-        return self.batch_loss.loss_of(out, (y,))
 
     # ------------------------------------------------------------------ full-data values
     def _full_loss(self, theta: torch.Tensor) -> torch.Tensor:
