@@ -184,6 +184,20 @@ def test_single_process_lr_rule_and_warmup():
     assert lrs[0] < lrs[1] < lrs[2]
 
 
+def test_single_process_bf16_mixed_runs_the_shared_step():
+    cfg = {**CFG, "steps": 5, "momentum": 0.9}
+    model, res = ddp_train(cfg, return_model=True, precision="bf16-mixed", noise_scale=False)
+    ref_model, ref = ddp_train(cfg, return_model=True, noise_scale=False)
+    assert res.status == "completed" and res.config["ddp"]["precision"] == "bf16-mixed"
+    assert "precision" not in ref.config["ddp"] and "applied" not in res.history
+    diff = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), ref_model.parameters()))
+    assert 0 < diff < 0.05  # bfloat16 autocast changes the numbers, not the training
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"precision='16-mixed' is not allowed on device cpu"):
+            ddp_train(cfg, precision="16-mixed")
+    assert not torch.distributed.is_initialized()
+
+
 def test_diverging_ddp_run_is_reported():
     res = ddp_train({**CFG, "steps": 20, "lr": 1e8})
     assert res.status == "diverged" and res.diverged_at is not None

@@ -29,7 +29,6 @@ References:
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
 import os
@@ -220,6 +219,7 @@ def ddp_train(
     noise_scale: bool = True,
     noise_beta: float = 0.99,
     return_model: bool = False,
+    precision: str = "32",
 ) -> Any:
     """Train ``config`` data-parallel on the ranks that ``torchrun`` started (or on one process without it).
 
@@ -241,6 +241,11 @@ def ddp_train(
         noise_scale: read the gradient noise scale with :class:`DDPNoiseScale` (needs >= 2 ranks for values).
         noise_beta: its EMA factor.
         return_model: return ``(model, result)`` on every rank instead.
+        precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (CUDA, a GradScaler: a skipped update is not an LR
+            step, and the history gets an ``applied`` column). The step is :class:`lrbs.step.TrainStep`, the one
+            ``fit`` uses (DDP all-reduces on the last micro-batch only). Under ``16-mixed`` the noise-scale hook
+            reads scaled gradients: ``gns_g2`` and ``gns_trace`` carry the factor ``s^2``, ``b_simple`` (their
+            ratio) does not.
 
     Returns:
         A :class:`lrbs.train.FitResult` on rank 0 and None on the other ranks (or ``(model, result)`` on every
@@ -254,16 +259,17 @@ def ddp_train(
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from . import schedules
-    from .batches import Sampler
+    from .batches import BatchLoss, Sampler, TensorSource
     from .data import load_dataset
     from .models import build_model
-    from .step import frozen_running_stats, is_sam
+    from .step import TrainStep, check_precision
     from .train import (
         FitResult,
         as_schedule,
         evaluate,
         jsonable,
         make_optimizer,
+        micro_batches,
         normalize_config,
         parse_spec,
         save_checkpoint,
@@ -292,6 +298,7 @@ def ddp_train(
             if dist.get_backend() == "nccl"
             else torch.device("cpu")
         )
+        precision = check_precision(precision, device)
         ds = load_dataset(cfg["dataset"], **(cfg["dataset_opts"] or {}))
         mseed = cfg["seed"] if cfg["model_seed"] is None else cfg["model_seed"]
         model = build_model(cfg["model"], dataset=ds, seed=mseed, **(cfg["model_opts"] or {}))
@@ -343,8 +350,9 @@ def ddp_train(
         )
         base_lr = opt.param_groups[0]["lr"] or 1.0
         ratios = [g["lr"] / base_lr if base_lr else 1.0 for g in opt.param_groups]
-        sam = is_sam(opt)
-        lossf = nn.functional.cross_entropy
+        batch_loss = BatchLoss()
+        train_step = TrainStep(ddp, opt, batch_loss, precision=precision, device=device)
+        source = TensorSource((x_train, y_train))
 
         ddp_info = {
             "world_size": world,
@@ -358,6 +366,8 @@ def ddp_train(
             "sync_bn": bool(sync_bn),
             "sampler": "shared seeded global batch, contiguous slice per rank",
         }
+        if precision != "32":
+            ddp_info["precision"] = precision
         record = {
             "model": getattr(model, "lrbs_spec", {"name": cfg["model"]}),
             "dataset": ds.describe(),
@@ -393,17 +403,16 @@ def ddp_train(
             with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
                 torch.manual_seed(cfg["seed"])
                 sampler = Sampler(n_train, torch.Generator(device="cpu").manual_seed(cfg["seed"]))
-                step = samples = 0
+                step = samples = updates = 0
                 while step < steps and (max_samples is None or samples < max_samples):
-                    B = int(bs_s(step))
-                    _check_global_batch(B, world, n_train, step)
+                    B = int(bs_s(updates))
+                    _check_global_batch(B, world, n_train, updates)
                     b = B // world
-                    cur_lr = float(lr_s(step))
-                    set_group_values(opt, cur_lr, ratios, float(mom_s(step)) if mom_s else None)
-                    idx = sampler.take(B)[rank * b : (rank + 1) * b].to(device)
-                    xb, yb = x_train[idx], y_train[idx]
-                    opt.zero_grad(set_to_none=True)
-                    loss_val = _backward(ddp, lossf, xb, yb, micro or b)
+                    cur_lr = float(lr_s(updates))
+                    set_group_values(opt, cur_lr, ratios, float(mom_s(updates)) if mom_s else None)
+                    batch = source.take(sampler.take(B)[rank * b : (rank + 1) * b])
+                    mbs, scales = micro_batches(batch, b, micro, batch_loss)
+                    loss_val = sum(float(lo) for lo in train_step.forward_backward(mbs, scales))
                     local = torch.tensor([loss_val], dtype=torch.float64)
                     if hook is not None:
                         loss_val = float(hook.update(b, B, extra=local)[0])
@@ -414,17 +423,14 @@ def ddp_train(
                     ):  # the same decision on every rank: no rank is left waiting
                         status, diverged_at = "diverged", step
                         break
-                    if sam:
-                        opt.first_step(zero_grad=True)
-                        if hook is not None:
-                            hook.enabled = False
-                        with frozen_running_stats(model):
-                            _backward(ddp, lossf, xb, yb, micro or b)
-                        if hook is not None:
-                            hook.enabled = True
-                        opt.second_step(zero_grad=False)
-                    else:
-                        opt.step()
+                    if hook is not None:
+                        hook.enabled = False  # SAM's second pass is not a gradient sample
+                    applied = train_step.update(mbs, scales)
+                    if hook is not None:
+                        hook.enabled = True
+                    updates += applied
+                    if precision == "16-mixed":
+                        hist.setdefault("applied", []).append(applied)
                     samples += B
                     for k, v in (
                         ("step", step),
@@ -480,20 +486,6 @@ def ddp_train(
     if return_model:
         return ddp_model, result
     return result if rank == 0 else None
-
-
-def _backward(ddp: nn.Module, lossf: Any, xb: torch.Tensor, yb: torch.Tensor, micro: int) -> float:
-    """Forward/backward of the rank's batch in micro-batches; DDP synchronises only on the last one."""
-    b, total = len(yb), 0.0
-    starts = list(range(0, b, micro))
-    for i, s in enumerate(starts):
-        ctx = ddp.no_sync() if i < len(starts) - 1 else contextlib.nullcontext()
-        with ctx:
-            xm, ym = xb[s : s + micro], yb[s : s + micro]
-            lo = lossf(ddp(xm), ym) * (len(ym) / b)
-            lo.backward()
-        total += float(lo.detach())
-    return total
 
 
 def _check_global_batch(B: int, world: int, n_train: int, step: int) -> None:
