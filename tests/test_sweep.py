@@ -94,6 +94,24 @@ def test_local_process_pool_equals_sequential(tmp_path):
         assert len(recs) == 4 and os.getpid() not in {r.result["worker"]["pid"] for r in recs}
 
 
+def test_local_pool_workers_are_started_once_and_reused(tmp_path):
+    """Consecutive sweeps run on the same warm worker processes (lrbs.pool.shared_pool), with the same numbers."""
+    from lrbs.pool import shared_pool
+
+    grid = {"lr": [0.05], "batch_size": [16, 32], "seed": [0, 1]}
+    first = sweep(BASE, grid, max_concurrency=2, store=tmp_path / "a.sqlite", progress=False)
+    started = shared_pool(2).started
+    second = sweep(BASE, grid, max_concurrency=2, store=tmp_path / "b.sqlite", progress=False)
+    assert _finals(second) == _finals(first) == _finals(sweep(BASE, grid, progress=False))
+    pids = []
+    for name in ("a", "b"):
+        with Store(tmp_path / f"{name}.sqlite") as st:
+            pids.append({r.result["worker"]["pid"] for r in st.runs(kind="sweep")})
+    assert pids[1] <= set(shared_pool(2).pids)  # the second sweep ran on workers that are still alive
+    assert shared_pool(2).started == started  # no new worker process for the second sweep
+    assert os.getpid() not in pids[0] | pids[1]
+
+
 def test_diverged_and_failed_runs_do_not_stop_the_sweep(tmp_path):
     grid = {"lr": [1e6, 0.05], "model_opts": [{"depth": 2, "width": 16}, {"depth": 2, "bogus": 3}]}
     res = sweep(BASE, grid, store=tmp_path / "lab.sqlite", progress=False)

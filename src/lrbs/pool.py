@@ -44,6 +44,7 @@ __all__ = [
     "available_cpus",
     "shared_pool",
     "shutdown_shared_pool",
+    "start_fork_server",
 ]
 
 #: modules imported once in the fork server, so that every worker starts with them loaded
@@ -64,6 +65,20 @@ def available_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def start_fork_server(preload: Sequence[str] = ()) -> None:
+    """Start the fork server now (Linux; nothing elsewhere), importing :data:`PRELOAD` and ``preload`` in it while
+    this process goes on with its own imports: the workers of the pools created later fork from it warm.
+
+    Only the first start of the process's fork server sets what it imports.
+    """
+    if sys.platform != "linux":
+        return
+    from multiprocessing import forkserver
+
+    mp.get_context("forkserver").set_forkserver_preload(list(dict.fromkeys((*PRELOAD, *preload))))
+    forkserver.ensure_running()
 
 
 # --------------------------------------------------------------------------------------------- a job
@@ -238,6 +253,7 @@ class WorkerPool:
         self._next_id = 0
         self._pool: list[_Worker] = []
         self.started = 0  # worker processes started so far (replacements included)
+        self._warm = False  # keep all workers started (after start())
         self._thread: threading.Thread | None = None
 
     # -- public --------------------------------------------------------------------------------
@@ -257,11 +273,24 @@ class WorkerPool:
         data = pickle.dumps((job_id, threads, task), protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
             self._queue.append((job, data))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="lrbs-pool", daemon=True)
-                self._thread.start()
+            self._ensure_thread()
         os.write(self._wake_w, b"x")
         return job
+
+    def start(self) -> WorkerPool:
+        """Start every worker now, in the background (otherwise they start with the first tasks)."""
+        with self._lock:
+            if self._closing:
+                raise LrbsError("this WorkerPool is closed: create a new one")
+            self._warm = True
+            self._ensure_thread()
+        os.write(self._wake_w, b"x")
+        return self
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="lrbs-pool", daemon=True)
+            self._thread.start()
 
     def map(self, fn: Callable, items: Iterable[Any], *, threads: int | None = 1) -> list[Any]:
         """``[fn(x) for x in items]`` in the workers; results in the order of ``items``."""
@@ -316,6 +345,8 @@ class WorkerPool:
         if cancel:
             return False
         self._dispatch()
+        while self._warm and not closing and len(self._pool) < self.workers:
+            self._spawn()
         busy = [w for w in self._pool if w.job is not None]
         if closing and not busy and not self._queue:
             return False

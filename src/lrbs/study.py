@@ -101,7 +101,7 @@ def run_study(
     if threads is not None:
         torch.set_num_threads(threads)
     store = Store(out / "lab.sqlite")
-    executor = Executor(backend, n_jobs, threads)
+    executor = Executor(backend, n_jobs, threads).start()  # the workers start while the data loads
     try:
         ctx = Context(
             store=store,

@@ -3,7 +3,8 @@
 A sweep is the cartesian product of a ``grid`` of training options over a ``base`` config. Every cell is one
 :func:`lrbs.train.train_config` run; its key is the hash of its canonical config (:func:`lrbs.store.key_for`),
 so a sweep started again skips the runs that the store already holds as finished and redoes the rest. Workers
-(a process pool or Ray tasks) only compute and return plain dicts; the driver is the only writer to SQLite.
+(a process pool or Ray tasks) only compute and return plain dicts; the driver is the only writer to SQLite. The local
+pool is :func:`lrbs.pool.shared_pool`: its workers start once per process and are reused by every later sweep.
 
 After training, optional *measures* are computed on the trained model on a fixed, seeded subset of the
 training data (:data:`MEASURES`): the top Hessian eigenvalue, the Hessian trace, Keskar et al.'s sharpness.
@@ -24,8 +25,8 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import queue
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -700,33 +701,33 @@ def _run_from_record(task: dict, rec: Any) -> SweepRun:
 
 
 def _execute_local(todo: list[dict], collect: Callable, db: Any, workers: int) -> None:
+    """Run the tasks here (one worker) or in the process-wide pool of warm workers (:func:`lrbs.pool.shared_pool`,
+    started once and reused by later sweeps), at most ``workers`` in flight; results are recorded here, in the
+    order they finish. A worker that dies fails only its own run (``status="failed"``)."""
     if workers == 1 or len(todo) <= 1:
         for t in todo:
             _start(db, t)
             collect(t, _run_task(t))
         return
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from .pool import shared_pool
 
-    # forkserver on Linux: workers are forked from a clean single-threaded server process. A plain fork of a
-    # driver that already runs threads (torch's pools, Ray, SQLite, a progress bar) deadlocked in the full test
-    # suite; spawn works everywhere but re-imports torch in every worker.
-    method = "forkserver" if sys.platform == "linux" else "spawn"
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method)) as pool:
-        queue, pending = list(todo), {}
-        while queue or pending:
-            while queue and len(pending) < workers:
-                t = queue.pop(0)
-                _start(db, t)
-                pending[pool.submit(_run_task, t)] = t
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                t = pending.pop(fut)
-                try:
-                    out = fut.result()
-                except Exception as e:  # a dead worker process (BrokenProcessPool)
-                    out = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-                collect(t, out)
+    pool = shared_pool(workers).start()
+    finished: queue.Queue = queue.Queue()
+    waiting, in_flight = list(todo), 0
+    while waiting or in_flight:
+        while waiting and in_flight < workers:
+            t = waiting.pop(0)
+            _start(db, t)
+            job = pool.submit(_run_task, t, threads=None, describe=f"sweep run {t['params']}")
+            job.add_done_callback(lambda j, t=t: finished.put((t, j)))
+            in_flight += 1
+        t, job = finished.get()
+        in_flight -= 1
+        try:
+            out = job.result()
+        except Exception as e:  # a dead worker process (WorkerDied)
+            out = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        collect(t, out)
 
 
 def _execute_ray(

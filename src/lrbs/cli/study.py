@@ -26,6 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..papers import WORKER_PRELOAD
+    from ..pool import available_cpus, start_fork_server
+
+    if args.backend == "local" and (args.jobs or available_cpus()) > 1:
+        start_fork_server(WORKER_PRELOAD)  # the workers' imports run while this process does its own
     from rich.console import Console
     from rich.table import Table
 

@@ -18,6 +18,18 @@ _NAMES = (
     "mccandlish2018empirical",
 )
 
+#: what the study's worker processes import once, in the fork server, before they fork (the papers and their tools)
+WORKER_PRELOAD = (
+    "lrbs.papers._common",
+    *(f"lrbs.papers.{name}" for name in _NAMES),
+    "lrbs.curvature",
+    "lrbs.sharpness",
+    "lrbs.landscape",
+    "lrbs.connectivity",
+    "lrbs.noise_scale",
+    "lrbs.range_test",
+)
+
 
 class _Lazy(dict):
     def __missing__(self, name: str) -> ModuleType:

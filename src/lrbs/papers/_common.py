@@ -35,6 +35,7 @@ from ..objective import Objective
 from ..pool import Job
 from ..store import key_for
 from ..train import Callback, load_checkpoint, normalize_config, save_checkpoint, train_config
+from . import WORKER_PRELOAD
 
 SCALES = ("quick", "full")
 
@@ -191,11 +192,20 @@ class Executor:
         self._outstanding.append(done)
         return done
 
+    def start(self) -> Executor:
+        """Start the workers now (in the background) rather than with the first task; nothing with ``jobs=1``."""
+        if self.parallel:
+            self._workers()
+        return self
+
     def _workers(self) -> Any:
         if self._pool is None:
             from ..pool import RayPool, WorkerPool
 
-            self._pool = RayPool(self.jobs) if self.backend == "ray" else WorkerPool(self.jobs)
+            if self.backend == "ray":
+                self._pool = RayPool(self.jobs)
+            else:  # the workers fork from a server that imported the papers once
+                self._pool = WorkerPool(self.jobs, preload=WORKER_PRELOAD).start()
             self._recorder = threading.Thread(target=self._record_loop, name="lrbs-recorder", daemon=True)
             self._recorder.start()
         return self._pool
