@@ -392,3 +392,26 @@ def test_tracker_in_fit_reads_dict_batches_of_gpt2():
     _, grad_sq, trace = tracker.raw[0]
     assert grad_sq == pytest.approx(ref["grad_sq"][0], rel=1e-6)
     assert trace == pytest.approx(ref["trace"][0], rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["vmap", "loop"])
+def test_16_mixed_loss_scale_backs_off_on_overflow(method):
+    """The 16-mixed gradients are taken of 2^16 * loss and divided back; where that overflows (here float32's max,
+    as float16's would under autocast) the scale drops by 2^8 until the gradients are finite."""
+    from lrbs.noise_scale import _micro_sq_norms
+
+    theta = torch.ones(3)
+
+    def loss_at(p, batch):
+        return 1e35 * (p["theta"] * batch).sum()  # gradient 1e35 * batch: 2^16 x that overflows float32
+
+    subs = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])]
+    small, big, used = _micro_sq_norms(
+        loss_at, {"theta": theta}, lambda e: subs, 1, 2, method, precision="16-mixed"
+    )
+    assert used == method
+    g = [1e35 * s.double() for s in subs]
+    np.testing.assert_allclose(small[0], [float(v @ v) for v in g], rtol=1e-6)
+    np.testing.assert_allclose(big[0], float(((g[0] + g[1]) / 2) @ ((g[0] + g[1]) / 2)), rtol=1e-6)
+    fp32, _, _ = _micro_sq_norms(loss_at, {"theta": theta}, lambda e: subs, 1, 2, method, precision="32")
+    np.testing.assert_allclose(fp32, small, rtol=1e-6)
