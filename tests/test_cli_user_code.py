@@ -128,6 +128,13 @@ def test_sharpness_from_a_checkpoint_of_own_model(user_module, tmp_path, capsys)
     assert printed == pytest.approx(float(torch.linalg.eigvalsh(dense)[-1]), rel=1e-3)
 
 
+def test_sharpness_trains_own_model_first(user_module, capsys):
+    argv = ["sharpness", *OWN, "--train", "--steps", "3", "--batch-size", "16", "--measures", "lambda_max"]
+    assert main([*argv, "--max-samples", "32"]) == 0, capsys.readouterr().err
+    out = " ".join(capsys.readouterr().out.split())
+    assert "lambda_max" in out and "32 samples" in out
+
+
 def test_landscape_of_own_model_with_its_test_split(user_module, tmp_path, capsys):
     from lrbs.landscape import Landscape
     from lrbs.objective import Objective
