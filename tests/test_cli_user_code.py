@@ -297,6 +297,7 @@ def test_modules_in_the_current_directory_are_found(tmp_path, monkeypatch, capsy
         ),
         ("--model", "lrbs_user_syntax:make", "importing 'lrbs_user_syntax' raised SyntaxError"),
         ("--data", "not-a-spec", "--data 'not-a-spec' is not an import spec: must be 'pkg.module:factory'"),
+        ("--model", "mylab/models.py:make", "--model 'mylab/models.py:make' is not an import spec"),
     ],
 )
 @pytest.mark.parametrize("command", ["noise-scale", "train", "find-lr", "sharpness", "landscape", "connect"])

@@ -127,12 +127,17 @@ def is_import_spec(text: Any) -> bool:
     )
 
 
+def _looks_like_spec(text: Any) -> bool:
+    """A colon marks an import spec (built-in names have none); a malformed one is then reported as such."""
+    return isinstance(text, str) and ":" in text
+
+
 def uses_own_code(args: argparse.Namespace) -> bool:
     """Whether ``--model`` or ``--data`` (or ``--dataset``) is an import spec of the user's own code."""
     return (
         getattr(args, "data", None) is not None
-        or is_import_spec(getattr(args, "model", None))
-        or is_import_spec(getattr(args, "dataset", None))
+        or _looks_like_spec(getattr(args, "model", None))
+        or _looks_like_spec(getattr(args, "dataset", None))
     )
 
 
@@ -279,7 +284,7 @@ def load_data(args: argparse.Namespace) -> Data:
     """The data of ``--data SPEC`` (the user's factory) or of the built-in ``--dataset NAME``."""
     opts = getattr(args, "dataset_opts", None) or {}
     spec = getattr(args, "data", None)
-    if spec is None and is_import_spec(getattr(args, "dataset", None)):
+    if spec is None and _looks_like_spec(getattr(args, "dataset", None)):
         spec = args.dataset  # --dataset pkg.module:factory works as well
     if spec is not None:
         return _data_from_factory(spec, call_factory("--data", spec, opts))
@@ -299,7 +304,7 @@ def load_model(args: argparse.Namespace, data: Data, *, seed: int | None = None)
     from torch import nn
 
     opts = getattr(args, "model_opts", None) or {}
-    if is_import_spec(args.model):
+    if _looks_like_spec(args.model):
         model = call_factory("--model", args.model, opts, seed=seed)
         if not isinstance(model, nn.Module):
             raise ConfigError(
