@@ -42,16 +42,15 @@ def test_bad_inputs_one_line_exit_2(capsys, args, match):
     assert "Traceback" not in err
 
 
-def test_tune_run_writes_report_and_json(capsys, tmp_path):
-    report, evidence = tmp_path / "tune.html", tmp_path / "tune.json"
-    args = ["tune", *BLOBS, "--budget-samples", "24000", "--batch-sizes", "16,32", "--report", str(report),
-            "--json", str(evidence)]  # fmt: skip
-    assert main(args) == 0
+def test_tune_run_prints_the_table_and_writes_json(capsys, tmp_path):
+    evidence = tmp_path / "tune.json"
+    args = ["tune", *BLOBS, "--budget-samples", "24000", "--batch-sizes", "16,32", "--json", str(evidence)]
+    assert main(args) == 0  # the HTML report itself is checked in tests/test_tune.py
     out = capsys.readouterr().out
     data = json.loads(evidence.read_text())
     assert "lrbs tune: recommendation" in out and "learning rate" in out
     assert data["batch_size"] in (16, 32) and data["lr"] > 0 and data["confidence"] in ("high", "low")
-    assert report.read_text().count("data:image/svg+xml;base64,") == 4
+    assert data["evidence"]["cost"]["samples"] > 0
 
 
 def test_tune_on_own_model_and_data_then_train(capsys, tmp_path, monkeypatch):

@@ -79,7 +79,7 @@ def test_recommendation_is_consistent(blobs_rec):
     assert isinstance(rec, Recommendation)
     ev = rec.evidence
     ladder = [r["batch_size"] for r in ev["throughput"]["ladder"]]
-    assert rec.batch_size in ladder and ladder == sorted(ladder) and ladder[0] == 16
+    assert rec.batch_size in ladder and ladder == sorted(ladder) and ladder[0] == 32
     assert rec.total_steps == 60 * 512 // rec.batch_size
     # the schedule peaks at the recommended LR, at the end of the warmup
     values = rec.schedule.values(rec.total_steps)
@@ -211,7 +211,7 @@ def test_dataset_smaller_than_smallest_batch(untouched):
     rec = tune(model, (x, y), budget_epochs=50, progress=False)
     check()
     assert rec.batch_size == 10 and rec.confidence == "low"
-    assert any("fewer than the smallest batch 16" in r for r in rec.reasons)
+    assert any("fewer than the smallest batch 32" in r for r in rec.reasons)
     assert any("noise scale was not measured" in r for r in rec.reasons)
 
 

@@ -2,7 +2,7 @@
 
 One call puts the toolkit's measurements together and chooses (every step reported with its numbers):
 
-1. **throughput**: samples/s of a training step at a ladder of batch sizes (powers of two). On CPU the ladder
+1. **throughput**: samples/s of a training step at a ladder of batch sizes (powers of two from 32). On CPU the ladder
    stops where a doubling no longer buys :data:`GAIN` more samples/s; on a GPU it runs to the largest batch
    that fits with a :data:`MEMORY_MARGIN` safety margin (a CUDA out-of-memory error ends it);
 2. **noise scale**: after a short warm start (a range test at the smallest batch gives its LR), the simple
@@ -33,6 +33,7 @@ References:
     Smith & Topin, "Super-Convergence", 2019 (arXiv 1708.07120).
     Goyal et al., "Accurate, Large Minibatch SGD", 2017 (arXiv 1706.02677).
     Ma & Yarats, "On the Adequacy of Untuned Warmup for Adaptive Optimization", AAAI 2021 (arXiv 1910.04209).
+    Masters & Luschi, "Revisiting Small Batch Training for Deep Neural Networks", 2018 (arXiv 1804.07612).
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ MEMORY_MARGIN = 0.10
 #: Sweeps of the range test at the chosen batch.
 RANGE_REPEATS = 3
 
-_LADDER_START = 16  # first rung of the default ladder
+_LADDER_START = (
+    32  # first rung of the default ladder (Masters & Luschi 2018: small batches of 2-32 train best)
+)
 _RANGE = {"start_lr": 1e-6, "end_lr": 10.0, "num_iter": 100}
 _RANGE_BUDGET = 0.5  # the range test at the chosen batch may cost at most this fraction of the budget
 _WARM_FRACTION, _WARM_MAX_STEPS, _WARM_MIN_STEPS = 0.05, 200, 10
@@ -1164,7 +1167,7 @@ def tune(
         precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (CUDA only).
         val_data: held-out data: the range test records the validation loss (a pass over it per iteration,
             keep it small) and :meth:`Recommendation.fit_kwargs` evaluates on it.
-        batch_sizes: the ladder (strictly increasing); default powers of two from 16 up to ``max_batch_size``
+        batch_sizes: the ladder (strictly increasing); default powers of two from 32 up to ``max_batch_size``
             or the dataset size.
         max_batch_size: the largest batch to consider (1 .. dataset size).
         seed: seeds every step (data orders, the warm start, the bootstrap).
