@@ -105,12 +105,13 @@ def with_callback():
     cb = lpl.LrbsCallback(sharpness_every=10, sharpness_samples=128, log_every=10)
     mem = Memory()
     model = Net()
-    fit(model, callbacks=[cb], logger=mem)
+    tr = fit(model, callbacks=[cb], logger=mem)
+    model.callback_metrics = dict(tr.callback_metrics)
     return model, cb, mem
 
 
 def test_logger_gets_finite_noise_scale_and_sharpness(with_callback):
-    _, cb, mem = with_callback
+    model, cb, mem = with_callback
     rows = [(s, m) for s, m in mem.rows if "lrbs/b_simple" in m]
     assert [s for s, _ in rows] == [10, 20, 30, 40]
     for _, m in rows:
@@ -120,6 +121,8 @@ def test_logger_gets_finite_noise_scale_and_sharpness(with_callback):
         assert m["lrbs/lambda_max_x_lr"] == pytest.approx(0.05 * m["lrbs/lambda_max"])
         assert m["lrbs/eos_threshold"] == pytest.approx(2 * 1.9)  # heavy ball, beta = 0.9
     assert cb.summary().num_estimates == 40
+    last = rows[-1][1]
+    assert float(model.callback_metrics["lrbs/b_simple"]) == pytest.approx(last["lrbs/b_simple"], rel=1e-6)
 
 
 def test_lambda_max_matches_dense_hessian(with_callback):
@@ -302,3 +305,38 @@ def test_readme_example(tmp_path, monkeypatch, capsys):
     exec(compile(readme_example("lightning"), "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert re.search(r"B_simple = [0-9.]+", out) and "lambda_max" in out
+
+
+# --------------------------------------------------------------------------------------------- data parallel
+@pytest.mark.slow
+def test_ddp_per_rank_noise_scale_agrees_with_exact(tmp_path):
+    """2 gloo ranks x accumulation 2 x 16 samples at lr=0: every rank's micro-batches against the all-reduced
+    gradient (B_s = 16, B_b = 64); the interval over 60 steps holds the exact value at those weights."""
+    import json
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(__file__).parent / "ddp_scripts" / "integrations_lightning_ddp.py"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+    ]
+    cmd += ["--master-port", str(port), str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    model = Net(lr=0.0, momentum=0.0)
+    start = weights(model)
+    fixed = torch.load(tmp_path / "weights.pt", weights_only=True)
+    assert all(torch.equal(fixed[k], start[k]) for k in start)  # lr = 0: the weights did not move
+    exact = exact_noise_scale(model)
+    assert s["num_estimates"] == 60 and s["source"] == "micro-batches"
+    assert s["ci_low"] <= exact <= s["ci_high"], (s, exact)

@@ -87,11 +87,25 @@ def losses(tr) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["learning_rate"]) for r in tr.state.log_history if "loss" in r]
 
 
+class Reporter(transformers.TrainerCallback):
+    """Stands for a report_to integration (TensorBoard, W&B, ...): it logs the ``logs`` it is given in on_log."""
+
+    def __init__(self):
+        self.seen: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs))
+
+
 @pytest.fixture(scope="module")
 def with_callback(tmp_path_factory):
     cb = lhf.LrbsCallback(sharpness_every=20, sharpness_samples=64)
-    tr = trainer(tmp_path_factory.mktemp("cb"), callback=cb)
+    tr = trainer(tmp_path_factory.mktemp("cb"))
+    reporter = Reporter()
+    tr.add_callback(reporter)  # before ours, as the Trainer places report_to integrations
+    lhf.attach(tr, cb)
     tr.train()
+    tr.reporter = reporter
     return tr, cb
 
 
@@ -115,6 +129,9 @@ def test_log_history_has_finite_noise_scale_and_sharpness(with_callback):
             r["learning_rate"] * r["lrbs/lambda_max"], rel=1e-12
         )
     assert cb.summary().num_estimates == 40
+    # attach put the callback first: what a report_to integration logs has the lrbs values too
+    seen = [r for r in tr.reporter.seen if "loss" in r]
+    assert [r["lrbs/b_simple"] for r in seen] == [r["lrbs/b_simple"] for r in rows]
 
 
 def test_lambda_max_matches_arpack_on_the_same_subset(with_callback):

@@ -346,14 +346,15 @@ class GradCapture:
 
     One :func:`torch.autograd.graph.register_multi_grad_hook` over the trainable parameters sees, once per
     backward, the gradients of that backward before they are accumulated into ``.grad``; it stores the
-    squared total norm as a 0-d tensor (no device sync). When ``total_when`` is given, a
-    ``register_post_accumulate_grad_hook`` per parameter also stores the squared norm of the accumulated
-    ``.grad`` during the backwards for which ``total_when()`` is true (the last micro-batch of a step, before any
-    clipping); otherwise the caller reads the total with :meth:`grad_sq_of`.
+    squared total norm as a 0-d tensor (no device sync). When ``total_when`` is given and ``total_when()`` is true
+    during a backward (the last micro-batch of a step), a callback queued on the autograd engine reads the squared
+    norm of the accumulated ``.grad`` when that backward has finished — before anything (clipping) can change it;
+    otherwise the caller reads the total with :meth:`grad_sq_of`. (Where the engine has no callback queue, one
+    ``register_post_accumulate_grad_hook`` per parameter does the same.)
 
-    Costs one fused norm over the gradients per backward (plus one per parameter on the last micro-batch).
-    The hooks also fire for other backward passes through these parameters (e.g. a gradient penalty inside the
-    loss); such steps give more contributions than micro-batches and are skipped by the callbacks.
+    Costs one fused norm over the gradients per backward, and one more per optimizer step. The hooks also fire
+    for other backward passes through these parameters (e.g. a gradient penalty inside the loss); such steps give
+    more contributions than micro-batches and are skipped by the callbacks.
     """
 
     def __init__(self, params: Iterable[torch.Tensor], total_when: Callable[[], bool] | None = None):
@@ -362,6 +363,8 @@ class GradCapture:
         self.contrib: list[torch.Tensor] = []
         self.total_parts: list[torch.Tensor] = []
         self._handles: list[Any] = []
+        engine = getattr(torch.autograd.Variable, "_execution_engine", None)
+        self._queue = getattr(engine, "queue_callback", None)  # what DDP uses to act after a backward
 
     def attach(self) -> GradCapture:
         """Register the hooks (idempotent)."""
@@ -370,7 +373,7 @@ class GradCapture:
         self._handles.append(
             torch.autograd.graph.register_multi_grad_hook(self.params, self._on_grads, mode="all")
         )
-        if self.total_when is not None:
+        if self.total_when is not None and self._queue is None:
             for p in self.params:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_accumulated))
         return self
@@ -389,6 +392,11 @@ class GradCapture:
         gs = [g.detach() for g in grads if g is not None]
         if gs:
             self.contrib.append(torch.nn.utils.get_total_norm(gs, 2.0).double() ** 2)
+        if self.total_when is not None and self._queue is not None and self.total_when():
+            self._queue(self._on_backward_end)
+
+    def _on_backward_end(self) -> None:
+        self.total_parts.append(self.grad_sq_of(self.params))
 
     def _on_accumulated(self, p: torch.Tensor) -> None:
         if p.grad is not None and self.total_when():

@@ -257,9 +257,14 @@ class LrbsCallback(_hf.TrainerCallback):
 
 def _sync_now() -> bool:
     """Whether the current backward is the last of the accumulation (accelerate's shared gradient state)."""
-    from accelerate.state import GradientState
+    if not _GRADIENT_STATE:
+        from accelerate.state import GradientState
 
-    return bool(GradientState().sync_gradients)
+        _GRADIENT_STATE.append(GradientState())  # a shared-state object: one instance sees every update
+    return bool(_GRADIENT_STATE[0].sync_gradients)
+
+
+_GRADIENT_STATE: list[Any] = []
 
 
 def attach(trainer: Any, callback: LrbsCallback | None = None, **kwargs: Any) -> LrbsCallback:

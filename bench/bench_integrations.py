@@ -1,0 +1,134 @@
+"""Overhead of the free noise-scale estimate: a HF Trainer step with ``LrbsCallback`` against the same step without.
+
+Tiny GPT-2 (``n_embd=32, n_layer=2, n_head=2``, vocab 64, sequences of 32 tokens), ``per_device_train_batch_size=8``,
+``gradient_accumulation_steps=4``, CPU. Each repetition builds two identical Trainers and times ``trainer.train()``
+(``steps`` optimizer steps, process time) without and with the callback (``noise_scale=True``,
+sharpness off), in alternating order; the overhead is the median of the paired ratios, with the best-of-N times
+next to it (the machine is shared and noisy). A second row times the capture hooks alone on one micro-batch's
+forward + backward.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+
+import torch
+
+from bench.common import peak_gflops, row
+
+
+def _data(n: int = 256, seq: int = 32, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (n, seq), generator=g)
+    ids[:, 1::2] = (3 * ids[:, ::2] + 1) % 64
+    return [{"input_ids": x, "labels": x} for x in ids]
+
+
+def _trainer(tmp: str, steps: int, callback):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    args = transformers.TrainingArguments(
+        output_dir=tmp,
+        use_cpu=True,
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=4,
+        logging_steps=10,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    tr = transformers.Trainer(model=transformers.GPT2LMHeadModel(cfg), args=args, train_dataset=_data())
+    if callback is not None:
+        from lrbs.integrations.transformers import attach
+
+        attach(tr, callback)
+    return tr
+
+
+def _run(tmp: str, steps: int, with_callback: bool) -> float:
+    """CPU seconds per optimizer step of ``trainer.train()`` (process time: less sensitive than wall time to the
+    other processes on a shared machine; one torch thread, so it is the work done)."""
+    from lrbs.integrations.transformers import LrbsCallback
+
+    tr = _trainer(tmp, steps, LrbsCallback() if with_callback else None)
+    t0 = time.process_time()
+    tr.train()
+    return (time.process_time() - t0) / steps
+
+
+def _hooks_only(repeats: int) -> tuple[float, float]:
+    """Seconds of one micro-batch forward + backward of the same model without / with the capture hooks
+    (best of ``repeats`` blocks of 20, interleaved)."""
+    from lrbs.integrations.measure import GradCapture
+
+    model = _trainer(tempfile.gettempdir(), 1, None).model.train()
+    batch = {k: torch.stack([d[k] for d in _data()[:8]]) for k in ("input_ids", "labels")}
+    cap = GradCapture(model.parameters(), total_when=lambda: True)
+
+    def block() -> float:
+        t0 = time.process_time()
+        for _ in range(20):
+            model(**batch).loss.backward()
+            model.zero_grad(set_to_none=True)
+            cap.reset()
+        return (time.process_time() - t0) / 20
+
+    off, on = [], []
+    for _ in range(repeats):
+        off.append(block())
+        cap.attach()
+        on.append(block())
+        cap.detach()
+    return min(off), min(on)
+
+
+def main(quick: bool = False) -> list[dict]:
+    steps, repeats = (20, 3) if quick else (40, 7)
+    plain, cb = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        _run(tmp, 5, True)  # warm up both paths (imports, first-call costs)
+        _run(tmp, 5, False)
+        for r in range(repeats):
+            order = (False, True) if r % 2 == 0 else (True, False)
+            for w in order:
+                (cb if w else plain).append(_run(tmp, steps, w))
+    ratios = [c / p for c, p in zip(cb, plain)]
+    med = statistics.median(ratios)
+    note = (
+        f"{repeats} interleaved pairs x {steps} steps; overhead median of paired ratios {100 * (med - 1):+.1f}% "
+        f"(range {100 * (min(ratios) - 1):+.1f}% .. {100 * (max(ratios) - 1):+.1f}%); best-of-{repeats} "
+        f"{100 * (min(cb) / min(plain) - 1):+.1f}%; peak fp32 {peak_gflops():.1f} GFLOP/s"
+    )
+    off, on = _hooks_only(repeats)
+    return [
+        row(
+            "integrations",
+            "HF Trainer step, GPT-2 tiny, accum 4: LrbsCallback vs none",
+            statistics.median(cb),
+            peer="Trainer without callback",
+            peer_s=statistics.median(plain),
+            note=note,
+        ),
+        row(
+            "integrations",
+            "one micro-batch forward+backward: capture hooks on vs off",
+            on,
+            peer="no hooks",
+            peer_s=off,
+            note=f"best of {repeats} x 20 (process time); the hooks' share of a step is at most this ratio - 1",
+        ),
+    ]
+
+
+if __name__ == "__main__":
+    for r in main():
+        print(r)
