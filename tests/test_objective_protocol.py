@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from lrbs.connectivity import linear_path
 from lrbs.curvature import hessian_eigenvalues, hessian_trace
+from lrbs.errors import LrbsTypeError
 from lrbs.landscape import landscape_2d
 from lrbs.objective import Objective, second_order_context
 from lrbs.sharpness import keskar_sharpness
@@ -341,3 +342,49 @@ def test_dtype_casts_floating_tensors_only():
     assert x.dtype == meta.dtype == torch.float64 and y.dtype == torch.int64
     lm = Objective(Z.tiny_gpt2(), data=Z.lm_batches(), dtype=torch.float64)
     assert lm.batches[0]["input_ids"].dtype == torch.int64
+
+
+def test_ragged_batches_padded_per_batch():
+    """A collate function that pads each batch to its own longest sequence: batches of different lengths."""
+    batches = Z.lm_batches()
+    batches[1] = {k: v[:, :5] for k, v in batches[1].items()}
+    obj = Objective(Z.tiny_gpt2(), Z.lm_loss, batches, dtype=torch.float64)
+    ref = hand_loss(copy.deepcopy(Z.tiny_gpt2()).double(), batches, lambda c, b: Z.lm_loss(c(**b), b))
+    assert obj.loss() == pytest.approx(ref, rel=1e-12)
+    with pytest.raises(LrbsTypeError, match=r"cannot be concatenated into one .*use obj.batches"):
+        _ = obj.data
+    sub = obj.subset(6, seed=0)  # each batch keeps its own selected samples
+    idx = torch.randperm(12, generator=torch.Generator().manual_seed(0))[:6]
+    assert sub.num_samples == 6 and sum(_size(b) for b in sub.batches) == 6
+    rows = [row for s in sub.batches for row in s["input_ids"]]
+    got = [
+        4 * j + r
+        for j, b in enumerate(obj.batches)
+        for r, row in enumerate(b["input_ids"])
+        if any(len(x) == len(row) and torch.equal(x, row) for x in rows)
+    ]
+    assert got == sorted(int(i) for i in idx)
+
+
+@pytest.mark.parametrize("name", ["two_input", "gpt2_ragged"])
+def test_curves_train_on_any_batches(name, untouched):
+    from lrbs.connectivity import auto_neb, fit_curve
+
+    if name == "two_input":
+        a, b, data, kw = Z.two_input(0), Z.two_input(1), Z.two_input_data(), {"batch_size": 8}
+    else:  # whole ragged batches are drawn in a seeded order
+        data = Z.lm_batches()
+        data[1] = {k: v[:, :5] for k, v in data[1].items()}
+        a, b, kw = Z.tiny_gpt2(0), Z.tiny_gpt2(1), {"loss_fn": Z.lm_loss}
+    checks = untouched(a), untouched(b)
+    curve = fit_curve(a, b, data, epochs=1, bends=1, bn="eval", num_eval=3, **kw)
+    ea = Objective(a, kw.get("loss_fn"), data, batch_size=1000).loss()
+    eb = Objective(b, kw.get("loss_fn"), data, batch_size=1000).loss()
+    assert curve.path.loss[0] == pytest.approx(ea, rel=1e-6) and curve.path.loss[-1] == pytest.approx(
+        eb, rel=1e-6
+    )
+    assert np.isfinite(curve.history).all()
+    neb = auto_neb(a, b, data, cycles=1, steps=2, bn="eval", subpoints=1, **kw)
+    assert neb.loss[0] == pytest.approx(ea, rel=1e-6) and np.isfinite(neb.loss).all()
+    for check in checks:
+        check()
