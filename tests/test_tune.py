@@ -249,7 +249,7 @@ def test_study_range_test_figure_is_clipped_and_marked():
 
 # --------------------------------------------------------------------------------------------- acceptance
 # The grid's best cells, from bench/bench_tune.py (recorded in bench/RESULTS.md): 20 epochs, seed 0.
-BEST_CELL = {"sgd": (32, 0.1), "adam": (32, 0.01)}
+BEST_CELL = {"sgd": (32, 0.1), "adam": (32, 0.03)}
 
 
 def _grid_cell(ds, optimizer, batch, lr, epochs):

@@ -675,7 +675,7 @@ def _throughput(ctx: _Ctx, sizes: list[int]) -> dict:
                 stop = f"batch {b} needs more than {1 - MEMORY_MARGIN:.0%} of the GPU memory"
                 break
             if not cuda and gain is not None and gain < GAIN:
-                stop = f"samples/s grew by only {gain - 1:+.0%} at batch {b} (< {GAIN - 1:.0%})"
+                stop = f"samples/s changed by {gain - 1:+.0%} at batch {b} (a doubling must gain >= {GAIN - 1:.0%})"
                 break
     finally:
         stream.close()

@@ -635,6 +635,9 @@ def plot_throughput(
     if chosen is not None:
         axis.axvline(chosen, color="k", linewidth=1.2, label=f"chosen {chosen}")
     axis.set_xscale("log", base=2)
+    ticks = [r["batch_size"] for r in ladder]
+    axis.set_xticks(ticks, [str(b) for b in ticks])
+    axis.minorticks_off()
     _style(axis, title, "batch size", "training samples / s")
     _legend(axis)
     return fig
@@ -677,7 +680,7 @@ def plot_tradeoff(
         1 + b_crit / grid,
         color=_color(0),
         linewidth=1.5,
-        label=f"B_crit = {_tick_text(b_crit)}",
+        label=f"B_crit = {b_crit:.4g}",
     )
     for end in ci or ():
         if end is not None and np.isfinite(end) and end > 0:
