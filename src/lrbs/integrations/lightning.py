@@ -28,11 +28,11 @@ from ..errors import ConfigError, LrbsTypeError
 from .measure import (
     GradCapture,
     MeasurementWarning,
-    Monitor,
     current_lr,
     require,
     trainable_parameters,
 )
+from .monitor import Monitor
 
 MIN_LIGHTNING = "2.2"  # the lrbs[lightning] extra's pin; tested with 2.6
 _L = require("lightning", MIN_LIGHTNING, "lightning")

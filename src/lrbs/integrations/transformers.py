@@ -25,12 +25,12 @@ from ..batches import MapSource, as_source, batch_size_of
 from ..errors import ConfigError, LrbsTypeError
 from .measure import (
     MeasurementWarning,
-    Monitor,
     current_lr,
     protected_rng,
     require,
     trainable_parameters,
 )
+from .monitor import Monitor
 
 MIN_TRANSFORMERS = "4.40"  # the lrbs[transformers] extra's pin; tested with 5.24
 _hf = require("transformers", MIN_TRANSFORMERS, "transformers")
@@ -182,7 +182,7 @@ class LrbsCallback(_hf.TrainerCallback):
             num_samples=train_source.num_samples if train_source is not None else None,
             train_source=train_source,
             probe_source=self._probe_source(train_source, collate),
-            log_every=max(1, int(math.ceil(args.logging_steps))) if args.logging_steps >= 1 else 1,
+            log_every=_logging_steps(args, state),
             total_when=_sync_now,
         )
         if self.monitor.free:
@@ -253,6 +253,14 @@ class LrbsCallback(_hf.TrainerCallback):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+def _logging_steps(args: Any, state: Any) -> int:
+    """``args.logging_steps`` in steps (a value below 1 is a fraction of the run, as the Trainer reads it)."""
+    every = float(args.logging_steps)
+    if every < 1:
+        every = every * max(1, int(state.max_steps or 1))
+    return max(1, math.ceil(every))
 
 
 def _sync_now() -> bool:

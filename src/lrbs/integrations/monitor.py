@@ -1,0 +1,268 @@
+"""The state both framework callbacks share: settings, cadence, what was measured and what to log.
+
+Framework-free: :mod:`lrbs.integrations.transformers` and :mod:`lrbs.integrations.lightning` call :class:`Monitor`
+from their hooks; the measurements themselves are in :mod:`lrbs.integrations.measure`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError
+from .measure import (
+    METRICS,
+    GradCapture,
+    MeasurementWarning,
+    NoiseSummary,
+    NoiseWindow,
+    check_every,
+    current_lr,
+    guarded,
+    micro_estimate,
+    probe_estimates,
+    protected_rng,
+    sharpness,
+    stability_threshold,
+    trainable_parameters,
+)
+
+__all__ = ["Monitor"]
+
+
+# --------------------------------------------------------------------------------------------- the shared monitor
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name}={value!r} is not allowed: must be an integer >= {low}")
+    return value
+
+
+class Monitor:
+    """What both callbacks share: the settings, when to measure, what was measured and what to log.
+
+    The framework glue calls :meth:`start` when training starts, :meth:`begin_step` / :meth:`end_step` around each
+    optimizer step's micro-batches (free noise scale), :meth:`after_step` after each optimizer step (probe and
+    sharpness, at their cadence) and :meth:`publish` when it logs. Every measurement runs under
+    :func:`protected_rng` and :func:`guarded`: it cannot change the random stream or end the run.
+    """
+
+    def __init__(
+        self,
+        *,
+        noise_scale: bool = True,
+        sharpness_every: int | None = None,
+        sharpness_samples: int = 512,
+        log_every: int | None = None,
+        window: int = 50,
+        probe_data: Any = None,
+        probe_micro_batches: int = 4,
+        probe_draws: int = 4,
+        compute_loss: Callable | None = None,
+        batch_weight: Callable | None = None,
+        confidence: float = 0.95,
+        seed: int = 0,
+    ):
+        if not isinstance(noise_scale, bool):
+            raise ConfigError(f"noise_scale={noise_scale!r} is not allowed: must be True or False")
+        self.noise_scale = noise_scale
+        self.sharpness_every = check_every("sharpness_every", sharpness_every)
+        self.sharpness_samples = _check_int("sharpness_samples", sharpness_samples, 1)
+        self.log_every = check_every("log_every", log_every)
+        self.window_size = _check_int("window", window, 2)
+        self.probe_data = probe_data
+        self.probe_micro_batches = _check_int("probe_micro_batches", probe_micro_batches, 2)
+        self.probe_draws = _check_int("probe_draws", probe_draws, 2)
+        for name, fn in (("compute_loss", compute_loss), ("batch_weight", batch_weight)):
+            if fn is not None and not callable(fn):
+                raise ConfigError(f"{name}={fn!r} is not allowed: must be a callable or None")
+        self.compute_loss, self.batch_weight = compute_loss, batch_weight
+        if not (isinstance(confidence, float) and 0.0 < confidence < 1.0):
+            raise ConfigError(f"confidence={confidence!r} is not allowed: must be a float in (0, 1)")
+        self.confidence = confidence
+        self.seed = _check_int("seed", seed, 0)
+        self.capture: GradCapture | None = None
+        self.window: NoiseWindow | None = None
+        self.free = False
+        self.values: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        self._eigvec: Any = "auto"
+        self._warned: set[str] = set()
+        self._fresh = False
+
+    # ---- lifecycle
+    def start(
+        self,
+        model: nn.Module,
+        *,
+        accumulation: int,
+        world: int,
+        free_possible: bool,
+        micro_batch: int | None,
+        num_samples: int | None,
+        train_source: Any,
+        probe_source: Any,
+        log_every: int,
+        total_when: Callable[[], bool] | None,
+    ) -> None:
+        """Check the setup and attach the hooks (ConfigError on a setup that cannot be measured)."""
+        params = trainable_parameters(model)
+        self.log_every = self.log_every or log_every
+        self.num_samples, self.micro_batch = num_samples, micro_batch
+        self.train_source, self.probe_source = train_source, probe_source
+        self.free = self.noise_scale and free_possible and (accumulation >= 2 or world >= 2)
+        if self.noise_scale and not self.free:
+            if probe_source is None:
+                raise ConfigError(
+                    f"noise_scale=True needs two batch sizes, and gradient accumulation {accumulation} on {world} "
+                    "process(es) gives one: set gradient accumulation >= 2 (free), or pass probe_data= (held data, "
+                    f"an extra {self.probe_draws} x {self.probe_micro_batches} micro-batch gradients every "
+                    "log_every steps; probe_data='train' samples the training set), or noise_scale=False"
+                )
+            if micro_batch is None:
+                raise ConfigError("the probe needs the micro-batch size: the train batch size is unknown")
+        if self.sharpness_every is not None and train_source is None:
+            raise ConfigError(
+                "sharpness_every needs a map-style training dataset to take its fixed subset from (the training "
+                "data has no length); leave sharpness_every=None"
+            )
+        if self.noise_scale:
+            self.window = NoiseWindow(
+                self.window_size, "micro-batches" if self.free else "probe", self.confidence
+            )
+        if self.free:
+            self.capture = GradCapture(params, total_when).attach()
+
+    def stop(self) -> None:
+        """Remove the hooks."""
+        if self.capture is not None:
+            self.capture.detach()
+            self.capture = None
+
+    # ---- free noise scale
+    def begin_step(self) -> None:
+        if self.capture is not None:
+            self.capture.reset()
+
+    def end_step(
+        self,
+        step: int,
+        sizes: Sequence[float],
+        shares: Sequence[float],
+        *,
+        micro_scale: float = 1.0,
+        total_sq: float | None = None,
+        all_reduce: Callable | None = None,
+    ) -> None:
+        """Turn the step's captured contributions into one estimate (skipped, with one warning, when the number
+        of backward passes does not match the micro-batches)."""
+        if self.capture is None:
+            return
+        micro_sq, total = self.capture.take()
+        total = total_sq if total_sq is not None else total
+        if total is None or len(micro_sq) != len(sizes):
+            self.warn_once(
+                "mismatch",
+                f"lrbs: step {step} had {len(micro_sq)} backward pass(es) through the parameters for {len(sizes)} "
+                "micro-batch(es); such steps are left out of the noise scale",
+            )
+            return
+        scale2 = float(micro_scale) ** 2
+        est = guarded(
+            "the noise-scale estimate",
+            step,
+            lambda: micro_estimate(
+                [m / scale2 for m in micro_sq],
+                sizes,
+                shares,
+                total,
+                num_samples=self.num_samples,
+                all_reduce=all_reduce,
+            ),
+        )
+        if est is not None:
+            self.window.add(step, *est)
+            self._fresh = True
+
+    # ---- probe and sharpness
+    def after_step(self, step: int, model: nn.Module, optimizer: Any, lr: float | None = None) -> None:
+        """Run the probe and the sharpness measurement when their cadence says so (``lr``: the learning rate the
+        step used, default the optimizer's current one)."""
+        device = next(iter(model.parameters())).device
+        if self.noise_scale and not self.free and step % self.log_every == 0:
+            with protected_rng(device):
+                guarded("the noise-scale probe", step, lambda: self._probe(step, model))
+        if self.sharpness_every is not None and step % self.sharpness_every == 0:
+            with protected_rng(device):
+                guarded("the sharpness measurement", step, lambda: self._sharpness(model, optimizer, lr))
+
+    def _probe(self, step: int, model: nn.Module) -> None:
+        t0 = time.perf_counter()
+        res = probe_estimates(
+            model,
+            self.probe_source,
+            small_batch=self.micro_batch,
+            big_batch=self.micro_batch * self.probe_micro_batches,
+            num_estimates=self.probe_draws,
+            seed=self.seed + step,
+            compute_loss=self.compute_loss,
+            batch_weight=self.batch_weight,
+        )
+        for g, t in zip(res.grad_sq_estimates, res.trace_sigma_estimates):
+            self.window.add(step, float(g), float(t))
+        self.values[METRICS["probe_seconds"]] = time.perf_counter() - t0
+        self._fresh = True
+
+    def _sharpness(self, model: nn.Module, optimizer: Any, lr: float | None) -> None:
+        res = sharpness(
+            model,
+            self.train_source,
+            max_samples=self.sharpness_samples,
+            # batches of 4 micro-batches: fewer, larger HVP passes, memory still of the order of a training step
+            batch_size=None if self.micro_batch is None else 4 * self.micro_batch,
+            compute_loss=self.compute_loss,
+            batch_weight=self.batch_weight,
+            init=self._eigvec,
+            seed=self.seed,
+        )
+        lam = float(res.values[0])
+        self._eigvec = res.vectors[0] if res.vectors is not None else "auto"
+        self.values[METRICS["lambda_max"]] = lam
+        lr = current_lr(optimizer) if lr is None else lr
+        if lr is not None:
+            self.values[METRICS["lambda_max_x_lr"]] = lr * lam
+        threshold = stability_threshold(optimizer)
+        if threshold is not None:
+            self.values[METRICS["eos_threshold"]] = threshold
+        self._fresh = True
+
+    # ---- output
+    def publish(self, step: int) -> dict[str, float]:
+        """The metrics measured since the last call (empty when nothing is new), also kept in :attr:`history`."""
+        if not self._fresh:
+            return {}
+        out = dict(self.values)
+        summary = self.window.summary(self.seed) if self.window is not None else None
+        if summary is not None:
+            out[METRICS["b_simple"]] = summary.b_simple
+            out[METRICS["grad_sq"]] = summary.grad_sq
+            out[METRICS["trace_sigma"]] = summary.trace_sigma
+            if summary.num_estimates >= 2:
+                out[METRICS["b_simple_low"]] = summary.ci_low
+                out[METRICS["b_simple_high"]] = summary.ci_high
+        self.values = {}
+        self._fresh = False
+        self.history.append({"step": step, **out})
+        return out
+
+    def summary(self) -> NoiseSummary | None:
+        """The noise scale over the current window (None before the first estimate)."""
+        return self.window.summary(self.seed) if self.window is not None else None
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, MeasurementWarning, stacklevel=3)
