@@ -8,6 +8,11 @@ Rows, per model (``mlp``, ``cnn1d``), all in the same process on the same model 
 
 Targets (CPU): no slower than loss-landscapes, and the sequential path within 10% of the floor.
 GFLOP counts the forward work (2 x multiply-adds of every Linear/Conv layer, measured with a hook).
+
+On a GPU (``python -m bench landscape --device cuda``) model, data and directions live there for all three;
+loss-landscapes draws its directions with ``torch.randn`` on the default device, so its call runs under
+``with torch.device(cuda)`` (nothing else in it creates tensors). The batched path is also timed at several
+chunk sizes ``K`` (points per ``vmap`` launch): ``grid_batched_K``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench import common
 from bench.common import row, timeit
 from lrbs.data import load_dataset
 from lrbs.landscape import landscape_2d, random_direction
@@ -45,12 +51,13 @@ def _case(name: str, ds, steps: int, repeat: int) -> list[dict]:
     import loss_landscapes
     from loss_landscapes.metrics import Loss
 
-    x, y = ds.test.x, ds.test.y
+    dev = common.device()
+    x, y = ds.test.x.to(dev), ds.test.y.to(dev)
     points = steps * steps
-    model = build_model(name, dataset=ds, seed=0).eval()
+    model = build_model(name, dataset=ds, seed=0).eval().to(dev)
     ce = nn.CrossEntropyLoss()
     gflop = _forward_gflop(model, x) * points
-    obj = Objective(model, data=ds.test)
+    obj = Objective(model, data=(x, y))
     d1, d2 = random_direction(obj, seed=1), random_direction(obj, seed=2)
     coords = np.linspace(-1, 1, steps)
 
@@ -60,15 +67,20 @@ def _case(name: str, ds, steps: int, repeat: int) -> list[dict]:
                 float(ce(model(x), y))
 
     def peer():
-        return loss_landscapes.random_plane(
-            model, Loss(ce, x, y), distance=1, steps=steps, normalization="filter", deepcopy_model=True
-        )
+        with torch.device(dev):  # its random directions are drawn on the default device
+            return loss_landscapes.random_plane(
+                model, Loss(ce, x, y), distance=1, steps=steps, normalization="filter", deepcopy_model=True
+            )
 
-    def ours(method):
-        return lambda: landscape_2d(obj, d1, d2, coords, coords, metrics=("loss",), method=method)
+    def ours(method, chunk=None):
+        return lambda: landscape_2d(
+            obj, d1, d2, coords, coords, metrics=("loss",), method=method, chunk=chunk
+        )
 
     # round-robin: one run of each per repeat, so that load drift on a shared machine hits all alike
     fns = {"floor": floor, "peer": peer, "sequential": ours("sequential"), "batched": ours("batched")}
+    chunks = (16, 64, 147, points) if dev.type == "cuda" else ()
+    fns.update({f"batched_{k}": ours("batched", k) for k in chunks})
     for fn in fns.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -85,7 +97,7 @@ def _case(name: str, ds, steps: int, repeat: int) -> list[dict]:
             note="bare forward + CE, the lower bound",
         )
     ]
-    for method in ("sequential", "batched"):
+    for method in ("sequential", "batched", *(f"batched_{k}" for k in chunks)):
         rows.append(
             row(
                 "landscape_2d",
@@ -100,8 +112,10 @@ def _case(name: str, ds, steps: int, repeat: int) -> list[dict]:
     return rows
 
 
-def main(quick: bool = False) -> list[dict]:
-    """Run the benchmark; return rows."""
+def main(quick: bool = False, device: torch.device | str | None = None) -> list[dict]:
+    """Run the benchmark on ``device`` (default: the one ``python -m bench --device`` chose); return rows."""
+    if device is not None:
+        common.set_device(device)
     ds = load_dataset("mnist1d")
     steps = 11 if quick else 21
     repeat = 1 if quick else 3

@@ -877,8 +877,8 @@ def hessian_eigenvalues(
         >>> ds = load_dataset("blobs", n_train=64, n_test=8, num_features=4, num_classes=3, seed=0)
         >>> obj = Objective(build_model("mlp", dataset=ds, depth=2, width=8), data=ds)
         >>> res = hessian_eigenvalues(obj, k=2)
-        >>> bool(res.converged), res.values[0] >= res.values[1]
-        (True, True)
+        >>> bool(res.converged), bool(res.values[0] >= res.values[1]), res.tol_on, res.tol
+        (True, True, 'value', 0.001)
 
     References:
         Yao et al., "PyHessian", arXiv 1912.07145; Ghorbani et al. 2019, arXiv 1901.10159.
