@@ -561,7 +561,8 @@ def edge_of_stability(lr: float, top_eigenvalue: float | Any, momentum: float = 
 # --------------------------------------------------------------------------- report
 MEASURES: dict[str, dict[str, Any]] = {
     # name: default options (override any of them with sharpness_report(options={name: {...}}))
-    "lambda_max": {"k": 1, "tol": 1e-4},
+    # the residual test the report has always used (hessian_eigenvalues' own default is now a value tolerance)
+    "lambda_max": {"k": 1, "tol": 1e-4, "tol_on": "residual"},
     "trace": {"method": "hutch++", "num_hvps": 99},
     "negative_mass": {"num_runs": 5, "lanczos_steps": 40},
     "keskar": {"epsilon": 1e-3, "max_iter": 10},
