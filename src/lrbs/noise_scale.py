@@ -80,22 +80,58 @@ class _Unstackable(Exception):
     """Sub-batches whose structures or shapes differ, so they cannot be stacked for vmap."""
 
 
-def _stack(batches: list[Any]) -> Any:
-    """Sub-batches of one structure stacked leaf by leaf along a new leading dimension (the vmap axis)."""
+def _stack(batches: list[Any], op: Callable[[list[torch.Tensor]], torch.Tensor] = torch.stack) -> Any:
+    """Batches of one structure combined leaf by leaf: stacked along a new leading dimension (the vmap axis), or
+    concatenated along the existing one (``op=torch.cat``)."""
     first = batches[0]
     if isinstance(first, torch.Tensor):
         if any(not isinstance(b, torch.Tensor) or b.shape != first.shape for b in batches):
             raise _Unstackable
-        return torch.stack(batches)
+        return op(batches)
     if isinstance(first, Mapping):
         if any(not isinstance(b, Mapping) or list(b.keys()) != list(first.keys()) for b in batches):
             raise _Unstackable
-        return {key: _stack([b[key] for b in batches]) for key in first}
+        return {key: _stack([b[key] for b in batches], op) for key in first}
     if isinstance(first, (tuple, list)):
         if any(not isinstance(b, (tuple, list)) or len(b) != len(first) for b in batches):
             raise _Unstackable
-        return tuple(_stack([b[i] for b in batches]) for i in range(len(first)))
+        return tuple(_stack([b[i] for b in batches], op) for i in range(len(first)))
     raise _Unstackable
+
+
+class _Whole:
+    """One draw read in one gather: a big batch of tensors (a tuple or dict of equally long tensors) that is cut into
+    ``k`` consecutive sub-batches — views for the loop, one reshape to ``(k, B_s, ...)`` per tensor for vmap."""
+
+    def __init__(self, batch: tuple | dict, k: int):
+        self.batch, self.k = batch, k
+
+    def subs(self) -> list[Any]:
+        b = batch_size_of(self.batch) // self.k
+        return [slice_batch(self.batch, i * b, (i + 1) * b) for i in range(self.k)]
+
+    def stacked(self) -> Any:
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(self.k, -1, *t.shape[1:])
+
+        if isinstance(self.batch, Mapping):
+            return {key: split(t) for key, t in self.batch.items()}
+        return tuple(split(t) for t in self.batch)
+
+
+Draw = list[Any] | _Whole
+
+
+def _flat_tensors(batch: Any) -> bool:
+    """Whether a batch is a flat tuple/list or dict of tensors with a leading (sample) dimension."""
+    if not isinstance(batch, (tuple, list, Mapping)):
+        return False
+    parts = list(batch.values()) if isinstance(batch, Mapping) else list(batch)
+    return bool(parts) and all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in parts)
+
+
+def _subs(draw: Draw) -> list[Any]:
+    return draw.subs() if isinstance(draw, _Whole) else draw
 
 
 class _Scale:
@@ -125,10 +161,11 @@ def _scaled(loss_at: LossAt, scale: float) -> LossAt:
     return lambda p, batch: loss_at(p, batch).float() * scale
 
 
-def _vmap_flat(loss_at: LossAt, params: dict, rows: list[list[Any]], scale: _Scale) -> torch.Tensor:
+def _vmap_flat(loss_at: LossAt, params: dict, rows: list[Draw], k: int, scale: _Scale) -> torch.Tensor:
     """Gradients of every sub-batch of ``rows`` (``e`` draws of ``k``) in one vectorised call: ``(e, k, P)``."""
-    e, k = len(rows), len(rows[0])
-    stacked = _stack([b for row in rows for b in row])
+    e = len(rows)
+    parts = [r.stacked() if isinstance(r, _Whole) else _stack(r) for r in rows]
+    stacked = parts[0] if e == 1 else _stack(parts, torch.cat)
 
     def grads(s: float) -> torch.Tensor:
         g = torch.func.vmap(torch.func.grad(_scaled(loss_at, s)), in_dims=(None, 0))(params, stacked)
@@ -166,7 +203,7 @@ def _loop_row(
 def _micro_sq_norms(
     loss_at: LossAt,
     params: dict[str, torch.Tensor],
-    draw: Callable[[int], list[Any]],
+    draw: Callable[[int], Draw],
     e_count: int,
     k: int,
     method: str | None,
@@ -176,7 +213,8 @@ def _micro_sq_norms(
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Squared norms of sub-batch gradients and of their (weighted) means per draw, all at the same ``params``.
 
-    ``draw(e)`` gives the ``k`` sub-batches of draw ``e`` (called once per draw, in order); ``loss_at(params,
+    ``draw(e)`` gives the ``k`` sub-batches of draw ``e`` (a list, or a :class:`_Whole` big batch; called once per
+    draw, in order); ``loss_at(params,
     batch)`` is the mean loss of one sub-batch. Returns ``(|g_ei|² of shape (E, k), |ḡ_e|² of shape (E,),
     method)`` with ``ḡ_e = Σ_i w_i g_ei / Σ_i w_i`` (``w_i = weigh(sub-batch)``; the plain mean without
     ``weigh``); norms are accumulated in float64. The vmap path handles several draws per call (bounded memory)
@@ -191,10 +229,14 @@ def _micro_sq_norms(
     while s < e_count:
         per_call = max(1, _VMAP_FLOATS // max(1, k * numel)) if used == "vmap" else 1
         rows = [draw(s + j) for j in range(min(per_call, e_count - s))]
-        w = None if weigh is None else np.array([[weigh(b) for b in row] for row in rows], dtype=np.float64)
+        w = (
+            None
+            if weigh is None
+            else np.array([[weigh(b) for b in _subs(r)] for r in rows], dtype=np.float64)
+        )
         if used == "vmap":
             try:
-                flat = _vmap_flat(loss_at, params, rows, scale)
+                flat = _vmap_flat(loss_at, params, rows, k, scale)
             except (RuntimeError, NotImplementedError, _Unstackable) as e:
                 if method == "vmap":
                     if isinstance(e, _Unstackable):
@@ -210,7 +252,9 @@ def _micro_sq_norms(
             big[s : s + len(rows)] = (mean**2).sum(1).cpu().numpy()
         else:
             for j, row in enumerate(rows):
-                small[s + j], big[s + j] = _loop_row(loss_at, params, row, None if w is None else w[j], scale)
+                small[s + j], big[s + j] = _loop_row(
+                    loss_at, params, _subs(row), None if w is None else w[j], scale
+                )
         s += len(rows)
     return small, big, used
 
@@ -354,17 +398,22 @@ def _indexed_draws(
     num_estimates: int,
     seed: int,
     prepare: Callable[[Any], Any],
-) -> Callable[[int], list[Any]]:
+    whole: bool = False,
+) -> Callable[[int], Draw]:
     """Draw ``e``: the ``k`` consecutive sub-batches of a big batch of ``k B_s`` samples drawn without replacement.
 
     The big batches are ``numpy.random.default_rng(seed).choice(n, k B_s, replace=False)``, one after the other;
-    ``take(indices)`` reads a sub-batch from the source (only those samples are ever materialised).
+    ``take(indices)`` reads samples from the source (only those samples are ever materialised): the whole big batch
+    in one gather for tensor data (``whole``), else each sub-batch on its own (a map-style dataset's collate
+    function sees exactly the samples of one sub-batch).
     """
     rng = np.random.default_rng(seed)
     idx = np.stack([rng.choice(n, size=k * small_batch, replace=False) for _ in range(num_estimates)])
 
-    def draw(e: int) -> list[Any]:
+    def draw(e: int) -> Draw:
         row = torch.from_numpy(idx[e])
+        if whole:
+            return _Whole(prepare(take(row)), k)
         return [prepare(take(row[i * small_batch : (i + 1) * small_batch])) for i in range(k)]
 
     return draw
@@ -427,8 +476,9 @@ def _population(source: Source) -> int | None:
     return None
 
 
-def _objective_take(obj: Objective) -> Callable[[torch.Tensor], Any]:
-    """Sampling by index from an Objective's fixed batches (concatenated when there are several)."""
+def _objective_take(obj: Objective) -> tuple[Callable[[torch.Tensor], Any], bool]:
+    """Sampling by index from an Objective's fixed batches (concatenated when there are several), and whether they
+    are a flat tuple or dict of tensors (then a big batch is read in one gather)."""
     batches = obj.batches
     if len(batches) == 1:
         whole = batches[0]
@@ -441,7 +491,7 @@ def _objective_take(obj: Objective) -> Callable[[torch.Tensor], Any]:
                 "different lengths), so sub-batches cannot be drawn from them: call noise_scale(model, data, ...) "
                 "instead"
             ) from None
-    return lambda idx: index_batch(whole, idx.to(obj.device))
+    return (lambda idx: index_batch(whole, idx.to(obj.device))), _flat_tensors(whole)
 
 
 def _objective_for(
@@ -510,11 +560,12 @@ def _draws(
     k: int,
     num_estimates: int,
     seed: int,
-) -> tuple[Callable[[int], list[Any]], Callable[[], None]]:
+) -> tuple[Callable[[int], Draw], Callable[[], None]]:
     """``(draw, close)`` for the Objective's own batches, an indexable source or a loader."""
     if source is None:
+        take, flat = _objective_take(obj)
         return _indexed_draws(
-            _objective_take(obj), n, small_batch, k, num_estimates, seed, lambda b: b
+            take, n, small_batch, k, num_estimates, seed, lambda b: b, whole=flat
         ), lambda: None
 
     def prepare(batch: Any) -> Any:
@@ -845,11 +896,14 @@ class NoiseScaleTracker(Callback):
             with autocast(precision, device):
                 return batch_loss.loss(lambda *a, **kw: torch.func.functional_call(model, values, a, kw), sub)
 
-        subs = [slice_batch(batch, i * bs, (i + 1) * bs) for i in range(k)]
+        if _flat_tensors(batch):
+            row: Draw = _Whole(slice_batch(batch, 0, k * bs), k)
+        else:
+            row = [slice_batch(batch, i * bs, (i + 1) * bs) for i in range(k)]
         weigh = batch_loss.weight if batch_loss.batch_weight is not None else None
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
             small, big, self._method = _micro_sq_norms(
-                loss_at, params, lambda e: subs, 1, k, self._method, weigh=weigh, precision=precision
+                loss_at, params, lambda e: row, 1, k, self._method, weigh=weigh, precision=precision
             )
         grad_sq, trace = _two_batch(float(small.mean()), float(big[0]), 1.0 / bs, 1.0 / (k * bs))
         self._count += 1
