@@ -5,7 +5,7 @@ Tiny GPT-2 (``n_embd=32, n_layer=2, n_head=2``, vocab 64, sequences of 32 tokens
 (``steps`` optimizer steps, process time) without and with the callback (``noise_scale=True``,
 sharpness off), in alternating order; the overhead is the median of the paired ratios, with the best-of-N times
 next to it (the machine is shared and noisy). A second row times the capture hooks alone on one micro-batch's
-forward + backward.
+forward + backward, and a third the time spent inside lrbs's own hooks and callback methods during a run.
 """
 
 from __future__ import annotations
@@ -91,6 +91,47 @@ def _hooks_only(repeats: int) -> tuple[float, float]:
     return min(off), min(on)
 
 
+def _self_time(tmp: str, steps: int) -> tuple[float, float]:
+    """``(seconds inside lrbs's hooks and callback methods, seconds of trainer.train())`` for one run with the
+    callback: the direct cost, read with timers around lrbs's own functions (less exposed to the machine's load
+    than a difference of two noisy runs; it leaves out cache effects on the rest of the step)."""
+    import functools
+
+    from lrbs.integrations import measure
+    from lrbs.integrations.transformers import LrbsCallback
+
+    spent = [0.0]
+    saved = []
+
+    def timed(owner, name):
+        fn = getattr(owner, name)
+        saved.append((owner, name, fn))
+
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+        setattr(owner, name, wrapper)
+
+    for name in ("_on_grad", "_on_backward_end"):
+        timed(measure.GradCapture, name)
+    for name in ("on_step_begin", "on_step_end", "on_log", "_record"):
+        timed(LrbsCallback, name)
+    try:
+        tr = _trainer(tmp, steps, LrbsCallback())
+        t0 = time.perf_counter()
+        tr.train()
+        total = time.perf_counter() - t0
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+    return spent[0], total
+
+
 def main(quick: bool = False) -> list[dict]:
     steps, repeats = (20, 3) if quick else (40, 7)
     plain, cb = [], []
@@ -109,6 +150,9 @@ def main(quick: bool = False) -> list[dict]:
         f"{100 * (min(cb) / min(plain) - 1):+.1f}%; peak fp32 {peak_gflops():.1f} GFLOP/s"
     )
     off, on = _hooks_only(repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        selfs = [_self_time(tmp, steps) for _ in range(3)]
+    share = statistics.median(a / b for a, b in selfs)
     return [
         row(
             "integrations",
@@ -124,7 +168,15 @@ def main(quick: bool = False) -> list[dict]:
             on,
             peer="no hooks",
             peer_s=off,
-            note=f"best of {repeats} x 20 (process time); the hooks' share of a step is at most this ratio - 1",
+            note=f"best of {repeats} x 20 (process time)",
+        ),
+        row(
+            "integrations",
+            "time inside lrbs hooks + callback methods, share of trainer.train()",
+            statistics.median(a for a, _ in selfs) / steps,
+            peer="whole step",
+            peer_s=statistics.median(b for _, b in selfs) / steps,
+            note=f"median of 3 runs x {steps} steps: {100 * share:.2f}% of the step",
         ),
     ]
 

@@ -83,6 +83,7 @@ __all__ = [
     "NoiseWindow",
     "NoiseSummary",
     "GradCapture",
+    "squared_norm",
     "probe_estimates",
     "sharpness",
     "stability_threshold",
@@ -340,20 +341,36 @@ class NoiseWindow:
 
 
 # --------------------------------------------------------------------------------------------- gradient capture
+_CAT_LIMIT = 2**22  # up to this many gradient entries, one concatenation + dot beats per-tensor norms
+
+
+def squared_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_t |t|^2`` as a float64 0-d tensor: one ``cat`` + ``dot`` for small totals (fewest kernel launches),
+    per-tensor norms (no copy) for large ones."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    if sum(t.numel() for t in tensors) <= _CAT_LIMIT:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        return torch.dot(flat, flat).double()
+    return torch.nn.utils.get_total_norm(tensors, 2.0).double() ** 2
+
+
 class GradCapture:
     """Squared norms of each backward's gradient contribution, read by hooks that change nothing.
 
-    One :func:`torch.autograd.graph.register_multi_grad_hook` over the trainable parameters sees, once per
-    backward, the gradients of that backward before they are accumulated into ``.grad``; it stores the
-    squared total norm as a 0-d tensor (no device sync). When ``total_when`` is given and ``total_when()`` is true
-    during a backward (the last micro-batch of a step), a callback queued on the autograd engine reads the squared
-    norm of the accumulated ``.grad`` when that backward has finished — before anything (clipping) can change it;
-    otherwise the caller reads the total with :meth:`grad_sq_of`. (Where the engine has no callback queue, one
-    ``register_post_accumulate_grad_hook`` per parameter does the same.)
+    A tensor hook on each trainable parameter receives that backward's gradient before it is added to ``.grad``
+    (it returns None: the gradient is unchanged); the first one of a backward queues a callback on the autograd
+    engine (what DDP uses), which runs when the backward has finished and stores the squared norm of the
+    collected gradients as a 0-d tensor (no device sync). When ``total_when`` is given and true at that moment
+    (the last micro-batch of a step), it also stores the squared norm of the accumulated ``.grad`` — before
+    anything (clipping) can change it; otherwise the caller reads the total with :meth:`grad_sq_of`. Where the
+    engine has no callback queue, one :func:`torch.autograd.graph.register_multi_grad_hook` plus a
+    ``register_post_accumulate_grad_hook`` per parameter do the same, more slowly.
 
-    Costs one fused norm over the gradients per backward, and one more per optimizer step. The hooks also fire
-    for other backward passes through these parameters (e.g. a gradient penalty inside the loss); such steps give
-    more contributions than micro-batches and are skipped by the callbacks.
+    Costs a Python call per parameter per backward and one squared norm over that backward's gradients, plus
+    one per optimizer step (measured in bench/bench_integrations.py). The hooks also fire for other backward
+    passes through these parameters (e.g. a gradient penalty inside the loss, reentrant activation
+    checkpointing); such steps give more contributions than micro-batches and are skipped by the callbacks.
     """
 
     def __init__(self, params: Iterable[torch.Tensor], total_when: Callable[[], bool] | None = None):
@@ -361,18 +378,22 @@ class GradCapture:
         self.total_when = total_when
         self.contrib: list[torch.Tensor] = []
         self.total_parts: list[torch.Tensor] = []
+        self._pending: list[torch.Tensor] = []
         self._handles: list[Any] = []
         engine = getattr(torch.autograd.Variable, "_execution_engine", None)
-        self._queue = getattr(engine, "queue_callback", None)  # what DDP uses to act after a backward
+        self._queue = getattr(engine, "queue_callback", None)
 
     def attach(self) -> GradCapture:
         """Register the hooks (idempotent)."""
         if self._handles:
             return self
+        if self._queue is not None:
+            self._handles = [p.register_hook(self._on_grad) for p in self.params]
+            return self
         self._handles.append(
             torch.autograd.graph.register_multi_grad_hook(self.params, self._on_grads, mode="all")
         )
-        if self.total_when is not None and self._queue is None:
+        if self.total_when is not None:
             for p in self.params:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_accumulated))
         return self
@@ -385,17 +406,21 @@ class GradCapture:
 
     def reset(self) -> None:
         """Forget what the hooks stored (call at the start of each optimizer step)."""
-        self.contrib, self.total_parts = [], []
+        self.contrib, self.total_parts, self._pending = [], [], []
 
-    def _on_grads(self, grads: Sequence[torch.Tensor | None]) -> None:
-        gs = [g.detach() for g in grads if g is not None]
-        if gs:
-            self.contrib.append(torch.nn.utils.get_total_norm(gs, 2.0).double() ** 2)
-        if self.total_when is not None and self._queue is not None and self.total_when():
+    def _on_grad(self, grad: torch.Tensor) -> None:
+        if not self._pending:
             self._queue(self._on_backward_end)
+        self._pending.append(grad.detach())
 
     def _on_backward_end(self) -> None:
-        self.total_parts.append(self.grad_sq_of(self.params))
+        grads, self._pending = self._pending, []
+        self.contrib.append(squared_norm(grads))
+        if self.total_when is not None and self.total_when():
+            self.total_parts.append(self.grad_sq_of(self.params))
+
+    def _on_grads(self, grads: Sequence[torch.Tensor | None]) -> None:
+        self.contrib.append(squared_norm([g.detach() for g in grads if g is not None]))
 
     def _on_accumulated(self, p: torch.Tensor) -> None:
         if p.grad is not None and self.total_when():
@@ -404,10 +429,7 @@ class GradCapture:
     @staticmethod
     def grad_sq_of(params: Iterable[torch.Tensor]) -> torch.Tensor:
         """``|grad|^2`` summed over ``params`` (their current ``.grad``), as a float64 0-d tensor."""
-        gs = [p.grad.detach() for p in params if p.grad is not None]
-        if not gs:
-            return torch.zeros((), dtype=torch.float64)
-        return torch.nn.utils.get_total_norm(gs, 2.0).double() ** 2
+        return squared_norm([p.grad.detach() for p in params if p.grad is not None])
 
     def take(self) -> tuple[list[float], float | None]:
         """``([|c_i|^2 ...], |sum c_i|^2 or None)`` as floats (one device sync), then :meth:`reset`."""
