@@ -210,6 +210,8 @@ def _write_report(
         "seeds": list(ctx.seeds),
         "scale": ctx.scale,
         "backend": ctx.backend,
+        "jobs": ctx.jobs,
+        "threads": ctx.threads,
         "dataset": ctx.dataset.describe(),
         "papers": names,
         "seconds": round(seconds, 1),

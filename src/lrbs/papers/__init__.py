@@ -63,6 +63,7 @@ def run_paper(
     store: Any = None,
     backend: str = "local",
     out: str = "study",
+    jobs: int = 1,
 ) -> Any:
     """Run one paper module outside the study: ``run_paper("keskar2017large", scale="quick")``.
 
@@ -72,6 +73,7 @@ def run_paper(
         seeds: an int (number of seeds) or a sequence of seeds; default 1 (quick) or 3 (full).
         store: a :class:`~lrbs.store.Store` or a path (default ``out/lab.sqlite``).
         backend: ``"local"`` or ``"ray"``.
+        jobs: worker processes for its independent training runs and measurements (1: all in this process).
     """
     from pathlib import Path
 
@@ -85,9 +87,15 @@ def run_paper(
     seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(seeds)
     own = store is None or isinstance(store, (str, Path))
     st = Store(Path(out) / "lab.sqlite" if store is None else store) if own else store
+    ctx = None
     try:
-        ctx = Context(store=st, scale=scale, seeds=seeds, backend=backend, out=Path(out))
-        return PAPERS[name].run(ctx)
+        ctx = Context(store=st, scale=scale, seeds=seeds, backend=backend, out=Path(out), jobs=jobs)
+        with ctx.executor.baton():
+            result = PAPERS[name].run(ctx)
+        ctx.executor.close()
+        return result
     finally:
+        if ctx is not None:
+            ctx.executor.close(cancel=True)
         if own:
             st.close()
