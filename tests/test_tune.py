@@ -319,3 +319,20 @@ def test_tiny_gpt2_end_to_end(untouched):
     res = fit(transformers.GPT2LMHeadModel(cfg), data, **kw)
     loss = np.asarray(res.history["loss"])
     assert res.status == "completed" and loss[-20:].mean() < 0.8 * loss[:20].mean()
+
+
+def test_dataloader_keeps_its_batch_size(small, untouched):
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(small.train.x, small.train.y),
+        batch_size=32,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    model = _mlp(small)
+    check = untouched(model)
+    state = loader.generator.get_state()
+    rec = tune(model, loader, budget_epochs=3, progress=False)
+    check()
+    assert torch.equal(loader.generator.get_state(), state)
+    assert rec.batch_size == 32 and rec.total_steps == 3 * 512 // 32
+    assert [r["batch_size"] for r in rec.evidence["throughput"]["ladder"]] == [32]

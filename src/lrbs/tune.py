@@ -569,6 +569,21 @@ def _ladder(batch_sizes: Any, max_batch_size: Any, n: int | None, loader_batch: 
     return sizes
 
 
+def _num_samples(source: Any, data: Any) -> int | None:
+    """The number of training samples: the source's, or a DataLoader's sized dataset's (None when unknown)."""
+    if source.num_samples is not None:
+        return int(source.num_samples)
+    dataset = getattr(data, "dataset", None)
+    if isinstance(data, torch.utils.data.DataLoader) and not isinstance(
+        dataset, torch.utils.data.IterableDataset
+    ):
+        try:
+            return len(dataset)
+        except TypeError:
+            return None
+    return None
+
+
 def _loader_batch(source: Any) -> int | None:
     if not isinstance(source, LoaderSource):
         return None
@@ -1088,7 +1103,7 @@ def _setup(
     device = model_device(model)
     precision = check_precision(precision, device)
     source = as_source(data)
-    n = source.num_samples
+    n = _num_samples(source, data)
     budget = _budget(budget_epochs, budget_samples, n)
     sizes = _ladder(batch_sizes, max_batch_size, n, _loader_batch(source))
     family, beta2 = _family(optimizer, model)
