@@ -208,6 +208,25 @@ def test_train_on_dataloaders_keeps_their_batch_size(user_module, tmp_path, caps
     assert [v for _, _, v in rows] == [32.0] * 4  # the loader's batches, not --batch-size's default 128
 
 
+def test_noise_scale_and_find_lr_on_dataloaders(user_module, capsys):
+    argv = [
+        "noise-scale",
+        "--model",
+        f"{MODULE}:make_model",
+        "--data",
+        f"{MODULE}:make_loaders",
+        "--train-steps",
+        "3",
+    ]
+    assert main([*argv, "--small-batch", "4", "--big-batch", "32", "--estimates", "2"]) == 0, (
+        capsys.readouterr().err
+    )
+    assert "B_simple" in capsys.readouterr().out
+    loaders = ["--model", f"{MODULE}:make_model", "--data", f"{MODULE}:make_loaders"]
+    code = main(["find-lr", *loaders, "--num-iter", "10"])  # the loader's batches of 32, not --batch-size 64
+    assert code in (0, 1), capsys.readouterr().err
+
+
 def test_find_lr_own_model_and_data_equals_the_api(user_module, capsys):
     from lrbs.optim import get_optimizer
     from lrbs.range_test import lr_range_test

@@ -324,15 +324,16 @@ def load_model(args: argparse.Namespace, data: Data, *, seed: int | None = None)
     return build_model(args.model, dataset=data.dataset, **kw, **opts)
 
 
-def _own_batches(data: Any) -> bool:
-    """Whether ``data`` comes in ready batches (a DataLoader, a list of batches), so ``--batch-size`` does not apply."""
+def batch_size_for(data: Any, batch_size: Any) -> Any:
+    """``--batch-size`` for ``data``, or None where the data comes in ready batches (a DataLoader, a list of
+    batches: they keep their own size; a bare ``IterableDataset`` is batched by ``--batch-size``)."""
     import torch
 
     from ..batches import LoaderSource, as_source
 
     if isinstance(data, torch.utils.data.IterableDataset):
-        return False  # a bare stream is batched by --batch-size
-    return isinstance(as_source(data, name="data"), LoaderSource)
+        return batch_size
+    return None if isinstance(as_source(data, name="data"), LoaderSource) else batch_size
 
 
 def fit_from_config(
@@ -366,8 +367,9 @@ def fit_from_config(
             rule=cfg.get("lr_rule") or "linear",
             warmup_steps=cfg.get("warmup") or 0,
         )
-    if _own_batches(data.fit_data):
-        batch = None  # a DataLoader (or a list of batches) keeps its own batch size
+    batch = batch_size_for(
+        data.fit_data, batch
+    )  # a DataLoader (or a list of batches) keeps its own batch size
     extra = {} if data.dataset is not None or data.test is None else {"test_data": data.test}
     return fit(
         model,

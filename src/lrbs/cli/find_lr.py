@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import ConfigError
     from ..range_test import SUGGESTION_METHODS, lr_range_test
-    from ._common import load_data, load_model
+    from ._common import batch_size_for, load_data, load_model
 
     console = Console()
     data = load_data(args)
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             end_lr=args.end_lr,
             num_iter=args.num_iter,
             mode=args.mode,
-            batch_size=args.batch_size,
+            batch_size=batch_size_for(data.fit_data, args.batch_size),
             repeats=args.repeats,
             seed=args.seed,
         )

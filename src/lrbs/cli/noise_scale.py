@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ..noise_scale import noise_scale
-    from ._common import load_data, load_model
+    from ._common import batch_size_for, load_data, load_model
 
     data = load_data(args)
     model = load_model(args, data, seed=args.seed)
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             data.fit_data,
             optimizer=args.optimizer,
             lr=args.lr,
-            batch_size=args.batch_size,
+            batch_size=batch_size_for(data.fit_data, args.batch_size),
             steps=args.train_steps,
             seed=args.seed,
             progress=console.is_terminal,
