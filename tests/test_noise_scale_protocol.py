@@ -415,3 +415,26 @@ def test_16_mixed_loss_scale_backs_off_on_overflow(method):
     np.testing.assert_allclose(big[0], float(((g[0] + g[1]) / 2) @ ((g[0] + g[1]) / 2)), rtol=1e-6)
     fp32, _, _ = _micro_sq_norms(loss_at, {"theta": theta}, lambda e: subs, 1, 2, method, precision="32")
     np.testing.assert_allclose(fp32, small, rtol=1e-6)
+
+
+def test_ragged_list_of_batches_falls_back_to_the_loop():
+    """Dict batches padded to different lengths (a list of batches, read in order): sub-batches of different shapes
+    cannot be stacked for vmap, so the loop runs; the numbers still equal the float64 reference."""
+    model = _gpt2()
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for t in (6, 8, 6, 8):
+        ids = torch.randint(0, 64, (4, t), generator=g)
+        batches.append({"input_ids": ids, "labels": ids})
+    res = noise_scale(model, batches, small_batch=2, big_batch=4, num_estimates=4, dtype=torch.float64)
+    assert res.method == "loop" and res.finite_population is True and res.settings["num_samples"] == 16
+    draws = [
+        [
+            (lambda m, b=b, a=a: m(input_ids=b["input_ids"][a : a + 2], labels=b["labels"][a : a + 2]).loss)
+            for a in (0, 2)
+        ]
+        for b in batches
+    ]
+    _assert_matches(res, _reference(model, draws, 2, 4, 16))
+    with pytest.raises(ConfigError, match="method='vmap' is not allowed with these batches"):
+        noise_scale(model, batches, small_batch=2, big_batch=8, num_estimates=2, method="vmap")
