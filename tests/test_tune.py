@@ -336,3 +336,28 @@ def test_dataloader_keeps_its_batch_size(small, untouched):
     assert torch.equal(loader.generator.get_state(), state)
     assert rec.batch_size == 32 and rec.total_steps == 3 * 512 // 32
     assert [r["batch_size"] for r in rec.evidence["throughput"]["ladder"]] == [32]
+
+
+@pytest.mark.parametrize("limit", [64, 8])
+def test_out_of_memory_ends_the_ladder_or_accumulates(small, monkeypatch, limit):
+    """A batch above ``limit`` raises torch.OutOfMemoryError (as CUDA would): the ladder ends there; when not even
+    the first rung fits, the batch is accumulated from the largest micro-batch that does."""
+    import lrbs.tune as tune_mod
+
+    real = tune_mod._time_batch
+
+    def fake(ctx, model, opt, bl, stream, b, scaler):
+        if b > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(ctx, model, opt, bl, stream, b, scaler)
+
+    monkeypatch.setattr(tune_mod, "_time_batch", fake)
+    rec = tune(_mlp(small), small, budget_samples=24000, batch_sizes=[16, 32, 64, 128], progress=False)
+    ladder = rec.evidence["throughput"]["ladder"]
+    assert ladder[-1]["fits"] is False and "out of memory" in rec.evidence["throughput"]["stop"]
+    if limit == 64:
+        assert rec.batch_size <= 64 and rec.accumulation_steps == 1
+    else:
+        assert (rec.batch_size, rec.accumulation_steps, rec.micro_batch_size) == (16, 2, 8)
+        assert rec.fit_kwargs()["max_micro_batch"] == 8
+        assert rec.evidence["range_test"]["result"]["settings"]["accumulation_steps"] == 2
