@@ -302,7 +302,9 @@ class _Lanczos:
     def __init__(self, matmat: MatMat, v0: torch.Tensor, max_steps: int, restart_seed: int | None):
         self.matmat = matmat
         self.n = v0.numel()
-        self.Q = torch.zeros(max_steps, self.n, dtype=torch.float64, device=v0.device)
+        # empty, not zeros: rows are written before they are read, and zero-filling 100 x n float64 up front
+        # cost a visible part of a short first call (0.1 s of 0.3 s for a 15k-parameter model on a loaded CPU)
+        self.Q = torch.empty(max_steps, self.n, dtype=torch.float64, device=v0.device)
         self.Q[0] = v0
         self.alpha: list[float] = []
         self.beta: list[float] = []  # beta[j] couples q_j and q_{j+1}
@@ -970,6 +972,15 @@ def hessian_trace(
     params: Any = None,
 ) -> TraceResult:
     """Trace of the Hessian of the full-data loss by Hutch++ (default) or Hutchinson, with block probes.
+
+    **What the default delivers.** Hutch++ with 99 HVPs. On the trained MNIST-1D models of
+    ``bench/bench_curvature.py`` (2026-12-01) its RMS relative error over seeds was 0.9% (mlp) and 1.2% (cnn1d);
+    PyHessian's ``trace()`` default (Hutchinson until the running mean moves by < 0.1%) stops after 14 / 22
+    HVPs on average with RMS errors of 3.4% / 6.2%, so the default is several times more accurate and several
+    times more expensive. For PyHessian's accuracy at about its cost, ask for ``num_hvps=18`` (Hutch++: 3.2% /
+    5.5% there); no Hutchinson-type budget reaches its error at half its HVPs on these Hessians (their probe
+    variance is spread over many eigenvalues, see bench/RESULTS.md). ``stderr`` is the probe standard error
+    of the Hutchinson part, an honest error bar where PyHessian's stopping rule gives none.
 
     Args:
         obj: an :class:`~lrbs.objective.Objective`.
