@@ -4,7 +4,9 @@ Every run is a fresh ``python -m lrbs study`` process writing to a fresh output 
 imports and worker start included). The runs alternate ``--jobs 1`` / ``--jobs N`` in ABBA order, the peak fp32
 matmul rate (one thread, as every study run uses) is measured before each run, and each ``--jobs N`` store is
 checked to hold the same paper numbers as the ``--jobs 1`` one. ``ratio = jobs N / jobs 1`` wall time (target
-<= 0.6 on 2 cores). ``--quick`` (or ``python -m bench study --quick``): the quick study only, once each; the default
+<= 0.6 on 2 cores). The note gives the load average before each run and the mean number of runs in flight (stored
+per-run times / wall time): on a machine shared with other work each run of ``--jobs N`` takes longer and the ratio
+says little, while the runs in flight still show whether the workers were kept busy. ``--quick`` (or ``python -m bench study --quick``): the quick study only, once each; the default
 run adds the default study (8-15 min per run on 2 cores), once each.
 
     python -m bench.bench_study [--default] [--reps R]
@@ -43,6 +45,20 @@ def _numbers(out: Path) -> dict:
     return {json.loads(c)["paper"]: json.loads(r) for c, r in rows}
 
 
+def _in_flight(out: Path, wall: float) -> float:
+    """Sum of the stored per-run times (training wall time, measurement seconds) over the study's wall time: the
+    mean number of runs in flight. It shows how well the pool keeps its workers busy even when other processes
+    take the cores (each run then takes longer, and the wall time says little)."""
+    con = sqlite3.connect(out / "lab.sqlite")
+    rows = con.execute("select result from runs where kind in ('train', 'measure')").fetchall()
+    con.close()
+    total = 0.0
+    for (res,) in rows:
+        r = json.loads(res or "{}")
+        total += r.get("wall_time") or r.get("seconds") or 0.0
+    return total / wall
+
+
 def _run(quick: bool, jobs: int, out: Path) -> float:
     argv = [sys.executable, "-m", "lrbs", "study", "--jobs", str(jobs), "--out", str(out)]
     if quick:
@@ -63,12 +79,14 @@ def compare(quick: bool, reps: int = 1, jobs: int | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(reps):
             order = (1, jobs) if r % 2 == 0 else (jobs, 1)
-            times, peaks, outs = {}, {}, {}
+            times, peaks, outs, loads = {}, {}, {}, {}
             for j in order:
                 peaks[j] = _peak_one_thread()
+                loads[j] = os.getloadavg()[0]
                 outs[j] = Path(tmp) / f"{r}_{j}"
                 times[j] = _run(quick, j, outs[j])
             same = _numbers(outs[1]) == _numbers(outs[jobs])
+            busy = {j: _in_flight(outs[j], times[j]) for j in (1, jobs)}
             t1s.append(times[1])
             tns.append(times[jobs])
             rows.append(
@@ -78,8 +96,9 @@ def compare(quick: bool, reps: int = 1, jobs: int | None = None) -> list[dict]:
                     times[jobs],
                     "--jobs 1",
                     times[1],
-                    note=f"peak 1-thread fp32 {peaks[1]:.0f} / {peaks[jobs]:.0f} GFLOP/s before the --jobs 1 / "
-                    f"--jobs {jobs} run; numbers equal: {same}",
+                    note=f"--jobs 1 / --jobs {jobs}: peak 1-thread fp32 {peaks[1]:.0f} / {peaks[jobs]:.0f} GFLOP/s, "
+                    f"load average {loads[1]:.1f} / {loads[jobs]:.1f} before the run, runs in flight "
+                    f"{busy[1]:.2f} / {busy[jobs]:.2f}; numbers equal: {same}",
                 )
             )
     if reps > 1:

@@ -119,7 +119,8 @@ class Job:
                 return
         fn(self)
 
-    def _finish(self, value: Any = None, error: BaseException | None = None) -> None:
+    def finish(self, value: Any = None, error: BaseException | None = None) -> None:
+        """Set the result (or the error) and call the callbacks; a second call is ignored (for job makers)."""
         with self._lock:
             if self._event.is_set():
                 return
@@ -133,14 +134,14 @@ class Job:
     def completed(cls, value: Any, describe: str = "") -> Job:
         """A job that is already done with ``value``."""
         job = cls(describe)
-        job._finish(value)
+        job.finish(value)
         return job
 
     @classmethod
     def failed(cls, error: BaseException, describe: str = "") -> Job:
         """A job that is already done with ``error``."""
         job = cls(describe)
-        job._finish(error=error)
+        job.finish(error=error)
         return job
 
 
@@ -428,7 +429,7 @@ class WorkerPool:
             )
 
     def _done(self, job: Job, value: Any = None, error: BaseException | None = None) -> None:
-        job._finish(value, error)
+        job.finish(value, error)
 
     def _shutdown(self, error: BaseException | None = None) -> None:
         with self._lock:
@@ -513,9 +514,9 @@ class RayPool:
                 try:
                     value = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - the task's error, or its worker died too often
-                    job._finish(error=getattr(e, "cause", None) or e)
+                    job.finish(error=getattr(e, "cause", None) or e)
                 else:
-                    job._finish(value)
+                    job.finish(value)
 
     def close(self, cancel: bool = False) -> None:
         """Wait for the submitted tasks (or cancel them), then shut Ray down if this pool started it."""

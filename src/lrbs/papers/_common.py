@@ -222,9 +222,9 @@ class Executor:
                 with self.baton():
                     value = record(value)
             except BaseException as e:  # noqa: BLE001 - handed to whoever waits for this job
-                done._finish(error=e)
+                done.finish(error=e)
             else:
-                done._finish(value)
+                done.finish(value)
 
     def close(self, cancel: bool = False) -> None:
         """Wait for every started task to be recorded (or cancel the queued ones), then stop the workers."""
