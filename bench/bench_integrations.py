@@ -1,8 +1,8 @@
 """Overhead of the free noise-scale estimate: a HF Trainer step with ``LrbsCallback`` against the same step without.
 
 Tiny GPT-2 (``n_embd=32, n_layer=2, n_head=2``, vocab 64, sequences of 32 tokens), ``per_device_train_batch_size=8``,
-``gradient_accumulation_steps=4``, CPU. Each repetition builds two identical Trainers and times ``trainer.train()``
-(``steps`` optimizer steps, process time) without and with the callback (``noise_scale=True``,
+``gradient_accumulation_steps=4``, CPU. Each repetition builds two identical Trainers and times the median optimizer step of ``trainer.train()``
+(``steps`` steps, process time) without and with the callback (``noise_scale=True``,
 sharpness off), in alternating order; the overhead is the median of the paired ratios, with the best-of-N times
 next to it (the machine is shared and noisy). A second row times the capture hooks alone on one micro-batch's
 forward + backward, and a third the time spent inside lrbs's own hooks and callback methods during a run.
@@ -54,15 +54,69 @@ def _trainer(tmp: str, steps: int, callback):
     return tr
 
 
-def _run(tmp: str, steps: int, with_callback: bool) -> float:
-    """CPU seconds per optimizer step of ``trainer.train()`` (process time: less sensitive than wall time to the
-    other processes on a shared machine; one torch thread, so it is the work done)."""
+def _step_times(tmp: str, steps: int, with_callback: bool) -> float:
+    """Median CPU seconds of one optimizer step (``on_step_begin`` to ``on_step_end``, all micro-batches, the
+    optimizer step and every callback's step hooks) over a ``trainer.train()`` run. Process time and a median over
+    the steps: far less exposed than a whole run's wall time to the other processes of a shared machine."""
+    import transformers
+
     from lrbs.integrations.transformers import LrbsCallback
 
+    marks: list[tuple[str, float]] = []
+
+    class Mark(transformers.TrainerCallback):
+        def __init__(self, event: str):
+            self.event = event
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.event == "begin":
+                marks.append(("begin", time.process_time()))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.event == "end":
+                marks.append(("end", time.process_time()))
+
     tr = _trainer(tmp, steps, LrbsCallback() if with_callback else None)
-    t0 = time.process_time()
+    tr.callback_handler.callbacks.insert(0, Mark("begin"))  # before every other callback's on_step_begin
+    tr.add_callback(Mark("end"))  # after every other callback's on_step_end
     tr.train()
-    return (time.process_time() - t0) / steps
+    begins = [t for e, t in marks if e == "begin"]
+    ends = [t for e, t in marks if e == "end"]
+    return statistics.median(b - a for a, b in zip(begins, ends))
+
+
+def _toggled(tmp: str, steps: int) -> list[float]:
+    """Within one run, the capture hooks on for even steps and off for odd ones: the ratio of each on-step's CPU
+    time to the mean of its two off-neighbours' (adjacent steps see the same machine load). The forward pre-hook
+    and ``on_log`` stay on throughout; their cost is in the self-time row."""
+    import warnings
+
+    import transformers
+
+    from lrbs.integrations.transformers import LrbsCallback
+
+    cb = LrbsCallback()
+    marks: list[tuple[bool, float, float]] = []
+    begin: list[float] = []
+
+    class Toggle(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            cap = cb.monitor.capture
+            cap.attach() if state.global_step % 2 == 0 else cap.detach()
+            begin.append(time.process_time())
+
+    class End(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.append(((state.global_step - 1) % 2 == 0, begin[-1], time.process_time()))
+
+    tr = _trainer(tmp, steps, cb)
+    tr.callback_handler.callbacks.insert(0, Toggle())
+    tr.add_callback(End())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # off-steps have no contributions: the callback says so once
+        tr.train()
+    t = [b - a for _, a, b in marks]
+    return [t[i] / ((t[i - 1] + t[i + 1]) / 2) for i in range(1, len(t) - 1) if marks[i][0]]
 
 
 def _hooks_only(repeats: int) -> tuple[float, float]:
@@ -136,24 +190,33 @@ def main(quick: bool = False) -> list[dict]:
     steps, repeats = (20, 3) if quick else (40, 7)
     plain, cb = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        _run(tmp, 5, True)  # warm up both paths (imports, first-call costs)
-        _run(tmp, 5, False)
+        _step_times(tmp, 5, True)  # warm up both paths (imports, first-call costs)
+        _step_times(tmp, 5, False)
         for r in range(repeats):
             order = (False, True) if r % 2 == 0 else (True, False)
             for w in order:
-                (cb if w else plain).append(_run(tmp, steps, w))
+                (cb if w else plain).append(_step_times(tmp, steps, w))
     ratios = [c / p for c, p in zip(cb, plain)]
     med = statistics.median(ratios)
     note = (
-        f"{repeats} interleaved pairs x {steps} steps; overhead median of paired ratios {100 * (med - 1):+.1f}% "
-        f"(range {100 * (min(ratios) - 1):+.1f}% .. {100 * (max(ratios) - 1):+.1f}%); best-of-{repeats} "
-        f"{100 * (min(cb) / min(plain) - 1):+.1f}%; peak fp32 {peak_gflops():.1f} GFLOP/s"
+        f"{repeats} interleaved pairs x {steps} steps, median step (process time); overhead median of paired "
+        f"ratios {100 * (med - 1):+.1f}% (range {100 * (min(ratios) - 1):+.1f}% .. {100 * (max(ratios) - 1):+.1f}%)"
+        f"; best-of-{repeats} {100 * (min(cb) / min(plain) - 1):+.1f}%; peak fp32 {peak_gflops():.1f} GFLOP/s"
     )
     off, on = _hooks_only(repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        toggled = [r for _ in range(3) for r in _toggled(tmp, 2 * steps)]
+    tog = statistics.median(toggled)
     with tempfile.TemporaryDirectory() as tmp:
         selfs = [_self_time(tmp, steps) for _ in range(3)]
     share = statistics.median(a / b for a, b in selfs)
     return [
+        row(
+            "integrations",
+            "same run, capture hooks on (even steps) vs off (odd): on-step / mean of its off-neighbours",
+            tog,
+            note=f"median of {len(toggled)} on-steps over 3 runs x {2 * steps} steps: {100 * (tog - 1):+.1f}%",
+        ),
         row(
             "integrations",
             "HF Trainer step, GPT-2 tiny, accum 4: LrbsCallback vs none",

@@ -344,12 +344,14 @@ class NoiseWindow:
 _CAT_LIMIT = 2**22  # up to this many gradient entries, one concatenation + dot beats per-tensor norms
 
 
-def squared_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def squared_norm(tensors: Sequence[torch.Tensor], small: bool | None = None) -> torch.Tensor:
     """``sum_t |t|^2`` as a float64 0-d tensor: one ``cat`` + ``dot`` for small totals (fewest kernel launches),
-    per-tensor norms (no copy) for large ones."""
+    per-tensor norms (no copy) for large ones (``small``: which, when the caller knows)."""
     if not tensors:
         return torch.zeros((), dtype=torch.float64)
-    if sum(t.numel() for t in tensors) <= _CAT_LIMIT:
+    if small is None:
+        small = sum(t.numel() for t in tensors) <= _CAT_LIMIT
+    if small:
         flat = torch.cat([t.reshape(-1) for t in tensors])
         return torch.dot(flat, flat).double()
     return torch.nn.utils.get_total_norm(tensors, 2.0).double() ** 2
@@ -375,6 +377,7 @@ class GradCapture:
 
     def __init__(self, params: Iterable[torch.Tensor], total_when: Callable[[], bool] | None = None):
         self.params = [p for p in params if p.requires_grad]
+        self._small = sum(p.numel() for p in self.params) <= _CAT_LIMIT
         self.total_when = total_when
         self.contrib: list[torch.Tensor] = []
         self.total_parts: list[torch.Tensor] = []
@@ -415,9 +418,10 @@ class GradCapture:
 
     def _on_backward_end(self) -> None:
         grads, self._pending = self._pending, []
-        self.contrib.append(squared_norm(grads))
+        self.contrib.append(squared_norm(grads, self._small))
         if self.total_when is not None and self.total_when():
-            self.total_parts.append(self.grad_sq_of(self.params))
+            grads = [p.grad.detach() for p in self.params if p.grad is not None]
+            self.total_parts.append(squared_norm(grads, self._small))
 
     def _on_grads(self, grads: Sequence[torch.Tensor | None]) -> None:
         self.contrib.append(squared_norm([g.detach() for g in grads if g is not None]))
