@@ -189,8 +189,10 @@ def test_micro_batch_noise_scale_agrees_with_references():
     assert s.b_simple == pytest.approx(exact, rel=0.2)
 
 
-def test_probe_when_there_is_no_accumulation():
-    cb = lpl.LrbsCallback(probe_data="train", probe_draws=2, log_every=5)
+@pytest.mark.parametrize("held", ["train", "loader"])
+def test_probe_when_there_is_no_accumulation(held):
+    data = "train" if held == "train" else torch.utils.data.DataLoader(dataset(), batch_size=64, shuffle=True)
+    cb = lpl.LrbsCallback(probe_data=data, probe_draws=2, log_every=5)
     fit(Net(), callbacks=[cb], steps=10, accum=1)
     assert [h["step"] for h in cb.history] == [5, 10]
     assert all(math.isfinite(h["lrbs/b_simple"]) and h["lrbs/probe_seconds"] > 0 for h in cb.history)

@@ -206,8 +206,9 @@ def test_micro_batch_noise_scale_agrees_with_references(tmp_path):
     assert s.b_simple == pytest.approx(exact, rel=0.15)
 
 
-def test_probe_when_there_is_no_accumulation(tmp_path):
-    cb = lhf.LrbsCallback(probe_data="train", probe_draws=2)
+@pytest.mark.parametrize("held", ["train", "other"])
+def test_probe_when_there_is_no_accumulation(tmp_path, held):
+    cb = lhf.LrbsCallback(probe_data="train" if held == "train" else LMData(seed=1), probe_draws=2)
     tr = trainer(tmp_path, steps=10, accum=1, callback=cb, logging_steps=5)
     tr.train()
     rows = [r for r in tr.state.log_history if "lrbs/b_simple" in r]

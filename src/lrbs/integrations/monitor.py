@@ -116,11 +116,16 @@ class Monitor:
         self.free = self.noise_scale and free_possible and (accumulation >= 2 or world >= 2)
         if self.noise_scale and not self.free:
             if probe_source is None:
+                why = (
+                    f"gradient accumulation {accumulation} on {world} process(es) gives one: set gradient "
+                    "accumulation >= 2 (free), or"
+                    if free_possible
+                    else "the free micro-batch estimate is not offered for this trainer under data parallelism: "
+                )
                 raise ConfigError(
-                    f"noise_scale=True needs two batch sizes, and gradient accumulation {accumulation} on {world} "
-                    "process(es) gives one: set gradient accumulation >= 2 (free), or pass probe_data= (held data, "
-                    f"an extra {self.probe_draws} x {self.probe_micro_batches} micro-batch gradients every "
-                    "log_every steps; probe_data='train' samples the training set), or noise_scale=False"
+                    f"noise_scale=True needs two batch sizes, and {why} pass probe_data= (held data, an extra "
+                    f"{self.probe_draws} x {self.probe_micro_batches} micro-batch gradients every log_every "
+                    "steps; probe_data='train' samples the training set), or noise_scale=False"
                 )
             if micro_batch is None:
                 raise ConfigError("the probe needs the micro-batch size: the train batch size is unknown")

@@ -65,7 +65,10 @@ def _items(kwargs: dict, shift: bool) -> torch.Tensor | None:
 
 
 def _map_source(dataset: Any, collate_fn: Callable | None) -> Any:
-    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset):
+    """A map-style dataset (torch or HF ``datasets``) read through the Trainer's collator, else None."""
+    if dataset is None or isinstance(
+        dataset, (torch.utils.data.IterableDataset, torch.utils.data.DataLoader)
+    ):
         return None
     try:
         len(dataset)
