@@ -342,3 +342,39 @@ def test_ddp_per_rank_noise_scale_agrees_with_exact(tmp_path):
     exact = exact_noise_scale(model)
     assert s["num_estimates"] == 60 and s["source"] == "micro-batches"
     assert s["ci_low"] <= exact <= s["ci_high"], (s, exact)
+
+
+class SparseNet(L.LightningModule):
+    """An embedding with sparse gradients: norms the capture cannot take in one piece."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 4, sparse=True)
+        self.out = torch.nn.Linear(4, C)
+
+    def training_step(self, batch, batch_idx):
+        ids, y = batch
+        return torch.nn.functional.cross_entropy(self.out(self.emb(ids)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_backward_the_hooks_cannot_read_warns_and_training_goes_on():
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randint(0, 20, (64,), generator=g), torch.randint(0, C, (64,), generator=g)
+    )
+    model = SparseNet()
+    reference = SparseNet()
+    reference.load_state_dict(model.state_dict())
+    with pytest.warns(MeasurementWarning, match=r"reading the gradient norms failed"):
+        fit(
+            model,
+            callbacks=[lpl.LrbsCallback(log_every=2)],
+            steps=4,
+            data=torch.utils.data.DataLoader(data, 8),
+        )
+    fit(reference, steps=4, data=torch.utils.data.DataLoader(data, 8))
+    a, b = weights(model), weights(reference)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # trained exactly as without the callback

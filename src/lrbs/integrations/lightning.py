@@ -23,13 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..batches import MapSource, as_source, batch_size_of
+from ..batches import MapSource, as_source
 from ..errors import ConfigError, LrbsTypeError
 from .measure import (
     GradCapture,
     MeasurementWarning,
     current_lr,
+    guarded,
     require,
+    size_or_none,
     trainable_parameters,
 )
 from .monitor import Monitor
@@ -212,17 +214,20 @@ class LrbsCallback(_L.pytorch.Callback):
             self._sizes, self._new_step = [], False
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             self._scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        self._sizes.append(batch_size_of(batch))
+        self._sizes.append(size_or_none(batch))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self._stepped = True
         self._lr = current_lr(optimizer)  # the step's LR, before any scheduler moves it
         if not self.monitor.free:
             return
-        total = float(GradCapture.grad_sq_of(self._params))
+        step = int(trainer.global_step) + 1
+        total = guarded(
+            "the accumulated gradient's norm", step, lambda: float(GradCapture.grad_sq_of(self._params))
+        )
         sizes, self._sizes, self._new_step = self._sizes, [], True
         self.monitor.end_step(
-            int(trainer.global_step) + 1,
+            step,
             sizes,
             [1.0 / self._accum] * len(sizes),
             micro_scale=self._scale,

@@ -88,6 +88,7 @@ __all__ = [
     "sharpness",
     "stability_threshold",
     "trainable_parameters",
+    "size_or_none",
     "current_lr",
     "check_every",
 ]
@@ -168,6 +169,16 @@ def guarded(what: str, step: int, fn: Callable[[], Any]) -> Any:
             MeasurementWarning,
             stacklevel=2,
         )
+        return None
+
+
+def size_or_none(batch: Any) -> int | None:
+    """The batch's sample count (:func:`lrbs.batches.batch_size_of`), or None where it cannot be read."""
+    from ..batches import batch_size_of
+
+    try:
+        return batch_size_of(batch)
+    except Exception:  # an exotic batch must not break the training step; the estimate is skipped instead
         return None
 
 
@@ -383,6 +394,7 @@ class GradCapture:
         self.total_parts: list[torch.Tensor] = []
         self._pending: list[torch.Tensor] = []
         self._handles: list[Any] = []
+        self.failed = False
         engine = getattr(torch.autograd.Variable, "_execution_engine", None)
         self._queue = getattr(engine, "queue_callback", None)
 
@@ -418,10 +430,21 @@ class GradCapture:
 
     def _on_backward_end(self) -> None:
         grads, self._pending = self._pending, []
-        self.contrib.append(squared_norm(grads, self._small))
-        if self.total_when is not None and self.total_when():
-            grads = [p.grad.detach() for p in self.params if p.grad is not None]
-            self.total_parts.append(squared_norm(grads, self._small))
+        try:
+            self.contrib.append(squared_norm(grads, self._small))
+            if self.total_when is not None and self.total_when():
+                grads = [p.grad.detach() for p in self.params if p.grad is not None]
+                self.total_parts.append(squared_norm(grads, self._small))
+        except Exception as e:  # e.g. sparse gradients: never let a measurement break the backward pass
+            self.contrib.append(torch.tensor(math.nan, dtype=torch.float64))
+            if not self.failed:
+                self.failed = True
+                warnings.warn(
+                    f"lrbs: reading the gradient norms failed ({type(e).__name__}: {e}); the noise scale is left "
+                    "out, training goes on",
+                    MeasurementWarning,
+                    stacklevel=2,
+                )
 
     def _on_grads(self, grads: Sequence[torch.Tensor | None]) -> None:
         self.contrib.append(squared_norm([g.detach() for g in grads if g is not None]))

@@ -168,6 +168,13 @@ class Monitor:
             return
         micro_sq, total = self.capture.take()
         total = total_sq if total_sq is not None else total
+        if any(b is None for b in sizes):
+            self.warn_once(
+                "sizes",
+                f"lrbs: the batch size of a micro-batch at step {step} cannot be read; such "
+                "steps are left out of the noise scale",
+            )
+            return
         if total is None or len(micro_sq) != len(sizes):
             self.warn_once(
                 "mismatch",

@@ -21,13 +21,14 @@ from typing import Any
 
 import torch
 
-from ..batches import MapSource, as_source, batch_size_of
+from ..batches import MapSource, as_source
 from ..errors import ConfigError, LrbsTypeError
 from .measure import (
     MeasurementWarning,
     current_lr,
     protected_rng,
     require,
+    size_or_none,
     trainable_parameters,
 )
 from .monitor import Monitor
@@ -209,9 +210,11 @@ class LrbsCallback(_hf.TrainerCallback):
     def _record(self, module: Any, args: tuple, kwargs: dict, shift: bool) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return  # evaluation, generation
-        batch = kwargs if kwargs else args
-        items = _items(kwargs, shift) if kwargs.get("num_items_in_batch") is not None else None
-        self._micro.append((batch_size_of(batch), items))
+        try:
+            items = _items(kwargs, shift) if kwargs.get("num_items_in_batch") is not None else None
+        except Exception:  # never break the forward pass; equal shares are assumed instead
+            items = None
+        self._micro.append((size_or_none(kwargs if kwargs else args), items))
 
     # ---- per step
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
