@@ -159,6 +159,19 @@ def test_compute_loss_and_token_weights_under_accumulation():
     assert res.settings["loss_fn"] == "<lambda>"
 
 
+def test_custom_batch_objects_with_compute_loss():
+    class Obj:
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+    x, y = zoo.two_input_data(n=40)[::2]
+    batches = [Obj(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)]
+    model = zoo.mlp()
+    loss = lambda m, b: ce(m(b.x), b.y)  # noqa: E731
+    res = run(model, batches, compute_loss=loss)
+    assert res.losses.tolist() == hand_sweep(model, [batches[i % 5] for i in range(N_ITER)], loss, res.lrs)
+
+
 def test_validation_data_through_the_protocol():
     batches = zoo.lm_batches(n=12, batch=4)
     model = zoo.tiny_gpt2()

@@ -181,6 +181,35 @@ def test_dataloader_batches_and_compute_loss():
     assert r.history["loss"].tolist() == want and same(a, b)
 
 
+class Obj:
+    """A batch that is neither a tuple nor a mapping (e.g. a graph library's batch object)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+
+def obj_loss(m, b):
+    return ce(m(b.x), b.y)
+
+
+def test_custom_batch_objects_with_compute_loss_and_batch_weight():
+    x, y = zoo.two_input_data(n=40)[::2]
+    batches = [Obj(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)]
+    a, b = zoo.mlp(), zoo.mlp()
+    r = run_fit(a, batches, 7, compute_loss=obj_loss, batch_weight=lambda bt: len(bt.y))
+    want = hand_loop(b, [batches[i % 5] for i in range(7)], obj_loss)
+    assert r.history["loss"].tolist() == want and same(a, b)
+    assert r.history["samples"][-1] == 56
+    with torch.no_grad():
+        ref = sum(float(obj_loss(b, bt)) * 8 for bt in batches) / 40
+    assert r.evals[-1]["train_loss"] == pytest.approx(ref, rel=1e-6)
+    with pytest.raises(
+        LrbsTypeError,
+        match=r"the batches of dataset hold no tensor, so their samples cannot be counted: pass batch_weight=",
+    ):
+        fit(zoo.mlp(), batches, lr=0.1, steps=1, compute_loss=obj_loss)
+
+
 def test_evaluate_on_the_protocol():
     batches = zoo.lm_batches(n=12, batch=4)
     m = zoo.tiny_gpt2()

@@ -152,6 +152,10 @@ def frozen_running_stats(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # ----------------------------------------------------------------------------------------------- the step
+def _unit_weight(batch: Any) -> float:
+    return 1.0
+
+
 def is_sam(optimizer: Any) -> bool:
     """Whether ``optimizer`` takes SAM's two passes (it has ``first_step`` and ``second_step``)."""
     return hasattr(optimizer, "first_step") and hasattr(optimizer, "second_step")
@@ -233,13 +237,16 @@ class TrainStep:
         self.no_sync = getattr(model, "no_sync", None)
         self.lean = self.precision == "32" and self.scaler is None and self.no_sync is None
         self.skipped = 0
+        # compute_loss batches may hold no tensor: the step needs no weight, so it evaluates with a constant one
+        cl = self.batch_loss.compute_loss
+        self._compute = None if cl is None else BatchLoss(compute_loss=cl, batch_weight=_unit_weight)
 
     # -- the halves ---------------------------------------------------------------------------------------------
     def loss(self, batch: Any) -> torch.Tensor:
         """The scalar loss of one batch at the current weights (under autocast when mixed precision)."""
         bl = self.batch_loss
-        if bl.compute_loss is not None:
-            return bl.evaluate(self.model, batch).loss
+        if self._compute is not None:
+            return self._compute.evaluate(self.model, batch).loss
         return bl.loss_of(bl.output(self.model, batch), batch)
 
     def forward_backward(

@@ -251,6 +251,7 @@ class EvalSet:
         max_samples: int | None = None,
         seed: int = 0,
         name: str = "data",
+        batch_loss: BatchLoss | None = None,
     ):
         src = (
             data if isinstance(data, (TensorSource, MapSource, LoaderSource)) else as_source(data, name=name)
@@ -263,7 +264,17 @@ class EvalSet:
         self.fixed: list[Any] | None = None
         if isinstance(src, LoaderSource) or max_samples is not None:
             cap = LOADER_EVAL_SAMPLES if max_samples is None else max_samples
-            fixed = collect_batches(src, batch_size=self.batch_size, max_samples=cap, seed=seed)
+            try:
+                fixed = collect_batches(src, batch_size=self.batch_size, max_samples=cap, seed=seed)
+            except LrbsTypeError:
+                if not isinstance(src, LoaderSource) or batch_loss is None or batch_loss.compute_loss is None:
+                    raise  # only compute_loss reads batches without tensors
+                if batch_loss.batch_weight is None:
+                    raise LrbsTypeError(
+                        f"the batches of {name} hold no tensor, so their samples cannot be counted: pass "
+                        "batch_weight=(batch) -> number of samples"
+                    ) from None
+                fixed = _collect_weighted(src, cap, seed, batch_loss)  # batches without tensors
             self.fixed = [to_device(b, device) for b in fixed]
 
     def batches(self) -> Iterable[Any]:
@@ -272,6 +283,26 @@ class EvalSet:
             return self.fixed
         n, b, src = self.source.num_samples, self.batch_size, self.source
         return (to_device(src.slice(i, min(i + b, n)), self.device) for i in range(0, n, b))
+
+
+def _collect_weighted(src: LoaderSource, cap: int, seed: int, batch_loss: BatchLoss) -> list[Any]:
+    """The loader's first batches until their ``batch_weight`` reaches ``cap`` (for batches holding no tensor, which
+    :func:`lrbs.batches.collect_batches` cannot count), under a forked, seeded RNG; the loader is restored."""
+    out, total = [], 0.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        src.reseed(seed)
+        try:
+            for batch in src:
+                out.append(batch)
+                total += batch_loss.weight(batch)
+                if total >= cap:
+                    break
+        finally:
+            src.restore()
+    if not out:
+        raise ConfigError("data is empty: the loader yielded no batches")
+    return out
 
 
 def evaluate_batches(
@@ -451,7 +482,10 @@ def train_data(dataset: Any, batch_size: Any, device: torch.device) -> TrainData
         except TypeError:
             n = None
     elif isinstance(it, (list, tuple)):
-        n = sum(batch_size_of(b) for b in it)
+        try:
+            n = sum(batch_size_of(b) for b in it)
+        except LrbsTypeError:  # batches without tensors (for compute_loss): size unknown
+            n = None
     return TrainData(src, n, True, own)
 
 
@@ -668,10 +702,15 @@ class _FitLoop:
     def eval_sets(self, test_data: Any) -> tuple[EvalSet, EvalSet | None]:
         kw = self.kw
         b, cap, seed = kw["eval_batch_size"], kw["eval_max_samples"], kw["seed"]
-        tr = EvalSet(self.data.source, b, self.device, max_samples=cap, seed=seed)
+        bl = self.batch_loss
+        tr = EvalSet(
+            self.data.source, b, self.device, max_samples=cap, seed=seed, name="dataset", batch_loss=bl
+        )
         te = None
         if test_data is not None:
-            te = EvalSet(test_data, b, self.device, max_samples=cap, seed=seed, name="test_data")
+            te = EvalSet(
+                test_data, b, self.device, max_samples=cap, seed=seed, name="test_data", batch_loss=bl
+            )
         return tr, te
 
     def evaluate(self, step: int, samples: int, state: TrainState, sets, evals, callbacks) -> dict:
@@ -780,7 +819,7 @@ class _FitLoop:
                         batch = direct.take(stream.sampler.take(b)) if direct is not None else stream.next(b)
                     else:
                         batch = stream.next()
-                        b = batch_size_of(batch)
+                        b = samples_of(batch, self.batch_loss)
                     if lean:  # one pass, no slicing or rescaling (the common case, kept lean)
                         mbs, scales = [batch], None
                         loss_val = float(step_fn.forward_backward(mbs)[0])
@@ -818,6 +857,26 @@ class _FitLoop:
             finally:
                 stream.close()
         return status, diverged_at, rows, evals
+
+
+def samples_of(batch: Any, batch_loss: BatchLoss) -> int:
+    """The number of samples a loader's batch counts for (``samples``, ``epochs``): the leading dimension of its
+    first tensor; for a batch without tensors (read by ``compute_loss``), its ``batch_weight``.
+
+    Raises:
+        LrbsTypeError: a batch without tensors and no ``batch_weight`` to count it.
+    """
+    try:
+        return batch_size_of(batch)
+    except LrbsTypeError:
+        if batch_loss.compute_loss is None:
+            raise
+        if batch_loss.batch_weight is None:
+            raise LrbsTypeError(
+                f"the batches of dataset (here a {type(batch).__name__}) hold no tensor, so their samples cannot be "
+                "counted: pass batch_weight=(batch) -> number of samples"
+            ) from None
+        return int(round(batch_loss.weight(batch)))
 
 
 def _xy(batch: Any) -> tuple[Any, Any]:
