@@ -270,6 +270,11 @@ def test_bf16_mixed_runs_under_autocast_in_fit_and_the_range_test():
     res = lr_range_test(model, opt, loss_fn, (x, y), batch_size=16, num_iter=12, precision="bf16-mixed")
     assert np.isfinite(res.losses).all() and res.settings["precision"] == "bf16-mixed"
     assert all(torch.equal(a, b) for a, b in zip(state, model.parameters()))
+    _, r = train_mod.train_config(
+        {"model": "mlp", "model_opts": {"width": 8}, "dataset": "blobs", "batch_size": 32, "steps": 3},
+        precision="bf16-mixed",
+    )
+    assert r.config["precision"] == "bf16-mixed" and "precision" not in r.config["train_config"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="16-mixed needs a CUDA GPU")

@@ -995,6 +995,7 @@ def train_config(
     checkpoint: str | os.PathLike | None = None,
     progress: bool = False,
     dataset: Any = None,
+    precision: str = "32",
 ) -> tuple[nn.Module, FitResult]:
     """Build the model and dataset named in ``config`` and train: the engine behind ``lrbs train`` and sweeps.
 
@@ -1003,6 +1004,8 @@ def train_config(
             schedule spec string), ``batch_size`` (an int or a spec), ``steps`` or ``epochs``, ``seed``, ...).
             The model is initialised with ``model_seed`` (default: ``seed``).
         dataset: an already loaded ``Dataset`` to reuse (must match ``config["dataset"]``).
+        precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (see :func:`fit`); not a config key, so configs
+            and their run keys stay as they were; a non-default precision is recorded in the result's config.
 
     Returns:
         ``(model, FitResult)``; the result's config is the normalized ``config``.
@@ -1051,5 +1054,6 @@ def train_config(
         checkpoint=checkpoint,
         progress=progress,
         config={"train_config": jsonable(cfg)},
+        precision=precision,
     )
     return model, result
