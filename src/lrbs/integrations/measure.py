@@ -534,37 +534,21 @@ def sharpness(
     return hessian_eigenvalues(obj, k=1, tol=tol, seed=seed, init=init, return_vectors=True)
 
 
-_ADAPTIVE = (
-    "Adam",
-    "AdamW",
-    "Adamax",
-    "NAdam",
-    "RAdam",
-    "Adagrad",
-    "Adadelta",
-    "RMSprop",
-    "Adafactor",
-    "LAMB",
-)
-
-
 def stability_threshold(optimizer: Any) -> float | None:
-    """The bound on ``lr * lambda_max`` for ``optimizer``'s first param group (module docstring), or None where
-    none applies to the raw Hessian (adaptive optimizers) or the optimizer is unknown."""
+    """The bound on ``lr * lambda_max`` for ``optimizer``'s first param group (module docstring): torch SGD's
+    plain, heavy-ball (with dampening) and Nesterov forms; None for every other optimizer — for adaptive ones
+    (Adam, AdamW, RMSprop, ...) no bound applies to the raw Hessian."""
     opt = getattr(optimizer, "optimizer", optimizer)  # accelerate / Lightning wrappers
-    name = type(opt).__name__
-    group = opt.param_groups[0] if getattr(opt, "param_groups", None) else {}
-    if name == "SGD" or (isinstance(opt, torch.optim.SGD)):
-        beta = float(group.get("momentum", 0.0) or 0.0)
-        if beta == 0.0:
-            return 2.0
-        if group.get("nesterov", False):
-            return 2.0 * (1.0 + beta) / (1.0 + 2.0 * beta)
-        damp = float(group.get("dampening", 0.0) or 0.0)
-        return 2.0 * (1.0 + beta) / (1.0 - damp) if damp < 1.0 else None
-    if name in _ADAPTIVE:
+    if not isinstance(opt, torch.optim.SGD):
         return None
-    return None
+    group = opt.param_groups[0]
+    beta = float(group.get("momentum", 0.0) or 0.0)
+    if beta == 0.0:
+        return 2.0
+    if group.get("nesterov", False):
+        return 2.0 * (1.0 + beta) / (1.0 + 2.0 * beta)
+    damp = float(group.get("dampening", 0.0) or 0.0)
+    return 2.0 * (1.0 + beta) / (1.0 - damp) if damp < 1.0 else None
 
 
 def current_lr(optimizer: Any) -> float | None:
