@@ -87,7 +87,8 @@ class LrbsCallback(_hf.TrainerCallback):
     ``num_items_in_batch``), and :func:`~lrbs.integrations.measure.micro_estimate` turns every optimizer step into
     one estimate of ``|G|^2`` and ``tr Sigma``; the logged ``lrbs/b_simple`` is the ratio of their means over the
     last ``window`` steps with its bootstrap interval (``lrbs/b_simple_low`` / ``_high``), in samples (sequences)
-    per batch. Cost: one fused gradient norm per backward. With accumulation 1, ``probe_data`` is needed (held
+    per batch. Cost: a tensor hook per parameter and one squared norm per backward, one more per step (about 3%
+    of a tiny GPT-2's step, bench/RESULTS.md). With accumulation 1, ``probe_data`` is needed (held
     data, or ``"train"``): every ``log_every`` steps :func:`lrbs.noise_scale` runs on ``probe_draws`` batches of
     ``probe_micro_batches x per_device_train_batch_size`` samples, i.e. ``probe_draws x probe_micro_batches``
     extra forward-backward passes of a micro-batch plus a copy of the model; its wall time is logged as
