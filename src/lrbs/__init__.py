@@ -104,6 +104,12 @@ _LAZY: dict[str, tuple[str, str]] = {
     "load_checkpoint": ("train", "load_checkpoint"),
     "save_checkpoint": ("train", "save_checkpoint"),
     "train_config": ("train", "train_config"),
+    "tune": ("tune", "tune"),
+    "Recommendation": ("tune", "Recommendation"),
+    "BatchLoss": ("batches", "BatchLoss"),
+    "ModelCallError": ("batches", "ModelCallError"),
+    "TrainStep": ("step", "TrainStep"),
+    "PRECISIONS": ("step", "PRECISIONS"),
 }
 
 
@@ -147,10 +153,14 @@ __all__ = [
     "build_model",
     "list_models",
     "count_parameters",
-    # the core
+    # the core and the batch protocol
     "Objective",
+    "BatchLoss",
+    "ModelCallError",
     # training
     "fit",
+    "TrainStep",
+    "PRECISIONS",
     "train_config",
     "FitResult",
     "Callback",
@@ -212,6 +222,9 @@ __all__ = [
     "barriers",
     "Curve",
     "ConnectivityPath",
+    # choosing LR, batch size and warmup
+    "tune",
+    "Recommendation",
     # batch size
     "noise_scale",
     "NoiseScale",
