@@ -17,13 +17,17 @@ def population(n: int = 40, d: int = 3, seed: int = 0) -> tuple[np.ndarray, floa
     return g, float(mean @ mean), float(((g - mean) ** 2).sum(1).mean())
 
 
-@pytest.mark.parametrize("shares_by", ["size", "equal"])
+@pytest.mark.parametrize("shares_by", ["size", "equal", "partial"])
 def test_micro_estimate_is_unbiased_for_unequal_micro_batches(shares_by):
     """Disjoint micro-batches of sizes 3, 5, 4 drawn without replacement from 40 examples, the step's gradient
-    sum_i s_i g_i with s_i = B_i / sum B (item-normalised) or 1/k: the mean of 8000 estimates is the truth."""
+    sum_i s_i g_i with s_i = B_i / sum B (item-normalised), 1/k, or 1/4 with k = 3: the mean of 8000 estimates is
+    the truth."""
     g, grad_sq, trace = population()
     sizes = [3, 5, 4]
-    shares = [b / sum(sizes) for b in sizes] if shares_by == "size" else [1 / 3] * 3
+    # "partial": Lightning's last step of an epoch, 3 micro-batches each divided by accumulate_grad_batches=4
+    shares = {"size": [b / sum(sizes) for b in sizes], "equal": [1 / 3] * 3, "partial": [1 / 4] * 3}[
+        shares_by
+    ]
     rng = np.random.default_rng(1)
     est = []
     for _ in range(8000):
