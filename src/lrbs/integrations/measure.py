@@ -25,6 +25,10 @@ for :math:`|G|^2` and :math:`\operatorname{tr}\Sigma`. With equal shares and siz
 :func:`lrbs.noise_scale`'s two-batch-size estimator with :math:`B_s = B` and :math:`B_b = kB`. Under data parallelism
 the micro-batches of every rank count, and the big gradient is the all-reduced one (the sums are all-reduced).
 
+The captured gradients are the training gradients themselves (train mode: dropout's noise is part of them);
+the probe (:func:`probe_estimates`, when there is no accumulation) and the sharpness run on a private copy in
+eval mode (no dropout), like every :class:`~lrbs.Objective` analysis.
+
 **B_simple over a window.** Single-step estimates are noisy and can be negative. :class:`NoiseWindow` keeps the
 last ``window`` of them and reports the ratio of their means, :math:`B_\text{simple} = \overline{\operatorname{tr}
 \Sigma} / \overline{|G|^2}` (never a mean of ratios), with a percentile-bootstrap interval over the estimates. The
