@@ -256,7 +256,7 @@ def test_report_runs_every_measure_on_one_subset(net, untouched, bn):
     assert rep.settings["num_samples"] == 64 and rep.settings["bn"] == bn
     sub = obj.subset(64, seed=0)
     # the report's numbers are those of the individual measures on the same subset
-    lam = hessian_eigenvalues(sub, **MEASURES["lambda_max"]).top
+    lam = hessian_eigenvalues(sub, **MEASURES["lambda_max"].options).top
     assert rep.measures["lambda_max"] == pytest.approx(lam, rel=1e-6)
     assert rep.measures["trace"] == pytest.approx(hessian_trace(sub, num_hvps=12).value, rel=1e-6)
     assert rep.measures["edge_of_stability"] == pytest.approx(0.1 * rep.measures["lambda_max"])

@@ -27,8 +27,8 @@ import numpy as np
 import scipy.optimize
 import torch
 
+from . import measures as _measures
 from .batches import slice_batch
-from .curvature import hessian_eigenvalues, hessian_trace, spectral_density
 from .errors import ConfigError, check_choice, check_int, check_number, check_positive, unknown_name
 
 __all__ = [
@@ -38,6 +38,9 @@ __all__ = [
     "EdgeOfStability",
     "SharpnessReport",
     "keskar_sharpness",
+    "keskar_subspace_sharpness",
+    "edge_of_stability_at",
+    "DEFAULT_MEASURES",
     "worst_case_sharpness",
     "average_sharpness",
     "edge_of_stability",
@@ -183,6 +186,65 @@ def _scale(theta: torch.Tensor, adaptive: bool) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- Keskar
+def _check_subspace_dim(subspace_dim: int | None, n: int) -> int | None:
+    if subspace_dim is None:
+        return None
+    subspace_dim = check_int("subspace_dim", subspace_dim, low=1)
+    if subspace_dim > n:
+        raise ConfigError(
+            f"subspace_dim={subspace_dim} is not allowed: must be <= the number of parameters ({n})"
+        )
+    return subspace_dim
+
+
+def _subspace(x: np.ndarray, subspace_dim: int | None, gen: np.random.Generator) -> tuple[Any, np.ndarray]:
+    """``(A, A^+ x)``: ``(None, x)`` for the full space, else a Gaussian ``n x p`` ``A`` (pseudo-inverse by QR)."""
+    if subspace_dim is None:
+        return None, x
+    A = gen.standard_normal((x.size, subspace_dim))
+    Q, R = np.linalg.qr(A)  # A = QR, A^+ = R^{-1} Q^T (A has full column rank almost surely)
+    return A, np.linalg.solve(R, Q.T @ x)
+
+
+class _NegLoss:
+    """``y -> (-f(x + A y), -A^T grad f)`` for L-BFGS-B, counting calls and keeping the largest finite loss."""
+
+    def __init__(self, obj: Any, theta: torch.Tensor, x: np.ndarray, A: Any) -> None:
+        self.obj, self.theta, self.x, self.A = obj, theta, x, A
+        self.nfev = 0
+        self.best_loss, self.best_y = -math.inf, None
+
+    def __call__(self, y: np.ndarray) -> tuple[float, np.ndarray]:
+        A = self.A
+        self.nfev += 1
+        step = y if A is None else A @ y
+        z = torch.as_tensor(self.x + step, dtype=self.obj.dtype, device=self.theta.device)
+        val, g = _value_and_grad(self.obj.loss_tensor, z)
+        g = g.to(torch.float64).cpu().numpy()
+        if math.isfinite(val) and val > self.best_loss:
+            self.best_loss, self.best_y = val, y.copy()
+        return -val, -(g if A is None else A.T @ g)
+
+
+def _maximize(
+    neg_f: _NegLoss, bound: np.ndarray, max_iter: int, gen: np.random.Generator
+) -> tuple[float, int, str, bool]:
+    """L-BFGS-B on ``neg_f`` in the box ``|y| <= bound`` from 0, restarted once from a random point in a tenth
+    of the box where it stalled at 0. Returns ``(f(x), iterations, message, restarted)``."""
+    bounds = list(zip(-bound, bound))
+    y0 = np.zeros_like(bound)
+    loss0 = -neg_f(y0)[0]
+    opts = {"maxiter": max_iter, "maxfun": 50 * max_iter + 20}
+    res = scipy.optimize.minimize(neg_f, y0, jac=True, method="L-BFGS-B", bounds=bounds, options=opts)
+    nit, message = int(res.nit), str(res.message)
+    restarted = bool(neg_f.best_loss <= loss0 or not np.any(neg_f.best_y))
+    if restarted:
+        start = gen.uniform(-0.1, 0.1, size=bound.shape) * bound
+        res2 = scipy.optimize.minimize(neg_f, start, jac=True, method="L-BFGS-B", bounds=bounds, options=opts)
+        nit, message = nit + int(res2.nit), str(res2.message)
+    return loss0, nit, message, restarted
+
+
 def keskar_sharpness(
     obj: Any,
     *,
@@ -201,11 +263,12 @@ def keskar_sharpness(
 
     with ``f`` the full training loss of the Objective. ``A = I_n`` (full space, the default) or a random
     Gaussian ``n x p`` matrix (``subspace_dim=p``; the paper uses ``p = 100``), whose pseudo-inverse is taken
-    through a QR factorization (``A = np.random.default_rng(seed).standard_normal((n, p))``). As in the paper the maximization is inexact: L-BFGS-B (minimising ``-f``) for
-    ``max_iter`` iterations from ``y = 0``, in float64 on the optimizer side; gradients come from autograd on
-    the Objective's loss (build the Objective with ``dtype=torch.float64`` for a float64 loss). At an exact
-    stationary point the gradient at ``y = 0`` vanishes and L-BFGS-B reports no progress; then it is restarted
-    from a random point at a tenth of the box (``restarted=True``) and the larger of the two maxima is kept.
+    through a QR factorization (``A = np.random.default_rng(seed).standard_normal((n, p))``). As in the paper
+    the maximization is inexact: L-BFGS-B (minimising ``-f``) for ``max_iter`` iterations from ``y = 0``, in
+    float64 on the optimizer side; gradients come from autograd on the Objective's loss (build the Objective
+    with ``dtype=torch.float64`` for a float64 loss). At an exact stationary point the gradient at ``y = 0``
+    vanishes and L-BFGS-B reports no progress; then it is restarted from a random point at a tenth of the box
+    (``restarted=True``) and the larger of the two maxima is kept.
 
     Args:
         obj: an :class:`~lrbs.objective.Objective`.
@@ -229,66 +292,39 @@ def keskar_sharpness(
     t0 = time.perf_counter()
     epsilon = check_positive("epsilon", epsilon)
     max_iter = check_int("max_iter", max_iter, low=1)
-    n = obj.num_params
-    if subspace_dim is not None:
-        subspace_dim = check_int("subspace_dim", subspace_dim, low=1)
-        if subspace_dim > n:
-            raise ConfigError(
-                f"subspace_dim={subspace_dim} is not allowed: must be <= the number of parameters ({n})"
-            )
+    subspace_dim = _check_subspace_dim(subspace_dim, obj.num_params)
     theta = _point(obj, params)
     x = theta.to(torch.float64).cpu().numpy()
     gen = np.random.default_rng(seed)
-    if subspace_dim is None:
-        A = None
-        ax = x
-    else:
-        A = gen.standard_normal((n, subspace_dim))
-        Q, R = np.linalg.qr(A)  # A = QR, A^+ = R^{-1} Q^T (A has full column rank almost surely)
-        ax = np.linalg.solve(R, Q.T @ x)
-    bound = epsilon * (np.abs(ax) + 1.0)
-    bounds = list(zip(-bound, bound))
-    best = {"loss": -math.inf, "y": None}
-    nfev = 0
-
-    def neg_f(y: np.ndarray) -> tuple[float, np.ndarray]:
-        nonlocal nfev
-        nfev += 1
-        step = y if A is None else A @ y
-        z = torch.as_tensor(x + step, dtype=obj.dtype, device=theta.device)
-        val, g = _value_and_grad(obj.loss_tensor, z)
-        g = g.to(torch.float64).cpu().numpy()
-        if math.isfinite(val) and val > best["loss"]:
-            best["loss"], best["y"] = val, y.copy()
-        return -val, -(g if A is None else A.T @ g)
-
-    y0 = np.zeros_like(bound)
-    loss0 = -neg_f(y0)[0]
-    opts = {"maxiter": max_iter, "maxfun": 50 * max_iter + 20}
-    res = scipy.optimize.minimize(neg_f, y0, jac=True, method="L-BFGS-B", bounds=bounds, options=opts)
-    nit, message = int(res.nit), str(res.message)
-    restarted = bool(best["loss"] <= loss0 or not np.any(best["y"]))
-    if restarted:
-        start = gen.uniform(-0.1, 0.1, size=bound.shape) * bound
-        res2 = scipy.optimize.minimize(neg_f, start, jac=True, method="L-BFGS-B", bounds=bounds, options=opts)
-        nit, message = nit + int(res2.nit), str(res2.message)
-    max_loss = float(best["loss"])
-    value = 100.0 * (max_loss - loss0) / (1.0 + loss0)
+    A, ax = _subspace(x, subspace_dim, gen)
+    neg_f = _NegLoss(obj, theta, x, A)
+    loss0, nit, message, restarted = _maximize(neg_f, epsilon * (np.abs(ax) + 1.0), max_iter, gen)
+    max_loss = float(neg_f.best_loss)
     return KeskarResult(
-        value=value,
+        value=100.0 * (max_loss - loss0) / (1.0 + loss0),
         max_loss=max_loss,
         loss=float(loss0),
         epsilon=epsilon,
         subspace_dim=subspace_dim,
         max_iter=max_iter,
         nit=nit,
-        nfev=nfev,
+        nfev=neg_f.nfev,
         restarted=restarted,
         message=message,
         seed=seed,
         settings=obj.settings(),
         wall_time=time.perf_counter() - t0,
     )
+
+
+def keskar_subspace_sharpness(
+    obj: Any, *, subspace_dim: int | None = 100, seed: int = 0, **options: Any
+) -> KeskarResult:
+    """:func:`keskar_sharpness` in a random subspace of ``p = min(subspace_dim, n)`` dimensions (the registry's
+    ``keskar_subspace``: the paper's ``p = 100``, clipped for models with fewer parameters)."""
+    if subspace_dim is not None:
+        subspace_dim = min(subspace_dim, obj.num_params)
+    return keskar_sharpness(obj, subspace_dim=subspace_dim, seed=seed, **options)
 
 
 # --------------------------------------------------------------------------- worst case
@@ -317,6 +353,41 @@ def _checkpoints(steps: int) -> set[int]:
     return {math.ceil(q * steps) for q in p[1:] if math.ceil(q * steps) < steps}
 
 
+def _project(u: torch.Tensor, rho: float, norm: str) -> torch.Tensor:
+    """``u`` projected onto the ``linf`` box or ``l2`` ball of radius ``rho``."""
+    if norm == "linf":
+        return u.clamp(-rho, rho)
+    nu = float(u.norm())
+    return u * (rho / nu) if nu > rho else u
+
+
+def _direction(g: torch.Tensor, norm: str) -> torch.Tensor:
+    """The steepest-ascent direction of unit ``norm``: ``sign(g)`` (linf) or ``g / ||g||`` (l2)."""
+    if norm == "linf":
+        return g.sign()
+    ng = float(g.norm())
+    return g / ng if ng > 0 else g
+
+
+def _ascent_start(
+    f: Callable[[torch.Tensor], tuple[float, torch.Tensor]],
+    theta: torch.Tensor,
+    rho: float,
+    norm: str,
+    gen: torch.Generator,
+) -> tuple[float, torch.Tensor, torch.Tensor, bool]:
+    """``(L(w), u_0, gradient at u_0, restarted)``: ``u_0 = 0``, or a random point at a tenth of the radius where
+    the gradient at 0 vanishes (a stationary point, from which the ascent cannot start)."""
+    u = torch.zeros_like(theta)
+    loss0, g = f(u)
+    if float(g.norm()) > 1e-12 * max(1.0, abs(loss0)):
+        return loss0, u, g, False
+    r = torch.randn(theta.shape, generator=gen, dtype=theta.dtype).to(theta.device)
+    u = _project(0.1 * rho * (r / r.norm() if norm == "l2" else r.clamp(-1, 1)), rho, norm)
+    _, g = f(u)
+    return loss0, u, g, True
+
+
 def _ascent(
     loss: Callable[[torch.Tensor], torch.Tensor],
     theta: torch.Tensor,
@@ -332,30 +403,11 @@ def _ascent(
     Returns ``(L(w), max loss found, loss after the first step, restarted)``.
     """
 
-    def project(u: torch.Tensor) -> torch.Tensor:
-        if norm == "linf":
-            return u.clamp(-rho, rho)
-        nu = float(u.norm())
-        return u * (rho / nu) if nu > rho else u
-
-    def direction(g: torch.Tensor) -> torch.Tensor:
-        if norm == "linf":
-            return g.sign()
-        ng = float(g.norm())
-        return g / ng if ng > 0 else g
-
     def f(u: torch.Tensor) -> tuple[float, torch.Tensor]:
         val, g = _value_and_grad(loss, theta + c * u)
         return val, c * g  # gradient with respect to u
 
-    u = torch.zeros_like(theta)
-    loss0, g = f(u)
-    restarted = False
-    if float(g.norm()) <= 1e-12 * max(1.0, abs(loss0)):  # stationary point: the ascent cannot start from 0
-        restarted = True
-        r = torch.randn(theta.shape, generator=gen, dtype=theta.dtype).to(theta.device)
-        u = project(0.1 * rho * (r / r.norm() if norm == "l2" else r.clamp(-1, 1)))
-        _, g = f(u)
+    loss0, u, g, restarted = _ascent_start(f, theta, rho, norm, gen)
     best_val, best_u, best_g = loss0, u, g
     eta = 2.0 * rho
     checkpoints = _checkpoints(steps)
@@ -364,20 +416,17 @@ def _ascent(
     since, successes, eta_at_last, best_at_last = 0, 0, eta, best_val
     cur_val = loss0
     for t in range(steps):
-        z = project(u + eta * direction(g))
-        u_new = z if t == 0 else project(u + 0.75 * (z - u) + 0.25 * (u - u_prev))
+        z = _project(u + eta * _direction(g, norm), rho, norm)
+        u_new = z if t == 0 else _project(u + 0.75 * (z - u) + 0.25 * (u - u_prev), rho, norm)
         val, g_new = f(u_new)
-        if t == 0:
-            first = val
-        if val > cur_val:
-            successes += 1
+        first = val if t == 0 else first
+        successes += val > cur_val
         since += 1
         u_prev, u, g, cur_val = u, u_new, g_new, val
         if val > best_val:
             best_val, best_u, best_g = val, u_new, g_new
         if t + 1 in checkpoints:
-            stuck = successes < 0.75 * since or (eta == eta_at_last and best_val == best_at_last)
-            if stuck:
+            if successes < 0.75 * since or (eta == eta_at_last and best_val == best_at_last):  # stuck
                 eta /= 2.0
                 u, g, u_prev, cur_val = best_u, best_g, best_u, best_val
             since, successes, eta_at_last, best_at_last = 0, 0, eta, best_val
@@ -558,21 +607,25 @@ def edge_of_stability(lr: float, top_eigenvalue: float | Any, momentum: float = 
     return EdgeOfStability(value, threshold, bool(value < threshold), lr, lam, momentum)
 
 
+def edge_of_stability_at(
+    obj: Any, *, lr: float | None = None, momentum: float = 0.0, seed: int = 0, **eig_options: Any
+) -> EdgeOfStability:
+    """:func:`edge_of_stability` with ``lambda_max`` measured on ``obj`` (the registry's ``lambda_max``, its
+    defaults overridden by ``eig_options``); the registry's ``edge_of_stability``.
+
+    Raises:
+        ConfigError: ``lr`` not given, or any error of :func:`edge_of_stability`.
+    """
+    if lr is None:
+        raise ConfigError("edge_of_stability needs the training learning rate: lr=None is not allowed")
+    top = MEASURES["lambda_max"].compute(obj, seed=seed, **eig_options)
+    return edge_of_stability(lr, top, momentum)
+
+
 # --------------------------------------------------------------------------- report
-MEASURES: dict[str, dict[str, Any]] = {
-    # name: default options (override any of them with sharpness_report(options={name: {...}}))
-    # the residual test the report has always used (hessian_eigenvalues' own default is now a value tolerance)
-    "lambda_max": {"k": 1, "tol": 1e-4, "tol_on": "residual"},
-    "trace": {"method": "hutch++", "num_hvps": 99},
-    "negative_mass": {"num_runs": 5, "lanczos_steps": 40},
-    "keskar": {"epsilon": 1e-3, "max_iter": 10},
-    "keskar_subspace": {"epsilon": 1e-3, "max_iter": 10, "subspace_dim": 100},
-    "worst_case": {"rho": 0.05, "norm": "l2", "steps": 20},
-    "worst_case_adaptive": {"rho": 0.5, "norm": "l2", "steps": 20, "adaptive": True},
-    "average": {"rho": 0.01, "norm": "l2", "samples": 100},
-    "average_adaptive": {"rho": 0.1, "norm": "l2", "samples": 100, "adaptive": True},
-    "edge_of_stability": {},
-}
+#: The one registry of measures (:data:`lrbs.measures.MEASURES`: name -> :class:`~lrbs.measures.Measure`, whose
+#: ``options`` are the defaults; override any of them with ``sharpness_report(options={name: {...}})``).
+MEASURES = _measures.MEASURES
 DEFAULT_MEASURES = tuple(m for m in MEASURES if m != "negative_mass")
 
 
@@ -649,6 +702,26 @@ _OPTION_KEYS = {
 }
 
 
+def _check_report_request(measures: list[str], options: dict[str, Any], lr: float | None) -> None:
+    for name in measures:
+        if name not in MEASURES:
+            raise unknown_name("measure", name, MEASURES)
+    _measures.check_options(measures, options)
+    if "edge_of_stability" in measures and lr is None:
+        raise ConfigError(
+            "measures include 'edge_of_stability' but lr=None: give the training learning rate lr"
+        )
+
+
+def _report_objective(obj: Any, params: Any, max_samples: int | None, seed: int) -> Any:
+    """The Objective the report measures: at ``params``, on a seeded subset of ``max_samples`` samples."""
+    if params is not None:
+        obj = obj.at(params)
+    if max_samples is not None and check_int("max_samples", max_samples, low=1) < obj.num_samples:
+        obj = obj.subset(max_samples, seed=seed)
+    return obj
+
+
 def sharpness_report(
     obj: Any,
     *,
@@ -686,57 +759,19 @@ def sharpness_report(
     """
     t0 = time.perf_counter()
     measures = list(measures)
-    for name in measures:
-        if name not in MEASURES:
-            raise unknown_name("measure", name, MEASURES)
     options = dict(options or {})
-    for name in options:
-        if name not in measures:
-            raise ConfigError(f"options has key {name!r}, which is not among measures={measures}")
-    if "edge_of_stability" in measures and lr is None:
-        raise ConfigError(
-            "measures include 'edge_of_stability' but lr=None: give the training learning rate lr"
-        )
-    if params is not None:
-        obj = obj.at(params)
-    if max_samples is not None and check_int("max_samples", max_samples, low=1) < obj.num_samples:
-        obj = obj.subset(max_samples, seed=seed)
+    _check_report_request(measures, options, lr)
+    obj = _report_objective(obj, params, max_samples, seed)
     values: dict[str, float] = {}
     results: dict[str, Any] = {}
     top = None
-
-    def opts(name: str) -> dict[str, Any]:
-        return {**MEASURES[name], **options.get(name, {})}
-
     for name in measures:
-        o = opts(name)
-        if name == "lambda_max" or (name == "edge_of_stability" and top is None):
-            res = hessian_eigenvalues(
-                obj, seed=seed, **(o if name == "lambda_max" else MEASURES["lambda_max"])
-            )
-            top = res
-            if name == "lambda_max":
-                results[name], values[name] = res, res.top
-                continue
-        if name == "trace":
-            res = hessian_trace(obj, seed=seed, **o)
-            results[name], values[name] = res, res.value
-        elif name == "negative_mass":
-            res = spectral_density(obj, seed=seed, **o)
-            results[name], values[name] = res, res.negative_mass
-        elif name.startswith("keskar"):
-            if "subspace_dim" in o and o["subspace_dim"] is not None:
-                o["subspace_dim"] = min(o["subspace_dim"], obj.num_params)
-            res = keskar_sharpness(obj, seed=seed, **o)
-            results[name], values[name] = res, res.value
-        elif name.startswith("worst_case"):
-            res = worst_case_sharpness(obj, seed=seed, **o)
-            results[name], values[name] = res, res.value
-        elif name.startswith("average"):
-            res = average_sharpness(obj, seed=seed, **o)
-            results[name], values[name] = res, res.value
-        elif name == "edge_of_stability":
+        if name == "edge_of_stability":  # reuses lambda_max where it was measured before
+            top = top if top is not None else MEASURES["lambda_max"].compute(obj, seed=seed)
             res = edge_of_stability(lr, top, momentum)
-            results[name], values[name] = res, res.value
+        else:
+            res = MEASURES[name].compute(obj, seed=seed, **options.get(name, {}))
+            top = res if name == "lambda_max" else top
+        results[name], values[name] = res, MEASURES[name].value(res)
     settings = {**obj.settings(), "max_samples": max_samples, "seed": seed}
     return SharpnessReport(values, results, settings, time.perf_counter() - t0)
