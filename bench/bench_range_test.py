@@ -10,6 +10,8 @@ Cases (MNIST-1D, cnn1d, SGD with momentum 0.9, batch 64, 100 exponential iterati
   zero_grad/forward/backward/step on the same batches; the ratio is the per-iteration overhead of the range
   test (lr setting, loss recording, smoothing, divergence check, snapshot and restore).
 - ``vs bare loop, Split data``: lrbs draws its own seeded batches from the split (an index gather per step).
+- ``tiny GPT-2``: ``lr_range_test`` on a list of dict batches ``{"input_ids", "labels"}`` (``model(**batch).loss``
+  through the batch protocol and the shared ``TrainStep``) against a hand loop over the same batches; best of N.
 
 Runs are interleaved (ours, theirs, ours, ...) and the median is reported, which matters on a shared machine.
 """
@@ -152,7 +154,51 @@ def main(quick: bool = False) -> list[dict]:
             f"CPU-time ratio {c_split / c_bare:.3f}",
         )
     )
+    rows.append(_gpt2_row(max(repeat, 7), n_iter))
     return rows
+
+
+def _gpt2_row(repeat: int, n_iter: int) -> dict:
+    """Tiny GPT-2 on dict batches: ``lr_range_test`` (batch protocol, the shared TrainStep, snapshot and restore)
+    against a hand loop that sets the lr and steps over the same batches; best of ``repeat``, interleaved."""
+    from bench import bench_fit
+    from bench.bench_fit import interleaved_best, lm_batches, tiny_gpt2
+    from lrbs.range_test import lr_range_test
+
+    batches = lm_batches()
+    model = tiny_gpt2()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    bare_model = tiny_gpt2()
+    bare_opt = torch.optim.SGD(bare_model.parameters(), lr=1e-3, momentum=0.9)
+    lrs = torch.logspace(-6, -3, n_iter).tolist()
+
+    def ours():
+        lr_range_test(
+            model, opt, data=batches, start_lr=1e-6, end_lr=1e-3, num_iter=n_iter, diverge_factor=None
+        )
+
+    def bare():
+        bare_model.train()
+        for i, lr in enumerate(lrs):
+            bare_opt.param_groups[0]["lr"] = lr
+            bare_opt.zero_grad(set_to_none=True)
+            loss = bare_model(**batches[i % len(batches)]).loss
+            loss.backward()
+            bare_opt.step()
+            float(loss.detach())  # the range test reads every loss on CPU
+
+    (t_bare, t_ours), (c_bare, c_ours) = interleaved_best([bare, ours], repeat)
+    per = 1e3 / n_iter
+    return row(
+        "range_test",
+        f"tiny GPT-2 dict batches b8x32, list of batches, x{n_iter} it",
+        t_ours,
+        "hand loop",
+        t_bare,
+        note=f"best of {repeat}; per iteration {t_ours * per:.3f} ms vs {t_bare * per:.3f} ms; "
+        f"CPU-time ratio {c_ours / c_bare:.3f}; median of paired rounds {bench_fit.LAST_PAIRED[0]:.3f}; "
+        "restore included",
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover
