@@ -238,20 +238,28 @@ def test_json_block_round_trips_numbers(report, html):
     raw = re.search(r'<script type="application/json" id="lrbs-data">(.*?)</script>', html, re.S).group(1)
     assert "</" not in raw and "<" not in raw  # script-safe
     strict = json.loads(raw)  # valid strict JSON (no bare NaN)
-    assert strict["summary_findings"][0]["numbers"]["missing"] == "NaN"
+    # the one JSON rule (lrbs._util.jsonable): non-finite numbers are null in the block
+    assert strict["summary_findings"][0]["numbers"]["missing"] is None
     data = read_report_data(html)
     assert data["format"] == 1 and data["title"] == report.title
     nums = data["summary_findings"][0]["numbers"]
     assert nums["gap_pct"] == {"value": 1.8312, "uncertainty": 0.3077}
-    assert nums["lr"] == 0.123456 and nums["seeds"] == 3 and nums["inf"] == math.inf
-    assert math.isnan(nums["missing"])
+    assert nums["lr"] == 0.123456 and nums["seeds"] == 3 and nums["inf"] is None
+    assert nums["missing"] is None
     assert data["summary_findings"][2]["numbers"]["note"] == XSS
     rows = data["sections"][0]["tables"][0]["rows"]
     assert rows[0][:2] == [32, {"value": 0.9123, "uncertainty": 0.0041}]
-    assert math.isnan(rows[2][1]) and rows[1][2] is None
+    assert rows[2][1] is None and rows[1][2] is None
     assert data["sections"][0]["settings"]["lr"] == 0.123456789
     assert data["settings"]["x"]["y"] == XSS
-    assert read_report_data(html, decode=False)["summary_findings"][0]["numbers"]["missing"] == "NaN"
+    assert read_report_data(html, decode=False)["summary_findings"][0]["numbers"]["missing"] is None
+    # a page written before the one rule (non-finite numbers as strings) still reads back as floats
+    old = html.replace(
+        raw, raw.replace('"missing":null', '"missing":"NaN"').replace('"inf":null', '"inf":"Infinity"')
+    )
+    old_nums = read_report_data(old)["summary_findings"][0]["numbers"]
+    assert math.isnan(old_nums["missing"]) and old_nums["inf"] == math.inf
+    assert read_report_data(old, decode=False)["summary_findings"][0]["numbers"]["missing"] == "NaN"
 
 
 def test_every_number_in_the_data_block_is_shown_formatted(html):

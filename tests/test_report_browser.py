@@ -164,7 +164,7 @@ window.addEventListener('load', function () {
     decoded: imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length,
     claims: data.summary_findings.map(function (f) { return f.claim; }),
     gap: data.summary_findings[0].numbers.gap,
-    xIsNaN: Number.isNaN(Number(data.summary_findings[2].numbers.x)),
+    xIsNull: data.summary_findings[2].numbers.x === null,
     pwned: document.body.hasAttribute('data-pwned'),
     title: document.title,
     scripts: document.querySelectorAll('script').length
@@ -194,7 +194,7 @@ def test_dom_probe(page, tmp_path):
     assert result["images"] == 2 and result["decoded"] == 2  # both figures (svg and png) decode
     assert result["claims"][0] == "Claim one " + PAYLOAD  # the browser reads the escaped JSON back exactly
     assert result["gap"] == {"value": 1.83, "uncertainty": 0.31}
-    assert result["xIsNaN"] is True  # "NaN" -> NaN through Number()
+    assert result["xIsNull"] is True  # NaN -> null (the one JSON rule); the page itself shows n/a
     assert result["pwned"] is False and result["title"] == "Browser check " + PAYLOAD
     assert result["scripts"] == 2  # the probe and the JSON block: the payload made no script element
     assert console_lines(proc.stderr) == []

@@ -4,7 +4,9 @@ The page is one file that opens from disk with no server and no network: inline 
 embedded as ``data:`` URIs, and a Content-Security-Policy that forbids loading anything else. Every string
 goes through Jinja2 with autoescaping on. Every number shown is also in a machine-readable block
 ``<script type="application/json" id="lrbs-data">`` (read it back with :func:`read_report_data`), so a test
-can compare the numbers on the page with the numbers in the store.
+can compare the numbers on the page with the numbers in the store. The block follows lrbs's one JSON rule
+(:func:`lrbs._util.jsonable`): a non-finite number is ``null`` there and ``n/a`` (or ``inf``) on the page.
+Numbers on the page are written by :func:`lrbs._util.fmt` (re-exported here as :func:`fmt`).
 
 Example:
     >>> report = Report(
@@ -31,12 +33,12 @@ import platform
 import re
 import struct
 import sys
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._util import atomic_write, fmt, item, jsonable
 from ..errors import ConfigError, LrbsTypeError, ShapeError, check_choice
 
 __all__ = [
@@ -63,103 +65,14 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------- number formatting
-def fmt(x: Any, unc: Any = None, digits: int = 4) -> str:
-    """Format a number for the page: ``digits`` significant digits, ``±`` for an uncertainty, NaN as ``n/a``.
-
-    Rules (the same everywhere in lrbs):
-
-    - floats: ``digits`` significant digits, trailing zeros dropped, exponents written ``1.5e-5``;
-    - integers: exact (``50000``), unless larger than 1e15;
-    - NaN and None: ``n/a``; infinities: ``inf`` / ``-inf``; bools: ``true`` / ``false``; strings unchanged;
-    - a pair ``(value, uncertainty)`` is the same as ``fmt(value, uncertainty)``;
-    - with an uncertainty ``u``: ``u`` keeps 2 significant digits and the value is rounded to the same decimal
-      place (the usual convention for a measured value), e.g. ``fmt(0.91234, 0.01234) == "0.912 ± 0.012"``;
-      very small or large values share one exponent: ``"(1.234 ± 0.012)e-7"``.
-
-    Args:
-        x: the value (float, int, numpy or torch scalar, str, None, or a ``(value, uncertainty)`` pair).
-        unc: its uncertainty (a standard deviation or standard error; the caller says which in the text).
-        digits: significant digits for a value without uncertainty.
-
-    Returns:
-        The formatted text.
-
-    Example:
-        >>> fmt(0.123456), fmt(2.5e-5), fmt(float("nan")), fmt(50000), fmt(0.91234, 0.01234)
-        ('0.1235', '2.5e-5', 'n/a', '50000', '0.912 ± 0.012')
-    """
-    if unc is None and isinstance(x, (tuple, list)) and len(x) == 2:
-        x, unc = x
-    if unc is not None:
-        return _fmt_unc(x, unc, digits)
-    return _fmt1(x, digits)
-
-
-def _scalar(x: Any) -> Any:
-    """numpy / torch scalars (and 1-element arrays) to Python numbers; other values unchanged."""
-    if hasattr(x, "item") and hasattr(x, "shape") and math.prod(x.shape) == 1:
-        return x.item()
-    return x
-
-
-def _fmt1(x: Any, digits: int = 4) -> str:
-    x = _scalar(x)
-    if x is None:
-        return "n/a"
-    if isinstance(x, bool):
-        return "true" if x else "false"
-    if isinstance(x, str):
-        return x
-    if isinstance(x, int) and abs(x) < 10**15:
-        return str(x)
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return str(x)
-    if math.isnan(v):
-        return "n/a"
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    if v == 0:
-        return "0"
-    return _clean_exp(f"{v:.{digits}g}")
-
-
-def _clean_exp(s: str) -> str:
-    """``1.5e-05`` -> ``1.5e-5``, ``1.2e+07`` -> ``1.2e7``."""
-    if "e" not in s:
-        return s
-    mant, exp = s.split("e")
-    return f"{mant}e{int(exp)}"
-
-
-def _fmt_unc(x: Any, unc: Any, digits: int) -> str:
-    x, unc = _scalar(x), _scalar(unc)
-    try:
-        v, u = float(x), float(unc)
-    except (TypeError, ValueError):
-        return f"{_fmt1(x, digits)} ± {_fmt1(unc, 2)}"
-    if not math.isfinite(v) or not math.isfinite(u) or u <= 0:
-        return f"{_fmt1(v, digits)} ± {_fmt1(u, 2)}"
-    u = float(f"{u:.2g}")  # 2 significant digits
-    last = math.floor(math.log10(u)) - 1  # decimal exponent of the last digit shown
-    big = max(abs(v), u)
-    if 1e-3 <= big < 1e5:
-        dec = max(0, -last)
-        return f"{v:.{dec}f} ± {u:.{dec}f}"
-    e = math.floor(math.log10(big))
-    dec = max(0, e - last)
-    return f"({v / 10**e:.{dec}f} ± {u / 10**e:.{dec}f})e{e}"
-
-
 def _exact(x: Any) -> str:
     """Settings are shown exactly (shortest round-trip repr for floats), never rounded."""
-    x = _scalar(x)
+    x = item(x)
     if isinstance(x, float):
         return "n/a" if math.isnan(x) else repr(x)
     if isinstance(x, (dict, list, tuple)):
-        return json.dumps(_jsonable(x), sort_keys=False, ensure_ascii=False)
-    return _fmt1(x)
+        return json.dumps(jsonable(x), sort_keys=False, ensure_ascii=False)
+    return fmt(x)
 
 
 # --------------------------------------------------------------------------- the data model
@@ -186,9 +99,9 @@ def _check_items(name: str, value: Any, cls: type) -> list:
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
         raise LrbsTypeError(f"{name}={value!r} is not allowed: must be a list of {cls.__name__}")
     items = list(value)
-    for i, item in enumerate(items):
-        if not isinstance(item, cls):
-            raise LrbsTypeError(f"{name}[{i}]={item!r} is not allowed: must be a {cls.__name__}")
+    for i, entry in enumerate(items):
+        if not isinstance(entry, cls):
+            raise LrbsTypeError(f"{name}[{i}]={entry!r} is not allowed: must be a {cls.__name__}")
     return items
 
 
@@ -432,7 +345,7 @@ class Section:
             "findings": [f.to_dict() for f in self.findings],
             "tables": [t.to_dict() for t in self.tables],
             "figures": [f.to_dict() for f in self.figures],
-            "settings": _jsonable(self.settings),
+            "settings": jsonable(self.settings),
         }
 
 
@@ -483,49 +396,21 @@ class Report:
             "title": self.title,
             "summary_findings": [f.to_dict() for f in self.summary_findings],
             "sections": [s.to_dict() for s in self.sections],
-            "settings": _jsonable(self.settings),
+            "settings": jsonable(self.settings),
             "warnings": list(self.warnings),
         }
 
 
 # --------------------------------------------------------------------------- JSON
 def _jsonable_value(v: Any) -> Any:
-    """A number or a ``(value, uncertainty)`` pair, as JSON (non-finite floats as "NaN"/"Infinity")."""
-    if isinstance(v, tuple) and len(v) == 2 and all(_is_number(_scalar(p)) for p in v):
-        return {"value": _jsonable(v[0]), "uncertainty": _jsonable(v[1])}
-    return _jsonable(v)
+    """A number or a ``(value, uncertainty)`` pair, as JSON (:func:`lrbs._util.jsonable`: non-finite as null)."""
+    if isinstance(v, tuple) and len(v) == 2 and all(_is_number(item(p)) for p in v):
+        return {"value": jsonable(v[0]), "uncertainty": jsonable(v[1])}
+    return jsonable(v)
 
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _jsonable(x: Any) -> Any:
-    """Plain JSON types. Non-finite floats become the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``
-    (what JavaScript's ``Number()`` and Python's ``float()`` both read back)."""
-    x = _scalar(x)
-    if x is None or isinstance(x, (bool, int, str)):
-        return x
-    if isinstance(x, float):
-        if math.isnan(x):
-            return "NaN"
-        if math.isinf(x):
-            return "Infinity" if x > 0 else "-Infinity"
-        return x
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if hasattr(x, "tolist"):
-        return _jsonable(x.tolist())
-    if isinstance(x, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "to_dict"):
-        return _jsonable(x.to_dict())
-    if isinstance(x, os.PathLike):
-        return os.fspath(x)
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return str(x)
 
 
 def _script_json(data: Any) -> str:
@@ -549,9 +434,13 @@ _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 def read_report_data(html: str, *, decode: bool = True) -> dict[str, Any]:
     """The machine-readable block of a rendered report, as a dict (the layout of :meth:`Report.to_dict`).
 
+    Non-finite numbers are ``null`` in the block (the one JSON rule, :func:`lrbs._util.jsonable`), so they read
+    back as None.
+
     Args:
         html: the page text (from :func:`render_html` or a file).
-        decode: turn the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` back into floats.
+        decode: turn the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` back into floats (pages written by
+            lrbs before the one JSON rule stored non-finite numbers as those strings).
 
     Returns:
         The data, with ``lrbs_version``, ``created`` and ``format`` added.
@@ -621,9 +510,9 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
 
 
 def _is_numeric_cell(c: Any) -> bool:
-    c = _scalar(c)
+    c = item(c)
     if isinstance(c, (tuple, list)) and len(c) == 2:
-        return all(_is_number(_scalar(p)) for p in c)
+        return all(_is_number(item(p)) for p in c)
     return _is_number(c)
 
 
@@ -689,7 +578,7 @@ def render_html(report: Report) -> str:
 
 
 def write_html(report: Report, path: str | os.PathLike) -> Path:
-    """Render ``report`` and write it to ``path`` atomically (a temporary file in its folder, then a rename).
+    """Render ``report`` and write it to ``path`` atomically (:func:`lrbs._util.atomic_write`, fsynced).
 
     Missing parent folders are created. A reader never sees a half-written page.
 
@@ -699,28 +588,19 @@ def write_html(report: Report, path: str | os.PathLike) -> Path:
     Raises:
         ConfigError: If ``path`` is an existing folder.
     """
+    return _write_page(path, "report.html", lambda: render_html(report))
+
+
+def _write_page(path: str | os.PathLike, example: str, render: Callable[[], str]) -> Path:
+    """Check ``path`` (a file, not a folder), render the page and write it atomically, creating its folder."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(
-            f"path={str(path)!r} is not allowed: it is a folder; give a file name such as report.html"
+            f"path={str(path)!r} is not allowed: it is a folder; give a file name such as {example}"
         )
-    return _write_page(path, render_html(report))
-
-
-def _write_page(path: Path, html: str) -> Path:
-    """Write ``html`` to ``path`` atomically (a temporary file in its folder, then a rename)."""
+    html = render()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(html)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, html)
 
 
 # --------------------------------------------------------------------------- the tune page
@@ -768,7 +648,7 @@ def render_tune_html(
         "format": DATA_FORMAT,
         "lrbs_version": __version__,
         "created": created,
-        **_jsonable(dict(data)),
+        **jsonable(dict(data)),
     }
     template = _environment_jinja().get_template("tune.html")
     return template.render(
@@ -791,9 +671,4 @@ def write_tune_html(path: str | os.PathLike, **page: Any) -> Path:
     Raises:
         ConfigError: If ``path`` is an existing folder.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(
-            f"path={str(path)!r} is not allowed: it is a folder; give a file name such as tune.html"
-        )
-    return _write_page(path, render_tune_html(**page))
+    return _write_page(path, "tune.html", lambda: render_tune_html(**page))
