@@ -161,7 +161,15 @@ def _pyhessian_trace_rms(ph, ref: float, seeds: int) -> tuple[float, float]:
 
 
 def _defaults(
-    name: str, model: nn.Module, x, y, obj: Objective, ref_eig: float, ref_tr, quick: bool
+    name: str,
+    model: nn.Module,
+    x,
+    y,
+    obj: Objective,
+    ref_eig: float,
+    ref_tr,
+    quick: bool,
+    whats: tuple[str, ...] = ("eig", "trace"),
 ) -> list[dict]:
     """The fresh-process comparison at both tools' default arguments."""
     dev = common.device()
@@ -172,6 +180,8 @@ def _defaults(
         torch.save(model.state_dict(), state)
         base = {"model": name, "state": state, "device": str(dev), "threads": torch.get_num_threads()}
         for what, ref in (("eig", ref_eig), ("trace", ref_tr.value)):
+            if what not in whats:
+                continue
             runs: dict[str, list[dict]] = {"ours": [], "pyhessian": []}
             for r in range(reps):
                 order = ("ours", "pyhessian") if r % 2 == 0 else ("pyhessian", "ours")
@@ -352,8 +362,9 @@ def _bench_model(name: str, ds, quick: bool, sections: tuple[str, ...]) -> list[
     obj = Objective(model, data=(x, y))
     ref, big = _references(model, obj, x, y, quick)
     rows: list[dict] = []
-    if "defaults" in sections:
-        rows += _defaults(name, model, x, y, obj, ref, big, quick)
+    whats = tuple(w for w in ("eig", "trace") if "defaults" in sections or f"defaults-{w}" in sections)
+    if whats:
+        rows += _defaults(name, model, x, y, obj, ref, big, quick, whats)
     if "hvp" in sections:
         rows += _hvp_rows(name, obj, model, x, y)
     if "lambda" in sections:
@@ -369,7 +380,8 @@ SECTIONS = ("defaults", "hvp", "lambda", "trace")
 def main(quick: bool = False, device: torch.device | str | None = None) -> list[dict]:
     """Run the benchmark on ``device`` (default: the one ``python -m bench --device`` chose); return rows.
 
-    ``LRBS_BENCH_CURVATURE=defaults,hvp`` limits the sections (default all of them).
+    ``LRBS_BENCH_CURVATURE=defaults,hvp`` limits the sections (default all of them: defaults, hvp, lambda,
+    trace; ``defaults-eig`` / ``defaults-trace`` run half of the first).
     """
     if device is not None:
         common.set_device(device)

@@ -830,7 +830,8 @@ def hessian_eigenvalues(
     ``eigenvalues()`` asks for ``tol=1e-3`` on the change of its power-iteration estimate, whose true error is
     larger). Measured on the trained MNIST-1D models of ``bench/bench_curvature.py`` (4000 samples, 2026-12-01):
     mlp (``lambda_2 / lambda_1 = 0.96``) 4 HVPs, true relative error 1.5e-3 (1.5-1.9e-3 over start seeds;
-    PyHessian's defaults: 8-19 HVPs, 5.7e-3 to 2.0e-2); cnn1d 3 HVPs, 3e-4 (PyHessian: see RESULTS.md). The
+    PyHessian's defaults: 12 HVPs on average, median error 9.1e-3, 5.7e-3 to 2.0e-2); cnn1d 3 HVPs, 2.9e-4
+    (PyHessian: 6.8 HVPs, median 8.7e-4, 3.8e-4 to 1.2e-3). The
     estimate takes the gap from the other Ritz values, which overstates the true gap while they are
     unconverged, so with close top eigenvalues the true error can exceed ``tol`` a few times (mlp: 1.5x).
     Ask for ``tol_on="residual"`` (and a smaller ``tol``) when the value must be certified: a residual ``r``
@@ -974,10 +975,10 @@ def hessian_trace(
     """Trace of the Hessian of the full-data loss by Hutch++ (default) or Hutchinson, with block probes.
 
     **What the default delivers.** Hutch++ with 99 HVPs. On the trained MNIST-1D models of
-    ``bench/bench_curvature.py`` (2026-12-01) its RMS relative error over seeds was 0.9% (mlp) and 1.2% (cnn1d);
+    ``bench/bench_curvature.py`` (2026-12-01) its RMS relative error over seeds was 0.9% (mlp) and 0.3% (cnn1d);
     PyHessian's ``trace()`` default (Hutchinson until the running mean moves by < 0.1%) stops after 14 / 22
-    HVPs on average with RMS errors of 3.4% / 6.2%, so the default is several times more accurate and several
-    times more expensive. For PyHessian's accuracy at about its cost, ask for ``num_hvps=18`` (Hutch++: 3.2% /
+    HVPs on average with RMS errors of 3.5% / 6.1%: the default is 4-20x more accurate and, in a fresh
+    process, 8x / 4.5x slower. For PyHessian's accuracy at about its cost, ask for ``num_hvps=18`` (Hutch++: 3.2% /
     5.5% there); no Hutchinson-type budget reaches its error at half its HVPs on these Hessians (their probe
     variance is spread over many eigenvalues, see bench/RESULTS.md). ``stderr`` is the probe standard error
     of the Hutchinson part, an honest error bar where PyHessian's stopping rule gives none.
