@@ -216,7 +216,7 @@ def test_neb_and_plot_on_blobs(blobs, untouched):
         and set(p.barriers) == {"max_loss", "max_minus_mean", "max_above_chord"}
     )
     torch.testing.assert_close(p.points[0], _vec(a).float())
-    assert isinstance(p.plot(), Figure) and isinstance(p.plot("accuracy"), Figure)
+    assert isinstance(p.plot().figure, Figure) and isinstance(p.plot("accuracy").figure, Figure)
     ca()
 
 

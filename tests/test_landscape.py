@@ -316,7 +316,7 @@ def test_nonfinite_points_are_stored_and_done(blobs, tmp_path):
     assert not np.isfinite(land.loss[1, 1]) and np.isfinite(land.loss[0, 0])
     back = Landscape.load(tmp_path / "g")
     assert back.done.all() and not np.isfinite(back.loss[1, 1])
-    fig = back.plot("heatmap")  # NaN cells are gaps, not a crash
+    fig = back.plot("heatmap").figure  # NaN cells are gaps, not a crash
     assert fig.axes
     d = back.to_dict()
     assert d["values"]["loss"][3] is None
@@ -419,15 +419,15 @@ def test_plots_return_figures(blobs):
     obj = Objective(model, data=blobs.train)
     d1, d2 = random_direction(obj, seed=1), random_direction(obj, seed=2)
     land = landscape_2d(obj, d1, d2, np.linspace(-1, 1, 5), np.linspace(-1, 1, 4))
-    fig = land.plot("contour", trajectory=np.array([[0.5, 0.5], [0.0, 0.0]]))
+    fig = land.plot("contour", trajectory=np.array([[0.5, 0.5], [0.0, 0.0]])).figure
     assert isinstance(fig, Figure)
     cs = [c for c in fig.axes[0].get_children() if hasattr(c, "levels")][0]
     ratios = cs.levels[1:] / cs.levels[:-1]
     assert np.allclose(ratios, ratios[0])  # log-spaced levels
     for kind in ("heatmap", "surface"):
-        assert isinstance(land.plot(kind), Figure)
+        assert isinstance(land.plot(kind).figure, Figure)
     one = landscape_1d(obj, d1, [-1, 0, 1], test_obj=Objective(model, data=blobs.test))
-    fig = one.plot()
+    fig = one.plot().figure
     assert len(fig.axes[0].get_lines()) == 2
     with pytest.raises(ConfigError, match="kind='cont'"):
         land.plot("cont")

@@ -109,25 +109,12 @@ class Path:
             "settings": self.settings,
         }
 
-    def plot(self, metric: str = "loss", *, ax=None, label: str | None = None):
-        """Train (solid) and test (dashed) ``metric`` along the path; returns the matplotlib Figure."""
-        check_choice("metric", metric, ("loss", "accuracy"))
-        if ax is None:
-            from matplotlib.figure import Figure
+    def plot(self, metric: str = "loss", *, ax: Any = None, label: str | None = None) -> Any:
+        """Train (solid) and test (dashed) ``metric`` along the path (:func:`lrbs.report.figures.draw_path`);
+        returns the matplotlib Axes."""
+        from .report.figures import draw_path
 
-            fig = Figure(figsize=(5.0, 3.5), layout="constrained")
-            ax = fig.add_subplot()
-        else:
-            fig = ax.figure
-        name = label or self.kind
-        ax.plot(self.t, getattr(self, metric), "-", label=f"{name} train")
-        test = getattr(self, f"test_{metric}")
-        if test is not None:
-            ax.plot(self.t, test, "--", label=f"{name} test")
-        ax.set_xlabel("t")
-        ax.set_ylabel(metric)
-        ax.legend()
-        return fig
+        return draw_path(self, metric, ax=ax, label=label)
 
 
 def _evaluate_path(

@@ -386,14 +386,21 @@ class Landscape:
         )
 
     # ---- plots
-    def plot(self, kind: str = "contour", metric: str = "loss", **kw: Any):
+    def plot(self, kind: str = "contour", metric: str = "loss", **kw: Any) -> Any:
         """Plot: 1-D curves (train and test), or for 2-D ``"contour"`` (log-spaced levels), ``"heatmap"``,
-        ``"surface"`` (3-D). Returns the matplotlib Figure."""
+        ``"surface"`` (3-D); keywords go to the drawing in :mod:`lrbs.report.figures` (``ax=`` among them).
+        Returns the matplotlib Axes."""
+        from .report import figures
+
         if self.ndim == 1:
-            return plot_1d(self, metric=metric, **kw)
+            return figures.draw_landscape_1d(self, metric=metric, **kw)
         check_choice("kind", kind, ("contour", "heatmap", "surface"))
-        fn = {"contour": plot_contour, "heatmap": plot_heatmap, "surface": plot_surface}[kind]
-        return fn(self, metric=metric, **kw)
+        draw = {
+            "contour": figures.draw_landscape_contour,
+            "heatmap": figures.draw_landscape_heatmap,
+            "surface": figures.draw_landscape_surface,
+        }[kind]
+        return draw(self, metric=metric, **kw)
 
 
 def _json_default(o):
@@ -1113,103 +1120,3 @@ def nonconvexity(landscape: Landscape, *, metric: str = "loss", max_rise: float 
     frac = float((lmin[region] < 0).mean()) if npts else float("nan")
     mr = float(ratio[region].mean()) if npts else float("nan")
     return NonConvexity(frac, mr, npts, float("nan") if max_rise is None else max_rise, full)
-
-
-# --------------------------------------------------------------------------- plots
-def _figure(figsize=(5.0, 4.0)):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=figsize, layout="constrained")
-
-
-def _label(land: Landscape, axis: int) -> str:
-    dirs = land.settings.get("directions") or []
-    base = ["alpha", "beta"][axis]
-    if axis < len(dirs) and dirs[axis].get("explained_variance_ratio") is not None:
-        return f"PC{axis + 1} ({100 * dirs[axis]['explained_variance_ratio']:.1f}% var.)"
-    return base
-
-
-def plot_1d(land: Landscape, metric: str = "loss", *, ax=None):
-    """1-D curve(s): train and (if present) test ``metric``; NaN/inf points are drawn as gaps."""
-    fig = _figure() if ax is None else ax.figure
-    ax = ax or fig.add_subplot()
-    for name, style in ((metric, "-"), (f"test_{metric}", "--")):
-        if name in land.values:
-            y = np.where(np.isfinite(land.values[name]), land.values[name], np.nan)
-            ax.plot(land.alphas, y, style, marker=".", label="train" if name == metric else "test")
-            se = land.values.get(f"{name}_se")
-            if se is not None:
-                ax.fill_between(land.alphas, y - se, y + se, alpha=0.2)
-    ax.set_xlabel("alpha")
-    ax.set_ylabel(metric)
-    if metric == "loss":
-        ax.set_yscale("log")
-    ax.legend()
-    return fig
-
-
-def _grid_values(land: Landscape, metric: str) -> np.ndarray:
-    if land.ndim != 2:
-        raise ConfigError("this plot needs a 2-D landscape")
-    if metric not in land.values:
-        raise ConfigError(f"metric={metric!r} is not allowed: the landscape holds {sorted(land.values)}")
-    return np.ma.masked_invalid(land.values[metric])
-
-
-def plot_contour(
-    land: Landscape,
-    metric: str = "loss",
-    *,
-    levels: int = 30,
-    log: bool = True,
-    trajectory: np.ndarray | None = None,
-    ax=None,
-):
-    """Contour plot with log-spaced levels (so low losses are not dropped), NaN/inf as gaps, and an optional
-    trajectory ``(T, 2)`` drawn on the plane (e.g. :attr:`PCADirections.coords`)."""
-    z = _grid_values(land, metric)
-    fig = _figure() if ax is None else ax.figure
-    ax = ax or fig.add_subplot()
-    zz = z.compressed()
-    lv: Any = levels
-    if log and zz.size and zz.min() > 0 and zz.max() > zz.min():
-        lv = np.geomspace(zz.min(), zz.max(), levels)
-    elif zz.size and zz.max() > zz.min():
-        lv = np.linspace(zz.min(), zz.max(), levels)
-    cs = ax.contour(land.alphas, land.betas, z.T, levels=lv, cmap="viridis")
-    fig.colorbar(cs, ax=ax, label=metric)
-    if trajectory is not None:
-        tr = np.asarray(trajectory)
-        ax.plot(tr[:, 0], tr[:, 1], "r.-", ms=3, lw=1)
-    ax.set_xlabel(_label(land, 0))
-    ax.set_ylabel(_label(land, 1))
-    return fig
-
-
-def plot_heatmap(land: Landscape, metric: str = "loss", *, log: bool = True, ax=None):
-    """Heat map of the grid (log colour scale for the loss); NaN/inf cells are left blank."""
-    from matplotlib.colors import LogNorm
-
-    z = _grid_values(land, metric)
-    fig = _figure() if ax is None else ax.figure
-    ax = ax or fig.add_subplot()
-    norm = LogNorm() if log and z.count() and z.min() > 0 else None
-    im = ax.pcolormesh(land.alphas, land.betas, z.T, shading="nearest", norm=norm, cmap="viridis")
-    fig.colorbar(im, ax=ax, label=metric)
-    ax.set_xlabel(_label(land, 0))
-    ax.set_ylabel(_label(land, 1))
-    return fig
-
-
-def plot_surface(land: Landscape, metric: str = "loss", *, ax=None):
-    """3-D surface (``add_subplot(projection="3d")``, which works on current matplotlib)."""
-    z = _grid_values(land, metric)
-    fig = _figure((6.0, 5.0)) if ax is None else ax.figure
-    ax = ax or fig.add_subplot(projection="3d")
-    aa, bb = np.meshgrid(land.alphas, land.betas, indexing="ij")
-    ax.plot_surface(aa, bb, z.filled(np.nan), cmap="viridis", linewidth=0, antialiased=True)
-    ax.set_xlabel(_label(land, 0))
-    ax.set_ylabel(_label(land, 1))
-    ax.set_zlabel(metric)
-    return fig

@@ -201,18 +201,11 @@ class Schedule:
         return {"name": self._name, "spec": repr(self), "total_steps": self.total_steps}
 
     def plot(self, n: int | None = None, ax: Any = None) -> Any:
-        """Plot the first ``n`` values (default :meth:`horizon`) on ``ax`` or a new figure; return ``ax``."""
-        n = self.horizon() if n is None else check_int("n", n, low=1)
-        if ax is None:
-            from matplotlib.figure import Figure
+        """Plot the first ``n`` values (default :meth:`horizon`) on ``ax`` or a new figure
+        (:func:`lrbs.report.figures.draw_schedule`); return the Axes."""
+        from .report.figures import draw_schedule
 
-            ax = Figure(figsize=(6.4, 3.6), layout="constrained").add_subplot()
-        ax.plot(np.arange(n), self.values(n), drawstyle="steps-post" if self.integer else "default")
-        ax.set_xlabel("step")
-        ax.set_ylabel("batch size" if self.integer else "value")
-        title = repr(self)
-        ax.set_title(title if len(title) <= 80 else title[:77] + "...", fontsize=8)
-        return ax
+        return draw_schedule(self, self.horizon() if n is None else check_int("n", n, low=1), ax=ax)
 
     if TYPE_CHECKING:
 

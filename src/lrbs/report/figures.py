@@ -695,3 +695,134 @@ def plot_tradeoff(
     _style(axis, title, "examples E / E_min", "steps S / S_min")
     _legend(axis)
     return fig
+
+
+# --------------------------------------------------------------------------- results' .plot()
+# The drawings behind the results' ``.plot()`` methods (``Landscape``, ``connectivity.Path``, ``Schedule``).
+# Unlike the report figures above, each of these returns the **Axes** it drew on (a new constrained-layout figure
+# when ``ax`` is None), so every result's ``.plot()`` returns the same type.
+def _result_axes(ax: Any, figsize: tuple[float, float], projection: str | None = None) -> Any:
+    """``ax``, or the single Axes of a new constrained-layout figure of ``figsize``."""
+    if ax is not None:
+        return ax
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, layout="constrained").add_subplot(projection=projection)
+
+
+def _landscape_label(land: Any, axis: int) -> str:
+    dirs = land.settings.get("directions") or []
+    base = ["alpha", "beta"][axis]
+    if axis < len(dirs) and dirs[axis].get("explained_variance_ratio") is not None:
+        return f"PC{axis + 1} ({100 * dirs[axis]['explained_variance_ratio']:.1f}% var.)"
+    return base
+
+
+def _landscape_grid(land: Any, metric: str) -> np.ma.MaskedArray:
+    if land.ndim != 2:
+        raise ConfigError("this plot needs a 2-D landscape")
+    if metric not in land.values:
+        raise ConfigError(f"metric={metric!r} is not allowed: the landscape holds {sorted(land.values)}")
+    return np.ma.masked_invalid(land.values[metric])
+
+
+def draw_landscape_1d(land: Any, metric: str = "loss", *, ax: Any = None) -> Any:
+    """1-D landscape curve(s): train and (if present) test ``metric`` (with a +-1 standard-error band where the
+    landscape has one); NaN/inf points are drawn as gaps; log y axis for the loss. Returns the Axes."""
+    ax = _result_axes(ax, (5.0, 4.0))
+    for name, style in ((metric, "-"), (f"test_{metric}", "--")):
+        if name in land.values:
+            y = np.where(np.isfinite(land.values[name]), land.values[name], np.nan)
+            ax.plot(land.alphas, y, style, marker=".", label="train" if name == metric else "test")
+            se = land.values.get(f"{name}_se")
+            if se is not None:
+                ax.fill_between(land.alphas, y - se, y + se, alpha=0.2)
+    ax.set_xlabel("alpha")
+    ax.set_ylabel(metric)
+    if metric == "loss":
+        ax.set_yscale("log")
+    ax.legend()
+    return ax
+
+
+def draw_landscape_contour(
+    land: Any,
+    metric: str = "loss",
+    *,
+    levels: int = 30,
+    log: bool = True,
+    trajectory: np.ndarray | None = None,
+    ax: Any = None,
+) -> Any:
+    """Contours of a 2-D landscape with log-spaced levels (so low losses are not dropped), NaN/inf as gaps, and
+    an optional trajectory ``(T, 2)`` drawn on the plane (e.g. ``PCADirections.coords``). Returns the Axes."""
+    z = _landscape_grid(land, metric)
+    ax = _result_axes(ax, (5.0, 4.0))
+    zz = z.compressed()
+    lv: Any = levels
+    if log and zz.size and zz.min() > 0 and zz.max() > zz.min():
+        lv = np.geomspace(zz.min(), zz.max(), levels)
+    elif zz.size and zz.max() > zz.min():
+        lv = np.linspace(zz.min(), zz.max(), levels)
+    cs = ax.contour(land.alphas, land.betas, z.T, levels=lv, cmap="viridis")
+    ax.figure.colorbar(cs, ax=ax, label=metric)
+    if trajectory is not None:
+        tr = np.asarray(trajectory)
+        ax.plot(tr[:, 0], tr[:, 1], "r.-", ms=3, lw=1)
+    ax.set_xlabel(_landscape_label(land, 0))
+    ax.set_ylabel(_landscape_label(land, 1))
+    return ax
+
+
+def draw_landscape_heatmap(land: Any, metric: str = "loss", *, log: bool = True, ax: Any = None) -> Any:
+    """Heat map of a 2-D landscape (log colour scale for positive values); NaN/inf cells are left blank.
+    Returns the Axes."""
+    from matplotlib.colors import LogNorm
+
+    z = _landscape_grid(land, metric)
+    ax = _result_axes(ax, (5.0, 4.0))
+    norm = LogNorm() if log and z.count() and z.min() > 0 else None
+    im = ax.pcolormesh(land.alphas, land.betas, z.T, shading="nearest", norm=norm, cmap="viridis")
+    ax.figure.colorbar(im, ax=ax, label=metric)
+    ax.set_xlabel(_landscape_label(land, 0))
+    ax.set_ylabel(_landscape_label(land, 1))
+    return ax
+
+
+def draw_landscape_surface(land: Any, metric: str = "loss", *, ax: Any = None) -> Any:
+    """3-D surface of a 2-D landscape (``add_subplot(projection="3d")``); returns the (3-D) Axes."""
+    z = _landscape_grid(land, metric)
+    ax = _result_axes(ax, (6.0, 5.0), projection="3d")
+    aa, bb = np.meshgrid(land.alphas, land.betas, indexing="ij")
+    ax.plot_surface(aa, bb, z.filled(np.nan), cmap="viridis", linewidth=0, antialiased=True)
+    ax.set_xlabel(_landscape_label(land, 0))
+    ax.set_ylabel(_landscape_label(land, 1))
+    ax.set_zlabel(metric)
+    return ax
+
+
+def draw_path(path: Any, metric: str = "loss", *, ax: Any = None, label: str | None = None) -> Any:
+    """Train (solid) and test (dashed) ``metric`` along a connectivity ``Path`` against ``t``; returns the Axes."""
+    check_choice("metric", metric, ("loss", "accuracy"))
+    ax = _result_axes(ax, (5.0, 3.5))
+    name = label or path.kind
+    ax.plot(path.t, getattr(path, metric), "-", label=f"{name} train")
+    test = getattr(path, f"test_{metric}")
+    if test is not None:
+        ax.plot(path.t, test, "--", label=f"{name} test")
+    ax.set_xlabel("t")
+    ax.set_ylabel(metric)
+    ax.legend()
+    return ax
+
+
+def draw_schedule(schedule: Any, n: int, *, ax: Any = None) -> Any:
+    """The first ``n`` values of a ``Schedule`` against the step (steps for integer schedules), titled with its
+    spec; returns the Axes."""
+    ax = _result_axes(ax, (6.4, 3.6))
+    ax.plot(np.arange(n), schedule.values(n), drawstyle="steps-post" if schedule.integer else "default")
+    ax.set_xlabel("step")
+    ax.set_ylabel("batch size" if schedule.integer else "value")
+    title = repr(schedule)
+    ax.set_title(title if len(title) <= 80 else title[:77] + "...", fontsize=8)
+    return ax
