@@ -158,8 +158,9 @@ def test_connect_linear_between_two_checkpoints(user_module, tmp_path, capsys):
 
     a, b = (_checkpoint(user_module, tmp_path, n, seed=s) for n, s in (("a", 0), ("b", 1)))
     argv = ["connect", *OWN, "--a", str(a), "--b", str(b), "--method", "linear", "--points", "5"]
-    assert main(argv) == 0
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
+    assert (tmp_path / "o" / "path.png").is_file() and (tmp_path / "o" / "path.json").is_file()
     ma, mb = _own_model(user_module, 0), _own_model(user_module, 1)
     train, test = user_module.make_data()
     obj = Objective(ma, data=train, bn="recompute", batch_size=1000)

@@ -101,5 +101,5 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "path.json").write_text(json.dumps(path.to_dict(), indent=2, default=str))
-        path.plot().savefig(out / "path.png", dpi=120)
+        path.plot().figure.savefig(out / "path.png", dpi=120)
     return 0

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     land = landscape_2d(obj, d1, d2, coords, coords, path=out / "landscape", progress=True, test_obj=test_obj)
-    land.plot("contour").savefig(out / "landscape.png", dpi=120)
+    land.plot("contour").figure.savefig(out / "landscape.png", dpi=120)
     table = Table(title=f"landscape {args.model} @ {args.checkpoint}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
