@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._util import progress as progress_bar
 from .batches import as_source, index_batch
 from .errors import ConfigError, LrbsTypeError, check_choice, check_int, check_number
 from .landscape import check_same_architecture, params_of
@@ -301,6 +302,53 @@ class _MiniBatches:
         return index_batch(self.whole, idx)
 
 
+def _check_sgd(lr: float, momentum: float, weight_decay: float, seed: int) -> tuple[float, float, float, int]:
+    """The SGD settings shared by :func:`fit_curve` and :func:`auto_neb`, checked: ``lr > 0``, ``momentum`` in
+    ``[0, 1)``, ``weight_decay >= 0``, an integer seed."""
+    lr = check_number("lr", lr, low=0.0)
+    momentum = check_number("momentum", momentum, low=0.0, high=1.0, low_inclusive=True, high_inclusive=False)
+    weight_decay = check_number("weight_decay", weight_decay, low=0.0, low_inclusive=True)
+    return lr, momentum, weight_decay, check_int("seed", seed)
+
+
+def _train_curve(
+    kind: str,
+    ends: tuple[torch.Tensor, torch.Tensor],
+    inner: torch.Tensor,
+    tobj: Objective,
+    batches: _MiniBatches,
+    gen: torch.Generator,
+    sgd: dict[str, float],
+    total: int,
+    progress: bool,
+) -> np.ndarray:
+    """``total`` SGD steps on the inner control points (one ``t ~ U(0, 1)`` and one mini-batch each, LR by
+    :func:`curve_lr_factor`); returns the per-step training loss."""
+    ta, tb = ends
+    m = inner.shape[0] + 2
+    lr, weight_decay = sgd["lr"], sgd["weight_decay"]
+    opt = torch.optim.SGD([inner], lr=lr, momentum=sgd["momentum"])
+    history = np.empty(total)
+    with progress_bar(f"{kind} curve", total, enabled=progress) as bar:
+        for step in range(total):
+            batch = batches.next()
+            t = torch.rand((1,), generator=gen, dtype=tobj.dtype)
+            for g in opt.param_groups:
+                g["lr"] = lr * curve_lr_factor(step / total)
+            c = _coefficients(kind, m, t)[0]
+            with torch.enable_grad():
+                theta = c[0] * ta + c[-1] * tb + c[1:-1] @ inner
+                loss = tobj.loss_on(theta, batch)
+                if weight_decay:
+                    loss = loss + 0.5 * weight_decay * theta.pow(2).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+            history[step] = float(loss.detach())
+            bar.advance()
+    return history
+
+
 def fit_curve(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -353,13 +401,9 @@ def fit_curve(
         ShapeError: the two models differ (names the first differing parameter and both shapes).
     """
     check_choice("kind", kind, CURVES)
-    low = 1 if kind == "bezier" else 2
-    bends = check_int("bends", bends, low=low)
+    bends = check_int("bends", bends, low=1 if kind == "bezier" else 2)
     epochs = check_number("epochs", epochs, low=0.0, low_inclusive=True)
-    lr = check_number("lr", lr, low=0.0)
-    weight_decay = check_number("weight_decay", weight_decay, low=0.0, low_inclusive=True)
-    momentum = check_number("momentum", momentum, low=0.0, high=1.0, low_inclusive=True, high_inclusive=False)
-    seed = check_int("seed", seed)
+    lr, momentum, weight_decay, seed = _check_sgd(lr, momentum, weight_decay, seed)
     check_same_architecture(model_a, model_b)
     tobj, eobj, test_obj = _objectives(model_a, data, loss_fn, bn, compute_loss, batch_weight)
     batch_size = check_int("batch_size", batch_size, low=1)
@@ -367,52 +411,14 @@ def fit_curve(
     m = bends + 2
     frac = torch.linspace(0, 1, m, dtype=tobj.dtype)[1:-1, None]
     inner = ((1 - frac) * ta + frac * tb).clone().requires_grad_(True)
-    opt = torch.optim.SGD([inner], lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
     batches = _MiniBatches(tobj, batch_size, gen)
     total = int(round(epochs * batches.per_epoch))
-    history = np.empty(total)
-    bar = task = None
-    if progress:
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task(f"{kind} curve", total=total)
-    try:
-        for step in range(total):
-            batch = batches.next()
-            t = torch.rand((1,), generator=gen, dtype=tobj.dtype)
-            for g in opt.param_groups:
-                g["lr"] = lr * curve_lr_factor(step / total)
-            c = _coefficients(kind, m, t)[0]
-            with torch.enable_grad():
-                theta = c[0] * ta + c[-1] * tb + c[1:-1] @ inner
-                loss = tobj.loss_on(theta, batch)
-                if weight_decay:
-                    loss = loss + 0.5 * weight_decay * theta.pow(2).sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            opt.step()
-            history[step] = float(loss.detach())
-            if bar is not None:
-                bar.update(task, advance=1)
-    finally:
-        if bar is not None:
-            bar.stop()
+    sgd = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+    history = _train_curve(kind, (ta, tb), inner, tobj, batches, gen, sgd, total, progress)
     points = torch.cat([ta[None], inner.detach(), tb[None]]).to(eobj.dtype)
-    settings = {
-        "curve": kind,
-        "bends": bends,
-        "num_control_points": m,
-        "epochs": epochs,
-        "steps": total,
-        "lr": lr,
-        "batch_size": batch_size,
-        "weight_decay": weight_decay,
-        "momentum": momentum,
-        "seed": seed,
-    }
+    settings = {"curve": kind, "bends": bends, "num_control_points": m, "epochs": epochs, "steps": total, "lr": lr,
+                "batch_size": batch_size, "weight_decay": weight_decay, "momentum": momentum, "seed": seed}  # fmt: skip
     curve = Curve(kind, points, None, history, settings)
     path = curve.evaluate(eobj, num_eval, test_obj=test_obj)
     return Curve(kind, points, path, history, settings)
@@ -464,6 +470,91 @@ def _scan(pivots: torch.Tensor, sub: int) -> tuple[torch.Tensor, np.ndarray]:
     return torch.cat(pts), np.asarray(gap)
 
 
+def _insert_pivots(
+    pivots: torch.Tensor, eobj: Objective, subpoints: int, threshold: float, insert_per_cycle: int, cycle: int
+) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """AutoNEB's insertion step: a dense scan (``subpoints`` per gap, one ``loss_many`` call), and up to
+    ``insert_per_cycle`` new pivots at the highest scan point of the gaps whose scan rises above the linear
+    interpolation of their pivots by more than ``threshold`` times the loss range.
+
+    Returns ``(new pivots or None when no gap is over the threshold, the cycle's log entry)``.
+    """
+    pts, gap = _scan(pivots, subpoints)
+    scan_loss = eobj.loss_many(pts, accuracy=False)["loss"]
+    lrange = np.nanmax(scan_loss) - np.nanmin(scan_loss)
+    piv_idx = np.flatnonzero(gap == -1)
+    cand = []
+    for g in range(pivots.shape[0] - 1):
+        sel = np.flatnonzero(gap == g)
+        l0, l1 = scan_loss[piv_idx[g]], scan_loss[piv_idx[g + 1]]
+        frac = np.arange(1, subpoints + 1) / (subpoints + 1)
+        dev = scan_loss[sel] - ((1 - frac) * l0 + frac * l1)
+        worst = float(np.max(dev)) if np.isfinite(dev).all() else float("inf")
+        if worst > threshold * lrange:
+            cand.append((worst, g, int(sel[int(np.nanargmax(scan_loss[sel]))])))
+    log = {
+        "cycle": cycle,
+        "pivots": int(pivots.shape[0]),
+        "max_scan_loss": float(np.nanmax(scan_loss)),
+        "gaps_over_threshold": len(cand),
+    }
+    if not cand:
+        return None, log
+    cand = sorted(cand, reverse=True)[:insert_per_cycle]
+    new = list(pivots)
+    for _, g, k in sorted(cand, key=lambda c: -c[1]):  # insert from the back so indices stay valid
+        new.insert(g + 1, pts[k])
+    return torch.stack(new), log
+
+
+def _neb_steps(
+    pivots: torch.Tensor,
+    ends: tuple[torch.Tensor, torch.Tensor],
+    tobj: Objective,
+    batches: _MiniBatches,
+    steps: int,
+    sgd: dict[str, float],
+) -> torch.Tensor:
+    """``steps`` nudged-elastic-band steps on the inner pivots (shared mini-batch, gradient without its component
+    along the improved tangent, SGD with momentum, then redistribution) between the fixed ``ends``; returns all
+    pivots."""
+    ta, tb = ends
+    lr, momentum, weight_decay = sgd["lr"], sgd["momentum"], sgd["weight_decay"]
+
+    def losses_on(batch: Any, thetas: torch.Tensor) -> torch.Tensor:
+        return torch.stack([tobj.loss_on(th, batch) for th in thetas])
+
+    inner = pivots[1:-1].clone()
+    buf = torch.zeros_like(inner)
+    for _ in range(steps):
+        batch = batches.next()
+        leaf = inner.clone().requires_grad_(True)
+        with torch.enable_grad():
+            li = losses_on(batch, leaf)
+            (grad,) = torch.autograd.grad(li.sum(), leaf)
+        with torch.no_grad():
+            le = losses_on(batch, torch.stack([ta, tb]))
+        energies = torch.cat([le[:1], li.detach(), le[1:]]).tolist()
+        full = torch.cat([ta[None], inner, tb[None]])
+        g = grad + weight_decay * inner
+        for i in range(inner.shape[0]):
+            tau = _improved_tangent(
+                full[i], full[i + 1], full[i + 2], energies[i], energies[i + 1], energies[i + 2]
+            )
+            g[i] -= (g[i] @ tau) * tau
+        buf = momentum * buf + g
+        inner = inner - lr * buf
+        inner = _redistribute(torch.cat([ta[None], inner, tb[None]]))[1:-1]
+    return torch.cat([ta[None], inner, tb[None]])
+
+
+def _arc_parameter(pts: torch.Tensor) -> np.ndarray:
+    """The normalized cumulative arc length along ``pts`` (equally spaced where the path has zero length)."""
+    seg = (pts[1:] - pts[:-1]).double().norm(dim=1).cpu().numpy()
+    arc = np.concatenate([[0.0], np.cumsum(seg)])
+    return arc / arc[-1] if arc[-1] > 0 else np.linspace(0, 1, len(arc))
+
+
 def auto_neb(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -507,98 +598,31 @@ def auto_neb(
     """
     cycles = check_int("cycles", cycles, low=1)
     steps = check_int("steps", steps, low=0)
-    lr = check_number("lr", lr, low=0.0)
-    momentum = check_number("momentum", momentum, low=0.0, high=1.0, low_inclusive=True, high_inclusive=False)
-    weight_decay = check_number("weight_decay", weight_decay, low=0.0, low_inclusive=True)
+    lr, momentum, weight_decay, seed = _check_sgd(lr, momentum, weight_decay, seed)
     initial_pivots = check_int("initial_pivots", initial_pivots, low=1)
     insert_per_cycle = check_int("insert_per_cycle", insert_per_cycle, low=1)
     threshold = check_number("threshold", threshold, low=0.0, low_inclusive=True)
     subpoints = check_int("subpoints", subpoints, low=1)
-    seed = check_int("seed", seed)
     check_same_architecture(model_a, model_b)
     tobj, eobj, test_obj = _objectives(model_a, data, loss_fn, bn, compute_loss, batch_weight)
     batch_size = check_int("batch_size", batch_size, low=1)
     ta, tb = params_of(model_a, tobj, "model_a"), params_of(model_b, tobj, "model_b")
     w = torch.linspace(0, 1, initial_pivots + 2, dtype=tobj.dtype)[:, None]
     pivots = (1 - w) * ta + w * tb
-    gen = torch.Generator().manual_seed(seed)
-    batches = _MiniBatches(tobj, batch_size, gen)
-
-    def losses_on(batch: Any, thetas: torch.Tensor) -> torch.Tensor:
-        return torch.stack([tobj.loss_on(th, batch) for th in thetas])
-
+    batches = _MiniBatches(tobj, batch_size, torch.Generator().manual_seed(seed))
+    sgd = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
     log = []
     for cycle in range(cycles):
         if cycle > 0:
-            pts, gap = _scan(pivots, subpoints)
-            scan_loss = eobj.loss_many(pts, accuracy=False)["loss"]
-            lrange = np.nanmax(scan_loss) - np.nanmin(scan_loss)
-            piv_idx = np.flatnonzero(gap == -1)
-            cand = []
-            for g in range(pivots.shape[0] - 1):
-                sel = np.flatnonzero(gap == g)
-                l0, l1 = scan_loss[piv_idx[g]], scan_loss[piv_idx[g + 1]]
-                frac = np.arange(1, subpoints + 1) / (subpoints + 1)
-                dev = scan_loss[sel] - ((1 - frac) * l0 + frac * l1)
-                worst = float(np.max(dev)) if np.isfinite(dev).all() else float("inf")
-                if worst > threshold * lrange:
-                    cand.append((worst, g, int(sel[int(np.nanargmax(scan_loss[sel]))])))
-            log.append(
-                {
-                    "cycle": cycle,
-                    "pivots": int(pivots.shape[0]),
-                    "max_scan_loss": float(np.nanmax(scan_loss)),
-                    "gaps_over_threshold": len(cand),
-                }
-            )
-            if not cand:
+            inserted, entry = _insert_pivots(pivots, eobj, subpoints, threshold, insert_per_cycle, cycle)
+            log.append(entry)
+            if inserted is None:
                 break
-            cand = sorted(cand, reverse=True)[:insert_per_cycle]
-            new = list(pivots)
-            for _, g, k in sorted(cand, key=lambda c: -c[1]):  # insert from the back so indices stay valid
-                new.insert(g + 1, pts[k])
-            pivots = torch.stack(new)
-        inner = pivots[1:-1].clone()
-        buf = torch.zeros_like(inner)
-        for _ in range(steps):
-            batch = batches.next()
-            leaf = inner.clone().requires_grad_(True)
-            with torch.enable_grad():
-                li = losses_on(batch, leaf)
-                (grad,) = torch.autograd.grad(li.sum(), leaf)
-            with torch.no_grad():
-                le = losses_on(batch, torch.stack([ta, tb]))
-            energies = torch.cat([le[:1], li.detach(), le[1:]]).tolist()
-            full = torch.cat([ta[None], inner, tb[None]])
-            g = grad + weight_decay * inner
-            for i in range(inner.shape[0]):
-                tau = _improved_tangent(
-                    full[i], full[i + 1], full[i + 2], energies[i], energies[i + 1], energies[i + 2]
-                )
-                g[i] -= (g[i] @ tau) * tau
-            buf = momentum * buf + g
-            inner = inner - lr * buf
-            inner = _redistribute(torch.cat([ta[None], inner, tb[None]]))[1:-1]
-        pivots = torch.cat([ta[None], inner, tb[None]])
-    pts, gap = _scan(pivots, subpoints)
-    seg = (pts[1:] - pts[:-1]).double().norm(dim=1).cpu().numpy()
-    arc = np.concatenate([[0.0], np.cumsum(seg)])
-    t = arc / arc[-1] if arc[-1] > 0 else np.linspace(0, 1, len(arc))
-    settings = {
-        "cycles": cycles,
-        "steps": steps,
-        "lr": lr,
-        "momentum": momentum,
-        "batch_size": batch_size,
-        "weight_decay": weight_decay,
-        "initial_pivots": initial_pivots,
-        "insert_per_cycle": insert_per_cycle,
-        "threshold": threshold,
-        "subpoints": subpoints,
-        "seed": seed,
-        "spring": "k=inf (redistribution)",
-        "tangent": "henkelman-jonsson",
-        "num_pivots": int(pivots.shape[0]),
-        "cycles_log": log,
-    }
-    return _evaluate_path("neb", t, pts.to(eobj.dtype), eobj, test_obj, settings, pivots)
+            pivots = inserted
+        pivots = _neb_steps(pivots, (ta, tb), tobj, batches, steps, sgd)
+    pts, _ = _scan(pivots, subpoints)
+    settings = {"cycles": cycles, "steps": steps, "lr": lr, "momentum": momentum, "batch_size": batch_size,
+                "weight_decay": weight_decay, "initial_pivots": initial_pivots, "insert_per_cycle": insert_per_cycle,
+                "threshold": threshold, "subpoints": subpoints, "seed": seed, "spring": "k=inf (redistribution)",
+                "tangent": "henkelman-jonsson", "num_pivots": int(pivots.shape[0]), "cycles_log": log}  # fmt: skip
+    return _evaluate_path("neb", _arc_parameter(pts), pts.to(eobj.dtype), eobj, test_obj, settings, pivots)
