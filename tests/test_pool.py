@@ -92,3 +92,12 @@ def test_bad_arguments():
     with pytest.raises(ConfigError, match="method='fork' is not allowed"):
         WorkerPool(1, method="fork")
     assert available_cpus() >= 1
+
+
+def test_queued_tasks_start_lowest_priority_first():
+    with WorkerPool(1) as p:
+        blocker = p.submit(time.sleep, 1.0)
+        jobs = {prio: p.submit(time.monotonic, priority=prio) for prio in (2, 0, 1)}
+        blocker.result(timeout=60)
+        started = {prio: j.result(timeout=60) for prio, j in jobs.items()}
+    assert started[0] < started[1] < started[2]

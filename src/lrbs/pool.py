@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import heapq
 import multiprocessing as mp
 import os
 import pickle
@@ -28,7 +29,6 @@ import signal
 import sys
 import threading
 import traceback
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
@@ -247,7 +247,7 @@ class WorkerPool:
         self._context = mp.get_context(self.method)
         if self.method == "forkserver":
             self._context.set_forkserver_preload(list(dict.fromkeys((*PRELOAD, *preload))))
-        self._queue: deque[tuple[Job, bytes]] = deque()
+        self._queue: list[tuple[float, int, Job, bytes]] = []  # a heap: (priority, submission number, ...)
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         self._closing = False
@@ -258,8 +258,12 @@ class WorkerPool:
         self._thread: threading.Thread | None = None
 
     # -- public --------------------------------------------------------------------------------
-    def submit(self, fn: Callable, *args: Any, threads: int | None = 1, describe: str = "") -> Job:
+    def submit(
+        self, fn: Callable, *args: Any, threads: int | None = 1, describe: str = "", priority: float = 0
+    ) -> Job:
         """Queue ``fn(*args)`` (both picklable) to run in a worker with ``threads`` torch threads.
+
+        Queued tasks start lowest ``priority`` first, then in submission order.
 
         Raises:
             LrbsError: the pool is closed; pickling errors of ``fn`` or ``args`` surface here.
@@ -273,7 +277,7 @@ class WorkerPool:
         task = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
         data = pickle.dumps((job_id, threads, task), protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
-            self._queue.append((job, data))
+            heapq.heappush(self._queue, (priority, job_id, job, data))
             self._ensure_thread()
         os.write(self._wake_w, b"x")
         return job
@@ -369,13 +373,14 @@ class WorkerPool:
                 idle = [w for w in self._pool if w.job is None and w.process.is_alive()]
                 if not idle and len(self._pool) >= self.workers:
                     return
-                job, data = self._queue.popleft()
+                item = heapq.heappop(self._queue)
+                job, data = item[2], item[3]
             w = idle[0] if idle else self._spawn()
             try:
                 w.conn.send_bytes(data)
             except OSError:  # it died between the check and the send: the task goes back to the front
                 with self._lock:
-                    self._queue.appendleft((job, data))
+                    heapq.heappush(self._queue, item)
                 self._bury(w)
                 continue
             w.job, job.pid = job, w.process.pid
@@ -434,7 +439,7 @@ class WorkerPool:
     def _shutdown(self, error: BaseException | None = None) -> None:
         with self._lock:
             self._closing = True
-            queued = list(self._queue)
+            queued = [(job, data) for _, _, job, data in sorted(self._queue)]
             self._queue.clear()
         why = (
             "its pool was closed" if error is None else f"the pool stopped ({type(error).__name__}: {error})"

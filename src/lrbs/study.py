@@ -156,7 +156,7 @@ def _run_paper(name: str, ctx: Context) -> PaperResult:
 def _run_papers(names: list[str], ctx: Context) -> dict[str, PaperResult]:
     """Every paper, one after the other (``jobs=1``) or side by side in threads; results in the order of
     ``names``, each paper's warnings in ``ctx.warnings`` in that order too."""
-    views = {name: ctx.for_paper() for name in names}
+    views = {name: ctx.for_paper(priority=i) for i, name in enumerate(names)}
     results: dict[str, PaperResult] = {}
     if not ctx.executor.parallel:
         for name in names:

@@ -179,15 +179,22 @@ class Executor:
         return self.backend == "ray" or self.jobs > 1
 
     def run(
-        self, fn: Callable, args: tuple, record: Callable[[Any], Any], describe: str, *, here: bool = False
+        self,
+        fn: Callable,
+        args: tuple,
+        record: Callable[[Any], Any],
+        describe: str,
+        *,
+        here: bool = False,
+        priority: float = 0,
     ) -> Job:
         """``record(fn(*args))``: at once in this process (``jobs=1`` or ``here``), or ``fn`` in a worker and
-        ``record`` here when it is done."""
+        ``record`` here when it is done. Queued tasks start lowest ``priority`` first."""
         if here or not self.parallel:
             with self.baton():
                 return Job.completed(record(fn(*args)), describe)
         done = Job(describe)
-        work = self._workers().submit(fn, *args, threads=self.threads, describe=describe)
+        work = self._workers().submit(fn, *args, threads=self.threads, describe=describe, priority=priority)
         work.add_done_callback(lambda w: self._inbox.put((w, record, done)))
         self._outstanding.append(done)
         return done
@@ -259,6 +266,8 @@ class Context:
         jobs: worker processes (or Ray CPUs) for independent training runs and measurements; 1 runs them here.
         threads: torch threads of every training run and measurement.
         executor: where the work runs (shared by the per-paper views of one study, see :meth:`for_paper`).
+        priority: queued work of a lower priority starts first (the study gives each paper its index: the
+            papers with the longest runs come first, the short runs of the last ones fill the end).
     """
 
     store: Any
@@ -273,6 +282,7 @@ class Context:
     jobs: int = 1
     threads: int | None = 1
     executor: Executor | None = None
+    priority: float = 0
 
     def __post_init__(self) -> None:
         check_choice("scale", self.scale, SCALES)
@@ -286,9 +296,10 @@ class Context:
         """What a worker gets: the settings and the data, without the store, the executor or the log."""
         return {**self.__dict__, "store": None, "executor": None, "log": _quiet, "warnings": []}
 
-    def for_paper(self) -> Context:
-        """A view for one paper: the same store and executor, its own warnings (reported in paper order)."""
-        return replace(self, warnings=[])
+    def for_paper(self, priority: float = 0) -> Context:
+        """A view for one paper: the same store and executor, its own warnings (reported in paper order) and the
+        ``priority`` of its work in the queue."""
+        return replace(self, warnings=[], priority=priority)
 
     @property
     def quick(self) -> bool:
@@ -357,7 +368,11 @@ class Context:
             progress = self.progress and not ex.parallel
             args = (cfg, snapshot_steps, noise_tracker, self.dataset, progress)
             job = ex.run(
-                _train_one, args, lambda res: self._record(kc, cfg, res), f"train {paper}: {_short(cfg)}"
+                _train_one,
+                args,
+                lambda res: self._record(kc, cfg, res),
+                f"train {paper}: {_short(cfg)}",
+                priority=self.priority,
             )
             ex.memo[memo_key] = job
             return Pending(job, ex.baton)
@@ -467,7 +482,12 @@ class Context:
                 f"  note: {describe} runs in this process ({getattr(fn, '__qualname__', fn)} cannot be sent)"
             )
         return ex.run(
-            _timed, (fn, *args), lambda res: self._record_measure(kc, name, *res), describe, here=here
+            _timed,
+            (fn, *args),
+            lambda res: self._record_measure(kc, name, *res),
+            describe,
+            here=here,
+            priority=self.priority,
         )
 
     def _record_measure(self, kc: dict, name: str, out: dict, seconds: float) -> dict:
