@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._util import atomic_write
 from .errors import ConfigError, DataError, check_int, unknown_name
 
 __all__ = ["Dataset", "Split", "load_dataset", "list_datasets", "cache_dir"]
@@ -111,18 +112,6 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lrbs"
 
 
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _mnist1d(cache: str | os.PathLike | None = None, limit: int | None = None) -> Dataset:
     path = cache_dir(cache) / "mnist1d_default.npz"
     arrays = None
@@ -148,7 +137,8 @@ def _mnist1d(cache: str | os.PathLike | None = None, limit: int | None = None) -
             "y_test": d["y_test"].astype(np.int64),
         }
         with contextlib.suppress(OSError):  # an unwritable cache only costs regeneration next time
-            _atomic_savez(path, **arrays)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda f: np.savez(f, **arrays))
     train = Split(torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"]))
     test = Split(torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"]))
     if limit is not None:
@@ -177,21 +167,8 @@ def _blobs(
         x = centres[y] + spread * torch.randn(n, num_features, generator=g)
         return Split(x.float(), y)
 
-    return Dataset(
-        "blobs",
-        num_classes,
-        (num_features,),
-        draw(n_train),
-        draw(n_test),
-        {
-            "n_train": n_train,
-            "n_test": n_test,
-            "num_features": num_features,
-            "num_classes": num_classes,
-            "spread": spread,
-            "seed": seed,
-        },
-    )
+    options = {"n_train": n_train, "n_test": n_test, "num_features": num_features, "num_classes": num_classes}
+    return _synthetic("blobs", draw, {**options, "spread": spread, "seed": seed})
 
 
 def _teacher(
@@ -214,21 +191,16 @@ def _teacher(
         y = (torch.tanh(x @ w1) @ w2).argmax(1)
         return Split(x.float(), y)
 
-    return Dataset(
-        "teacher",
-        num_classes,
-        (num_features,),
-        draw(n_train),
-        draw(n_test),
-        {
-            "n_train": n_train,
-            "n_test": n_test,
-            "num_features": num_features,
-            "num_classes": num_classes,
-            "hidden": hidden,
-            "seed": seed,
-        },
-    )
+    options = {"n_train": n_train, "n_test": n_test, "num_features": num_features, "num_classes": num_classes}
+    return _synthetic("teacher", draw, {**options, "hidden": hidden, "seed": seed})
+
+
+def _synthetic(name: str, draw: Callable[[int], Split], options: dict[str, Any]) -> Dataset:
+    """A synthetic ``Dataset`` of ``num_features`` features: the train split drawn first, then the test split
+    (from the same generator, so the order matters), ``options`` recorded as given."""
+    train = draw(options["n_train"])
+    test = draw(options["n_test"])
+    return Dataset(name, options["num_classes"], (options["num_features"],), train, test, options)
 
 
 _CIFAR_RECORD = 1 + 3072
