@@ -16,8 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._util import atomic_write, dumps
 from .batches import batch_size_of, slice_batch
 from .errors import ConfigError, LrbsTypeError, ShapeError, check_choice, check_int, check_number
 from .objective import Objective
@@ -133,59 +133,24 @@ def random_direction(
 
 
 def eigen_direction(obj: Objective, k: int = 2) -> tuple[Direction, ...]:
-    """The top-``k`` Hessian eigenvectors at the centre point (unit norm), largest eigenvalue first.
-
-    Uses :func:`lrbs.curvature.hessian_eigenvalues` when available, else Lanczos (scipy ``eigsh``) on
-    :meth:`Objective.hvp`.
+    """The top-``k`` Hessian eigenvectors at the centre point (unit norm), largest eigenvalue first, from
+    :func:`lrbs.curvature.hessian_eigenvalues` (Lanczos on :meth:`Objective.hvp`).
 
     Raises:
         ConfigError: ``k`` < 1 or larger than the number of parameters.
     """
-    k = check_int("k", k, low=1, high=obj.num_params)
-    vals = vecs = None
-    try:
-        from .curvature import hessian_eigenvalues
+    from .curvature import hessian_eigenvalues
 
-        res = hessian_eigenvalues(obj, k, return_vectors=True)
-        if isinstance(res, tuple) and len(res) == 2:
-            vals, vecs = res
-        else:
-            vals = getattr(res, "eigenvalues", getattr(res, "values", None))
-            vecs = getattr(res, "eigenvectors", getattr(res, "vectors", None))
-    except ImportError:
-        pass
-    if vals is None or vecs is None:
-        vals, vecs = _eigsh_top(obj, k)
-    vals = np.asarray(torch.as_tensor(vals).detach().cpu(), dtype=np.float64).reshape(-1)
-    vecs = torch.as_tensor(vecs)
-    if vecs.shape[0] != k:  # (n, k) column layout
-        vecs = vecs.T
+    k = check_int("k", k, low=1, high=obj.num_params)
+    res = hessian_eigenvalues(obj, k, return_vectors=True)
+    vals = np.asarray(res.values, dtype=np.float64).reshape(-1)
+    vecs = torch.as_tensor(res.vectors)  # (k, n)
     order = np.argsort(-vals)
     out = []
     for r in order[:k]:
         v = vecs[int(r)].to(obj.dtype)
         out.append(Direction(v / v.norm(), "eigen", None, None, None, {"eigenvalue": float(vals[r])}))
     return tuple(out)
-
-
-def _eigsh_top(obj: Objective, k: int) -> tuple[np.ndarray, torch.Tensor]:
-    from scipy.sparse.linalg import LinearOperator, eigsh
-
-    theta = obj.theta()
-    n = obj.num_params
-
-    def mv(v):
-        t = torch.as_tensor(np.asarray(v).reshape(-1), dtype=obj.dtype)
-        return obj.hvp(theta, t).double().cpu().numpy()
-
-    if n <= 2 * k + 2:  # eigsh needs k < n; tiny problems get the dense matrix
-        h = np.stack([mv(e) for e in np.eye(n)])
-        w, u = np.linalg.eigh(0.5 * (h + h.T))
-    else:
-        w, u = eigsh(
-            LinearOperator((n, n), matvec=mv, dtype=np.float64), k=k, which="LA", v0=np.ones(n) / math.sqrt(n)
-        )
-    return w, torch.as_tensor(u.T.copy())
 
 
 @dataclass(frozen=True, eq=False)
@@ -327,6 +292,12 @@ class Landscape:
     def loss(self) -> np.ndarray:
         return self.values["loss"]
 
+    def metric_values(self, metric: str) -> np.ndarray:
+        """``values[metric]``; ConfigError naming the metrics it holds where it has no such metric."""
+        if metric not in self.values:
+            raise ConfigError(f"metric={metric!r} is not allowed: the landscape holds {sorted(self.values)}")
+        return self.values[metric]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (arrays as lists; NaN/inf as None)."""
 
@@ -357,10 +328,9 @@ class Landscape:
         if self.center is not None:
             arrays["center"] = self.center
         npz = base.with_name(base.name + ".npz")
-        _atomic_write(npz, lambda f: np.savez(f, **arrays))
+        atomic_write(npz, lambda f: np.savez(f, **arrays))
         meta = {"format": "lrbs.landscape/1", "settings": self.settings, "values": sorted(self.values)}
-        text = json.dumps(meta, indent=2, default=_json_default)
-        _atomic_write(base.with_name(base.name + ".json"), lambda f: f.write(text.encode()))
+        atomic_write(base.with_name(base.name + ".json"), dumps(meta, indent=2))
         return npz
 
     @classmethod
@@ -403,33 +373,11 @@ class Landscape:
         return draw(self, metric=metric, **kw)
 
 
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
 def _base_path(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.suffix in (".npz", ".json"):
         p = p.with_suffix("")
     return p
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------- evaluation engine
@@ -961,50 +909,13 @@ def refine(
         ConfigError: incomplete landscape, other data, missing directions, or a metric it does not hold.
     """
     k = check_int("k", k, low=1)
-    if metric not in landscape.values:
-        raise ConfigError(f"metric={metric!r} is not allowed: the landscape holds {sorted(landscape.values)}")
-    if not landscape.complete:
-        raise ConfigError("landscape is not complete: finish it (resume from its path) before refining")
-    if landscape.settings.get("data_fingerprint") != obj.fingerprint:
-        raise ConfigError("obj has other data than the landscape (data fingerprints differ)")
-    if len(landscape.directions) != landscape.ndim or landscape.center is None:
-        raise ConfigError("landscape carries no directions: it cannot be refined")
-    if any(k.startswith("test_") for k in landscape.values) and test_obj is None:
-        raise ConfigError("the landscape has test values: give test_obj=")
-    f = landscape.values[metric]
+    f = _check_refinable(landscape, obj, metric, test_obj)
     axes = [landscape.alphas] + ([] if landscape.betas is None else [landscape.betas])
-    new_axes = []
-    for ax_i, coords in enumerate(axes):
-        if len(coords) < 2:
-            new_axes.append(coords)
-            continue
-        diff = np.abs(np.diff(f, axis=ax_i))
-        diff = np.where(np.isfinite(diff), diff, np.inf)
-        score = diff if diff.ndim == 1 else diff.max(axis=1 - ax_i)
-        pick = np.argsort(-score, kind="stable")[: min(k, len(score))]
-        mids = 0.5 * (coords[pick] + coords[pick + 1])
-        new_axes.append(np.unique(np.concatenate([coords, mids])))
-    names = list(landscape.values)
-    values, done = _empty(new_axes[0], new_axes[1] if len(new_axes) > 1 else None, names)
-    # copy old points into the new grid
-    pos = [np.searchsorted(n, o) for n, o in zip(new_axes, axes)]
-    sel = np.ix_(*pos)
-    for nm in names:
-        values[nm][sel] = landscape.values[nm]
-    done[sel] = True
+    new_axes = [_refined_axis(f, i, coords, k) for i, coords in enumerate(axes)]
+    land = _regrid(landscape, axes, new_axes)
     center = torch.as_tensor(landscape.center, dtype=obj.dtype, device=obj.device)
     dirs = [torch.as_tensor(d, dtype=obj.dtype, device=obj.device) for d in landscape.directions]
-    settings = dict(landscape.settings)
-    settings["refined"] = int(settings.get("refined", 0)) + 1
-    land = Landscape(
-        new_axes[0],
-        new_axes[1] if len(new_axes) > 1 else None,
-        values,
-        done,
-        settings,
-        landscape.directions,
-        landscape.center,
-    )
+    names = list(landscape.values)
     metrics = tuple(m for m in METRICS if m in names)
     return _run_grid(
         obj.at(center),
@@ -1019,6 +930,48 @@ def refine(
         stderr="loss_se" in names,
         method=None,
     )
+
+
+def _check_refinable(
+    landscape: Landscape, obj: Objective, metric: str, test_obj: Objective | None
+) -> np.ndarray:
+    """The values of ``metric`` once ``landscape`` is known to be refinable on ``obj`` (ConfigError if not)."""
+    f = landscape.metric_values(metric)
+    if not landscape.complete:
+        raise ConfigError("landscape is not complete: finish it (resume from its path) before refining")
+    if landscape.settings.get("data_fingerprint") != obj.fingerprint:
+        raise ConfigError("obj has other data than the landscape (data fingerprints differ)")
+    if len(landscape.directions) != landscape.ndim or landscape.center is None:
+        raise ConfigError("landscape carries no directions: it cannot be refined")
+    if any(k.startswith("test_") for k in landscape.values) and test_obj is None:
+        raise ConfigError("the landscape has test values: give test_obj=")
+    return f
+
+
+def _refined_axis(f: np.ndarray, ax_i: int, coords: np.ndarray, k: int) -> np.ndarray:
+    """Axis ``ax_i`` with the midpoints of its ``k`` intervals of largest ``max |f(c_{i+1}) - f(c_i)|`` added."""
+    if len(coords) < 2:
+        return coords
+    diff = np.abs(np.diff(f, axis=ax_i))
+    diff = np.where(np.isfinite(diff), diff, np.inf)
+    score = diff if diff.ndim == 1 else diff.max(axis=1 - ax_i)
+    pick = np.argsort(-score, kind="stable")[: min(k, len(score))]
+    mids = 0.5 * (coords[pick] + coords[pick + 1])
+    return np.unique(np.concatenate([coords, mids]))
+
+
+def _regrid(landscape: Landscape, axes: list[np.ndarray], new_axes: list[np.ndarray]) -> Landscape:
+    """The landscape on the finer grid ``new_axes``: its old points copied in (done), the new ones to do."""
+    names = list(landscape.values)
+    betas = new_axes[1] if len(new_axes) > 1 else None
+    values, done = _empty(new_axes[0], betas, names)
+    sel = np.ix_(*[np.searchsorted(n, o) for n, o in zip(new_axes, axes)])
+    for nm in names:
+        values[nm][sel] = landscape.values[nm]
+    done[sel] = True
+    settings = dict(landscape.settings)
+    settings["refined"] = int(settings.get("refined", 0)) + 1
+    return Landscape(new_axes[0], betas, values, done, settings, landscape.directions, landscape.center)
 
 
 # --------------------------------------------------------------------------- non-convexity
@@ -1050,6 +1003,37 @@ class NonConvexity:
         }
 
 
+def _hessian_2x2_eigenvalues(f: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(lambda_min, lambda_max)`` of the central finite-difference 2x2 Hessian at each interior point of ``f`` on
+    the (possibly non-uniform) grid ``a x b`` (formulas in :func:`nonconvexity`)."""
+    ha, hb = np.diff(a), np.diff(b)
+    f0 = f[1:-1, 1:-1]
+    hap, ham = ha[1:][:, None], ha[:-1][:, None]
+    hbp, hbm = hb[1:][None, :], hb[:-1][None, :]
+    faa = 2 * ((f[2:, 1:-1] - f0) / hap - (f0 - f[:-2, 1:-1]) / ham) / (hap + ham)
+    fbb = 2 * ((f[1:-1, 2:] - f0) / hbp - (f0 - f[1:-1, :-2]) / hbm) / (hbp + hbm)
+    fab = (f[2:, 2:] - f[2:, :-2] - f[:-2, 2:] + f[:-2, :-2]) / ((hap + ham) * (hbp + hbm))
+    mean, dev = 0.5 * (faa + fbb), np.sqrt((0.5 * (faa - fbb)) ** 2 + fab**2)
+    return mean - dev, mean + dev
+
+
+def _component(allowed: np.ndarray, ci: int, cj: int) -> np.ndarray:
+    """The 4-connected component of ``allowed`` containing ``(ci, cj)`` (empty where that point is not allowed)."""
+    region = np.zeros_like(allowed)
+    if not allowed[ci, cj]:
+        return region
+    stack = [(ci, cj)]
+    region[ci, cj] = True
+    while stack:
+        i, j = stack.pop()
+        for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            u, v = i + di, j + dj
+            if 0 <= u < allowed.shape[0] and 0 <= v < allowed.shape[1] and allowed[u, v] and not region[u, v]:
+                region[u, v] = True
+                stack.append((u, v))
+    return region
+
+
 def nonconvexity(landscape: Landscape, *, metric: str = "loss", max_rise: float | None = 1.0) -> NonConvexity:
     """How non-convex a 2-D surface is, as numbers (Li et al. 2018, Section 6's eigenvalue map).
 
@@ -1070,26 +1054,16 @@ def nonconvexity(landscape: Landscape, *, metric: str = "loss", max_rise: float 
     """
     if landscape.ndim != 2:
         raise ConfigError("nonconvexity needs a 2-D landscape (landscape_2d); got a 1-D one")
-    if metric not in landscape.values:
-        raise ConfigError(f"metric={metric!r} is not allowed: the landscape holds {sorted(landscape.values)}")
+    f = np.asarray(landscape.metric_values(metric), dtype=np.float64)
     if not landscape.complete:
         raise ConfigError("landscape is not complete: finish it before measuring non-convexity")
     if max_rise is not None:
         max_rise = check_number("max_rise", max_rise, low=0.0)
-    f = np.asarray(landscape.values[metric], dtype=np.float64)
     a, b = landscape.alphas, landscape.betas
     A, B = f.shape
     if A < 3 or B < 3:
         raise ConfigError(f"the grid is {A}x{B}: nonconvexity needs at least 3x3")
-    ha, hb = np.diff(a), np.diff(b)
-    f0 = f[1:-1, 1:-1]
-    hap, ham = ha[1:][:, None], ha[:-1][:, None]
-    hbp, hbm = hb[1:][None, :], hb[:-1][None, :]
-    faa = 2 * ((f[2:, 1:-1] - f0) / hap - (f0 - f[:-2, 1:-1]) / ham) / (hap + ham)
-    fbb = 2 * ((f[1:-1, 2:] - f0) / hbp - (f0 - f[1:-1, :-2]) / hbm) / (hbp + hbm)
-    fab = (f[2:, 2:] - f[2:, :-2] - f[:-2, 2:] + f[:-2, :-2]) / ((hap + ham) * (hbp + hbm))
-    mean, dev = 0.5 * (faa + fbb), np.sqrt((0.5 * (faa - fbb)) ** 2 + fab**2)
-    lmin, lmax = mean - dev, mean + dev
+    lmin, lmax = _hessian_2x2_eigenvalues(f, a, b)
     # Li's map: |lambda_min / lambda_max|, counted where lambda_min < 0 (0 where the surface is locally convex)
     ratio = np.where(lmin < 0, np.abs(lmin) / np.maximum(np.abs(lmax), 1e-300), 0.0)
     ratio = np.minimum(ratio, 1.0)
@@ -1098,22 +1072,8 @@ def nonconvexity(landscape: Landscape, *, metric: str = "loss", max_rise: float 
     ci = int(np.argmin(np.abs(a))) - 1
     cj = int(np.argmin(np.abs(b))) - 1
     ci, cj = min(max(ci, 0), A - 3), min(max(cj, 0), B - 3)
-    if max_rise is None:
-        allowed = ok
-    else:
-        fc = f[ci + 1, cj + 1]
-        allowed = ok & (f0 <= fc + max_rise)
-    region = np.zeros_like(allowed)
-    if allowed[ci, cj]:
-        stack = [(ci, cj)]
-        region[ci, cj] = True
-        while stack:
-            i, j = stack.pop()
-            for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-                u, v = i + di, j + dj
-                if 0 <= u < A - 2 and 0 <= v < B - 2 and allowed[u, v] and not region[u, v]:
-                    region[u, v] = True
-                    stack.append((u, v))
+    allowed = ok if max_rise is None else ok & (f[1:-1, 1:-1] <= f[ci + 1, cj + 1] + max_rise)
+    region = _component(allowed, ci, cj)
     npts = int(region.sum())
     full = np.full(f.shape, np.nan)
     full[1:-1, 1:-1] = np.where(region, ratio, np.nan)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .._util import fmt
 from ..errors import ConfigError, LrbsTypeError, ShapeError, check_choice, check_int, check_number
 
 __all__ = [
@@ -98,8 +99,6 @@ def _array1d(name: str, x: Any) -> np.ndarray:
 
 
 def _tick_text(v: Any) -> str:
-    from .html import fmt
-
     return fmt(v, digits=3)
 
 
@@ -417,7 +416,7 @@ def log_levels(Z: Any, n: int = 20) -> np.ndarray:
 
 
 def _colorbar_ticks(cb: Any, levels: np.ndarray) -> None:
-    """About six of the contour levels as colour-bar ticks, written with :func:`~lrbs.report.html.fmt`."""
+    """About six of the contour levels as colour-bar ticks, written with :func:`lrbs._util.fmt`."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     idx = np.unique(np.linspace(0, len(levels) - 1, min(6, len(levels))).round().astype(int))
@@ -427,6 +426,8 @@ def _colorbar_ticks(cb: Any, levels: np.ndarray) -> None:
     cb.ax.tick_params(labelsize=_FONT["tick"])
 
 
+# plot_contour takes plot_heatmap's positional parameters (Z, xs, ys, labels, title, log) on purpose, and its
+# docstring describes them in the same words: the two grid plots are called one way (duplicates lists the pair).
 def plot_contour(
     Z: Any,
     xs: Any,
@@ -721,9 +722,7 @@ def _landscape_label(land: Any, axis: int) -> str:
 def _landscape_grid(land: Any, metric: str) -> np.ma.MaskedArray:
     if land.ndim != 2:
         raise ConfigError("this plot needs a 2-D landscape")
-    if metric not in land.values:
-        raise ConfigError(f"metric={metric!r} is not allowed: the landscape holds {sorted(land.values)}")
-    return np.ma.masked_invalid(land.values[metric])
+    return np.ma.masked_invalid(land.metric_values(metric))
 
 
 def draw_landscape_1d(land: Any, metric: str = "loss", *, ax: Any = None) -> Any:
