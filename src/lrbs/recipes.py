@@ -165,40 +165,54 @@ def linear_scaling(
     if total_steps is not None:
         total_steps = check_int("total_steps", total_steps, low=1)
     base = _as_schedule("lr", lr)
-
     if isinstance(batch_size, Schedule):
-        if warmup_steps:
-            raise ConfigError(
-                f"warmup_steps={warmup_steps} is not allowed with a batch-size schedule: the LR already follows the "
-                "batch ramp; give warmup_steps=0"
-            )
-        if decay not in (None, "constant"):
-            raise ConfigError(
-                f"decay={decay!r} is not allowed with a batch-size schedule: pass the decayed LR as a Schedule"
-            )
-        return BatchCoupledLR(base, batch_size, base_batch_size, rule)
+        return _batch_coupled(base, batch_size, base_batch_size, rule, warmup_steps, decay)
     batch_size = check_int("batch_size", batch_size, low=1)
     k = scaling_factor(batch_size, base_batch_size, rule)
-
     if decay in ("cosine", "linear"):
-        if isinstance(lr, Schedule):
-            raise ConfigError(
-                f"decay={decay!r} is not allowed with a Schedule lr: put the decay into that schedule"
-            )
-        if total_steps is None:
-            raise ConfigError(f"decay={decay!r} needs total_steps= (the run length, warmup included)")
-        if warmup_steps >= total_steps:
-            raise ConfigError(
-                f"warmup_steps={warmup_steps} is not allowed: must be < total_steps={total_steps}"
-            )
-        peak = float(lr) * k
-        rest = total_steps - warmup_steps
-        scaled = cosine(peak, rest) if decay == "cosine" else linear(peak, 0.0, rest)
+        scaled = _decayed(lr, k, decay, warmup_steps, total_steps)
     else:
         scaled = k * base if k != 1.0 else base
     if warmup_steps == 0:
         return scaled
     return warmup(scaled, warmup_steps, start=base(0))
+
+
+def _batch_coupled(
+    base: Schedule,
+    batch_size: Schedule,
+    base_batch_size: int,
+    rule: str,
+    warmup_steps: int,
+    decay: str | None,
+) -> BatchCoupledLR:
+    """:func:`linear_scaling` for a batch-size schedule: the LR follows the ramp (no warmup, no decay)."""
+    if warmup_steps:
+        raise ConfigError(
+            f"warmup_steps={warmup_steps} is not allowed with a batch-size schedule: the LR already follows the "
+            "batch ramp; give warmup_steps=0"
+        )
+    if decay not in (None, "constant"):
+        raise ConfigError(
+            f"decay={decay!r} is not allowed with a batch-size schedule: pass the decayed LR as a Schedule"
+        )
+    return BatchCoupledLR(base, batch_size, base_batch_size, rule)
+
+
+def _decayed(lr: Any, k: float, decay: str, warmup_steps: int, total_steps: int | None) -> Schedule:
+    """The post-warmup part of :func:`linear_scaling`'s ``cosine`` / ``linear`` decay: from ``k lr`` to 0 over
+    ``total_steps - warmup_steps`` steps (``lr`` a number)."""
+    if isinstance(lr, Schedule):
+        raise ConfigError(
+            f"decay={decay!r} is not allowed with a Schedule lr: put the decay into that schedule"
+        )
+    if total_steps is None:
+        raise ConfigError(f"decay={decay!r} needs total_steps= (the run length, warmup included)")
+    if warmup_steps >= total_steps:
+        raise ConfigError(f"warmup_steps={warmup_steps} is not allowed: must be < total_steps={total_steps}")
+    peak = float(lr) * k
+    rest = total_steps - warmup_steps
+    return cosine(peak, rest) if decay == "cosine" else linear(peak, 0.0, rest)
 
 
 def small_batch_warmup(
