@@ -89,20 +89,9 @@ class _Walker:
             items = [self.visit(elt, depth + 1) for elt in node.elts]
             return items if isinstance(node, ast.List) else tuple(items)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            operand = self.visit(node.operand, depth + 1)
-            if not _is_number(operand):
-                raise self.fail(node, f"a unary sign on {type(operand).__name__}")
-            return -operand if isinstance(node.op, ast.USub) else operand
+            return self.unary(node, depth)
         if isinstance(node, ast.BinOp):
-            if not isinstance(node.op, ast.Mult):
-                raise self.fail(node, f"the operator {type(node.op).__name__}")
-            left, right = self.visit(node.left, depth + 1), self.visit(node.right, depth + 1)
-            if not (_is_number(left) or _is_number(right)):
-                raise self.fail(node, "'*' between two non-numbers")
-            for side in (left, right):
-                if not (_is_number(side) or isinstance(side, self.result_type)):
-                    raise self.fail(node, f"'*' with a {type(side).__name__}")
-            return left * right
+            return self.product(node, depth)
         if isinstance(node, ast.Call):
             return self.call(node, depth)
         if isinstance(node, ast.Name):
@@ -110,6 +99,25 @@ class _Walker:
                 raise ConfigError(f"spec={self.spec!r}: {node.id!r} must be called, e.g. '{node.id}(...)'")
             raise unknown_name("schedule", node.id, self.constructors)
         raise self.fail(node, f"the expression {type(node).__name__}")
+
+    def unary(self, node: ast.UnaryOp, depth: int) -> Any:
+        """``-x`` / ``+x`` of a number."""
+        operand = self.visit(node.operand, depth + 1)
+        if not _is_number(operand):
+            raise self.fail(node, f"a unary sign on {type(operand).__name__}")
+        return -operand if isinstance(node.op, ast.USub) else operand
+
+    def product(self, node: ast.BinOp, depth: int) -> Any:
+        """``a * b`` where at least one side is a number and the other a number or a schedule."""
+        if not isinstance(node.op, ast.Mult):
+            raise self.fail(node, f"the operator {type(node.op).__name__}")
+        left, right = self.visit(node.left, depth + 1), self.visit(node.right, depth + 1)
+        if not (_is_number(left) or _is_number(right)):
+            raise self.fail(node, "'*' between two non-numbers")
+        for side in (left, right):
+            if not (_is_number(side) or isinstance(side, self.result_type)):
+                raise self.fail(node, f"'*' with a {type(side).__name__}")
+        return left * right
 
     def call(self, node: ast.Call, depth: int) -> Any:
         if not isinstance(node.func, ast.Name):
