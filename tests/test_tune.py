@@ -342,14 +342,15 @@ def test_dataloader_keeps_its_batch_size(small, untouched):
 def test_out_of_memory_ends_the_ladder_or_accumulates(small, monkeypatch, limit):
     """A batch above ``limit`` raises torch.OutOfMemoryError (as CUDA would): the ladder ends there; when not even
     the first rung fits, the batch is accumulated from the largest micro-batch that does."""
-    import lrbs.tune as tune_mod
+    import importlib
 
+    tune_mod = importlib.import_module("lrbs.tune")  # the module (lrbs.tune the attribute is the function)
     real = tune_mod._time_batch
 
-    def fake(ctx, model, opt, bl, stream, b, scaler):
+    def fake(ctx, rig, b):
         if b > limit:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(ctx, model, opt, bl, stream, b, scaler)
+        return real(ctx, rig, b)
 
     monkeypatch.setattr(tune_mod, "_time_batch", fake)
     rec = tune(_mlp(small), small, budget_samples=24000, batch_sizes=[16, 32, 64, 128], progress=False)

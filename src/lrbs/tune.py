@@ -44,7 +44,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._util import fmt, jsonable, progress
 from .batches import BatchLoss, BatchStream, LoaderSource, as_source, batch_size_of, model_device
 from .errors import ConfigError, LrbsError, LrbsTypeError, check_int, check_number, unknown_name
 from .schedules import Schedule, cosine, one_cycle, one_cycle_momentum, warmup
@@ -151,7 +152,7 @@ class Recommendation:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: the choices, the confidence and the evidence."""
-        return _jsonable(
+        return jsonable(
             {
                 "lr": self.lr,
                 "batch_size": self.batch_size,
@@ -201,7 +202,7 @@ class Recommendation:
         ns = ev["noise_scale"].get("result")
         if ns is not None:
             ax = noise_from_dict(ns).plot()
-            ax.set_title(f"Gradient noise scale: B_simple = {_f(ns.get('b_simple'))}")
+            ax.set_title(f"Gradient noise scale: B_simple = {fmt(ns.get('b_simple'))}")
             figures.append(Figure("Noise scale", ax.figure, ev["noise_scale"]["note"]))
         rows = ev["throughput"]["ladder"]
         if rows:
@@ -228,19 +229,13 @@ class Recommendation:
         )
 
 
-def _f(x: Any) -> str:
-    from .report.html import fmt
-
-    return fmt(x)
-
-
 def _summary_rows(rec: Recommendation) -> list[tuple[str, str, str]]:
     ev = rec.evidence
     batch = f"{rec.batch_size}"
     if rec.accumulation_steps > 1:
         batch += f" ({rec.accumulation_steps} x {rec.micro_batch_size})"
     return [
-        ("learning rate", _f(rec.lr), ev["lr"]["reason"]),
+        ("learning rate", fmt(rec.lr), ev["lr"]["reason"]),
         ("batch size", batch, ev["batch"]["reason"]),
         ("warmup steps", str(rec.warmup_steps), ev["schedule"]["warmup_reason"]),
         ("schedule", ev["schedule"]["family"], ev["schedule"]["reason"]),
@@ -252,14 +247,14 @@ def _summary_rows(rec: Recommendation) -> list[tuple[str, str, str]]:
         (
             "tune cost",
             f"{ev['cost']['samples']} samples",
-            f"{_f(ev['cost']['seconds'])} s; per step: {ev['cost']['per_step']}",
+            f"{fmt(ev['cost']['seconds'])} s; per step: {ev['cost']['per_step']}",
         ),
     ]
 
 
 def _rt_title(rec: Recommendation) -> str:
     b = rec.evidence["range_test"].get("batch_size")
-    return f"LR range test at batch {b}: recommended {_f(rec.evidence['range_test'].get('recommended'))}"
+    return f"LR range test at batch {b}: recommended {fmt(rec.evidence['range_test'].get('recommended'))}"
 
 
 def _rt_caption(ev: dict) -> str:
@@ -292,22 +287,6 @@ def _evidence_tables(ev: dict) -> list[Any]:
 
 
 # --------------------------------------------------------------------------------------------- (de)serialization
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, torch.Tensor):
-        return _jsonable(x.tolist())
-    return x
-
-
 def _arr(values: Any) -> np.ndarray:
     return np.asarray([math.nan if v is None else float(v) for v in values], dtype=np.float64)
 
@@ -315,62 +294,39 @@ def _arr(values: Any) -> np.ndarray:
 def range_result_from_dict(d: dict[str, Any]) -> Any:
     """Rebuild a :class:`~lrbs.range_test.RangeTestResult` from its ``to_dict()`` (for stored evidence).
 
-    The curves are float64 lists, so the suggestions of the rebuilt result equal the original's exactly.
+    The curves are float64 lists, so the suggestions of the rebuilt result equal the original's exactly. The
+    result's top-level curves are those of its first sweep (as :func:`~lrbs.range_test.lr_range_test` builds it).
     """
     from .range_test import RangeTestResult, RangeTestSweep
 
     def sweep(s: dict, seed: int) -> RangeTestSweep:
-        return RangeTestSweep(
-            lrs=_arr(s["lrs"]),
-            losses=_arr(s["losses"]),
-            smoothed=_arr(s["smoothed"]),
-            stopped_early=bool(s["stopped_early"]),
-            diverged_at=s["diverged_at"],
-            stop_reason=s["stop_reason"],
-            seed=int(s.get("seed", seed)),
-        )
+        curves = {k: _arr(s[k]) for k in ("lrs", "losses", "smoothed")}
+        flags = {"stopped_early": bool(s["stopped_early"]), "diverged_at": s["diverged_at"]}
+        return RangeTestSweep(**curves, **flags, stop_reason=s["stop_reason"], seed=int(s.get("seed", seed)))
 
     seed = int(d["settings"].get("seed", 0))
-    first = sweep(d, seed)
-    rest = [sweep(s, seed + i + 1) for i, s in enumerate(d.get("sweeps", []))]
+    sweeps = (sweep(d, seed), *(sweep(s, seed + i + 1) for i, s in enumerate(d.get("sweeps", []))))
+    first = {f.name: getattr(sweeps[0], f.name) for f in fields(RangeTestSweep) if f.name != "seed"}
     return RangeTestResult(
-        lrs=first.lrs,
-        losses=first.losses,
-        smoothed=first.smoothed,
-        stopped_early=first.stopped_early,
-        diverged_at=first.diverged_at,
-        stop_reason=first.stop_reason,
-        settings=dict(d["settings"]),
-        sweeps=(first, *rest),
-        wall_time=float(d.get("wall_time", 0.0)),
+        **first, settings=dict(d["settings"]), sweeps=sweeps, wall_time=float(d.get("wall_time", 0.0))
     )
+
+
+_NOISE_INTS = ("num_estimates", "small_batch", "big_batch", "num_bootstrap", "seed")
+_NOISE_ARRAYS = ("grad_sq_estimates", "trace_sigma_estimates", "small_sq_estimates", "big_sq_estimates")
 
 
 def noise_from_dict(d: dict[str, Any]) -> Any:
     """Rebuild a :class:`~lrbs.noise_scale.NoiseScale` from its ``to_dict()`` (None -> inf for the ratios)."""
     from .noise_scale import NoiseScale
 
-    def num(key: str) -> float:
-        v = d.get(key)
-        return math.inf if v is None else float(v)
-
+    ratios = {k: math.inf if d.get(k) is None else float(d[k]) for k in ("b_simple", "ci_low", "ci_high")}
     return NoiseScale(
-        b_simple=num("b_simple"),
-        grad_sq=float(d["grad_sq"]),
-        trace_sigma=float(d["trace_sigma"]),
-        ci_low=num("ci_low"),
-        ci_high=num("ci_high"),
-        confidence=float(d["confidence"]),
-        num_estimates=int(d["num_estimates"]),
-        small_batch=int(d["small_batch"]),
-        big_batch=int(d["big_batch"]),
-        grad_sq_estimates=_arr(d["grad_sq_estimates"]),
-        trace_sigma_estimates=_arr(d["trace_sigma_estimates"]),
-        small_sq_estimates=_arr(d["small_sq_estimates"]),
-        big_sq_estimates=_arr(d["big_sq_estimates"]),
+        **ratios,
+        **{k: float(d[k]) for k in ("grad_sq", "trace_sigma", "confidence")},
+        **{k: int(d[k]) for k in _NOISE_INTS},
+        **{k: _arr(d[k]) for k in _NOISE_ARRAYS},
         finite_population=bool(d["finite_population"]),
-        num_bootstrap=int(d["num_bootstrap"]),
-        seed=int(d["seed"]),
         method=str(d["method"]),
         settings=dict(d.get("settings", {})),
     )
@@ -397,7 +353,7 @@ class _Ctx:
     device: torch.device
     store: Any = None
     key: str = ""
-    bar: Any = None
+    progress: bool = False
     reasons: list[str] = field(default_factory=list)
     cost: dict[str, int] = field(default_factory=dict)
     resumed: list[str] = field(default_factory=list)
@@ -411,6 +367,10 @@ class _Ctx:
         if self.precision != "32":
             kw["precision"] = self.precision
         return kw
+
+    def bar(self, step: str, total: int) -> Any:
+        """The progress bar of one step (kept on screen when it ends; nothing when ``progress=False``)."""
+        return progress(f"tune {step}", total, enabled=self.progress, fields={"note": ""}, transient=False)
 
     def copy_model(self) -> nn.Module:
         m = copy.deepcopy(self.model)
@@ -433,54 +393,18 @@ class _Ctx:
         return opt
 
 
-class _Bar:
-    """One rich progress bar per step of :func:`tune` (a no-op when ``progress=False``)."""
-
-    def __init__(self, on: bool):
-        self.bar = None
-        if on:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(
-                TextColumn("[bold]tune[/] {task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.fields[note]}"),
-            )
-            self.bar.start()
-
-    def step(self, name: str, total: int) -> Any:
-        if self.bar is None:
-            return None
-        return self.bar.add_task(name, total=total, note="")
-
-    def advance(self, task: Any, note: str = "", n: int = 1) -> None:
-        if self.bar is not None and task is not None:
-            self.bar.update(task, advance=n, note=note)
-
-    def done(self, task: Any, note: str = "") -> None:
-        if self.bar is not None and task is not None:
-            total = self.bar.tasks[[t.id for t in self.bar.tasks].index(task)].total
-            self.bar.update(task, completed=total, note=note)
-
-    def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def _cached(ctx: _Ctx, step: str, extra: dict[str, Any], compute: Callable[[], dict]) -> dict:
     """Run ``compute()`` (JSON-able evidence of one step), or reload it from the store when it finished before."""
     if ctx.store is None:
         return compute()
-    cfg = {"tune": ctx.key, "step": step, **_jsonable(extra)}
+    cfg = {"tune": ctx.key, "step": step, **jsonable(extra)}
     rec = ctx.store.find(cfg, kind="tune")
     if rec is not None and rec.result is not None:
         ctx.resumed.append(step)
         return dict(rec.result)
     key = ctx.store.start_run(cfg, kind="tune")
     try:
-        out = _jsonable(compute())
+        out = jsonable(compute())
     except BaseException as e:
         ctx.store.fail_run(key, f"{type(e).__name__}: {e}")
         raise
@@ -503,7 +427,7 @@ def _fingerprint(ctx: _Ctx, settings: dict[str, Any]) -> str:
             flat = t.detach().reshape(-1)
             h.update(str((tuple(t.shape), str(t.dtype))).encode())
             h.update(np.ascontiguousarray(flat[:65536].float().cpu().numpy()).tobytes())
-    h.update(repr(sorted(_jsonable(settings).items())).encode())
+    h.update(repr(sorted(jsonable(settings).items())).encode())
     return h.hexdigest()
 
 
@@ -606,13 +530,30 @@ def _train_step(model, opt, bl, batch, precision, device, scaler) -> None:
         opt.step()
 
 
-def _time_batch(ctx: _Ctx, model, opt, bl, stream, b: int, scaler) -> tuple[float, int]:
+@dataclass
+class _Rig:
+    """What the throughput steps train with: a private copy, its optimizer, the loss, the stream, the scaler."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    bl: BatchLoss
+    stream: BatchStream
+    scaler: Any
+
+    def step(self, ctx: _Ctx, b: int) -> None:
+        batch = self.stream.next() if isinstance(ctx.source, LoaderSource) else self.stream.next(b)
+        _train_step(self.model, self.opt, self.bl, batch, ctx.precision, ctx.device, self.scaler)
+
+    def release(self) -> None:
+        """After a CUDA out-of-memory error: drop the gradients and the cached blocks."""
+        self.opt.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+
+
+def _time_batch(ctx: _Ctx, rig: _Rig, b: int) -> tuple[float, int]:
     """Best samples/s over a few timing windows of training steps at batch ``b``; returns (rate, samples used)."""
     cuda = ctx.device.type == "cuda"
-    loader = isinstance(ctx.source, LoaderSource)
-    _train_step(
-        model, opt, bl, stream.next() if loader else stream.next(b), ctx.precision, ctx.device, scaler
-    )
+    rig.step(ctx, b)
     used, best = b, 0.0
     k = max(2, math.ceil(_WINDOW_SAMPLES / b))
     for _ in range(_WINDOWS):
@@ -620,8 +561,7 @@ def _time_batch(ctx: _Ctx, model, opt, bl, stream, b: int, scaler) -> tuple[floa
             torch.cuda.synchronize(ctx.device)
         t0, steps = time.perf_counter(), 0
         while steps < k or time.perf_counter() - t0 < _WINDOW_SECONDS:
-            batch = stream.next() if loader else stream.next(b)
-            _train_step(model, opt, bl, batch, ctx.precision, ctx.device, scaler)
+            rig.step(ctx, b)
             steps += 1
         if cuda:
             torch.cuda.synchronize(ctx.device)
@@ -635,79 +575,86 @@ def _throughput(ctx: _Ctx, sizes: list[int]) -> dict:
     """Measure the ladder; stop on CPU at the plateau, on GPU at the first size that does not fit."""
     model = ctx.copy_model()
     opt = ctx.make_optimizer(model, 1e-8)  # a tiny LR: the timing must not depend on where training goes
-    bl = BatchLoss(ctx.loss_fn, ctx.compute_loss)
-    scaler = make_grad_scaler(ctx.precision, ctx.device)
-    cuda = ctx.device.type == "cuda"
-    total_mem = torch.cuda.get_device_properties(ctx.device).total_memory if cuda else None
     stream = BatchStream(ctx.source, sizes[0], ctx.device, seed=ctx.seed)
-    rows, used, stop = [], 0, "the end of the ladder"
-    task = ctx.bar.step("throughput", len(sizes))
+    rig = _Rig(
+        model,
+        opt,
+        BatchLoss(ctx.loss_fn, ctx.compute_loss),
+        stream,
+        make_grad_scaler(ctx.precision, ctx.device),
+    )
     try:
-        for b in sizes:
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(ctx.device)
-            try:
-                rate, u = _time_batch(ctx, model, opt, bl, stream, b, scaler)
-            except torch.OutOfMemoryError:
-                opt.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                rows.append(
-                    {
-                        "batch_size": b,
-                        "samples_per_s": None,
-                        "gain": None,
-                        "peak_memory_mb": None,
-                        "fits": False,
-                    }
-                )
-                stop = f"CUDA out of memory at batch {b}"
-                if not used:  # not even the first rung fits: find the micro-batch to accumulate
-                    micro, used = _fitting_micro(ctx, model, opt, bl, stream, b, scaler)
-                    return {
-                        "ladder": rows,
-                        "stop": stop,
-                        "samples": used,
-                        "device": str(ctx.device),
-                        "micro": micro,
-                    }
-                break
-            used += u
-            peak = torch.cuda.max_memory_allocated(ctx.device) if cuda else None
-            fits = peak is None or peak <= (1 - MEMORY_MARGIN) * total_mem
-            prev = max((r["samples_per_s"] for r in rows if r["samples_per_s"]), default=None)
-            gain = None if prev is None else rate / prev
-            rows.append(
-                {
-                    "batch_size": b,
-                    "samples_per_s": rate,
-                    "gain": gain,
-                    "peak_memory_mb": None if peak is None else peak / 2**20,
-                    "fits": bool(fits),
-                }
-            )
-            ctx.bar.advance(task, f"B={b}: {rate:.0f} samples/s")
-            if not fits:
-                stop = f"batch {b} needs more than {1 - MEMORY_MARGIN:.0%} of the GPU memory"
-                break
-            if not cuda and gain is not None and gain < GAIN:
-                stop = f"samples/s changed by {gain - 1:+.0%} at batch {b} (a doubling must gain >= {GAIN - 1:.0%})"
-                break
+        with ctx.bar("throughput", len(sizes)) as bar:
+            out = _measure_ladder(ctx, rig, sizes, bar)
+            bar.complete(note=out["stop"])
     finally:
         stream.close()
-    ctx.bar.done(task, stop)
-    return {"ladder": rows, "stop": stop, "samples": used, "device": str(ctx.device)}
+    out["device"] = str(ctx.device)
+    if "micro" in out:  # the evidence's key order as stored before: ladder, stop, samples, device, micro
+        out["micro"] = out.pop("micro")
+    return out
 
 
-def _fitting_micro(ctx: _Ctx, model, opt, bl, stream, b: int, scaler) -> tuple[int | None, int]:
+def _measure_ladder(ctx: _Ctx, rig: _Rig, sizes: list[int], bar: Any) -> dict:
+    """Time each rung until the ladder stops (:func:`_ladder_stop`, or out of memory); rows and samples used."""
+    cuda = ctx.device.type == "cuda"
+    total_mem = torch.cuda.get_device_properties(ctx.device).total_memory if cuda else None
+    rows: list[dict] = []
+    used = 0
+    for b in sizes:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        try:
+            rate, u = _time_batch(ctx, rig, b)
+        except torch.OutOfMemoryError:
+            rig.release()
+            rows.append(
+                {"batch_size": b, "samples_per_s": None, "gain": None, "peak_memory_mb": None, "fits": False}
+            )
+            stop = f"CUDA out of memory at batch {b}"
+            if used:
+                return {"ladder": rows, "stop": stop, "samples": used}
+            micro, used = _fitting_micro(
+                ctx, rig, b
+            )  # not even the first rung fits: the micro-batch to accumulate
+            return {"ladder": rows, "stop": stop, "samples": used, "micro": micro}
+        used += u
+        peak = torch.cuda.max_memory_allocated(ctx.device) if cuda else None
+        prev = max((r["samples_per_s"] for r in rows if r["samples_per_s"]), default=None)
+        row = {
+            "batch_size": b,
+            "samples_per_s": rate,
+            "gain": None if prev is None else rate / prev,
+            "peak_memory_mb": None if peak is None else peak / 2**20,
+            "fits": bool(peak is None or peak <= (1 - MEMORY_MARGIN) * total_mem),
+        }
+        rows.append(row)
+        bar.advance(note=f"B={b}: {rate:.0f} samples/s")
+        stop = _ladder_stop(row, cuda)
+        if stop:
+            return {"ladder": rows, "stop": stop, "samples": used}
+    return {"ladder": rows, "stop": "the end of the ladder", "samples": used}
+
+
+def _ladder_stop(row: dict, cuda: bool) -> str | None:
+    """Why the ladder ends after this rung (it does not fit; on CPU, a doubling gained < GAIN), or None."""
+    b, gain = row["batch_size"], row["gain"]
+    if not row["fits"]:
+        return f"batch {b} needs more than {1 - MEMORY_MARGIN:.0%} of the GPU memory"
+    if not cuda and gain is not None and gain < GAIN:
+        return f"samples/s changed by {gain - 1:+.0%} at batch {b} (a doubling must gain >= {GAIN - 1:.0%})"
+    return None
+
+
+def _fitting_micro(ctx: _Ctx, rig: _Rig, b: int) -> tuple[int | None, int]:
     """Halve ``b`` until a training step fits in memory; (that micro-batch or None, samples used)."""
     micro = b // 2
     while micro >= 1:
         try:
-            _, used = _time_batch(ctx, model, opt, bl, stream, micro, scaler)
+            _, used = _time_batch(ctx, rig, micro)
             return micro, used
         except torch.OutOfMemoryError:
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            rig.release()
             micro //= 2
     return None, 0
 
@@ -752,9 +699,9 @@ def _range_test(ctx: _Ctx, batch: int, accum: int, repeats: int, name: str) -> d
         points = sum(len(sw.lrs) for sw in res.sweeps)
         return {"result": res.to_dict(), "samples": points * batch, "seconds": res.wall_time}
 
-    task = ctx.bar.step(name, 1)
-    out = _cached(ctx, name, {"batch": batch, "accum": accum, "repeats": repeats}, compute)
-    ctx.bar.done(task, f"B={batch}")
+    with ctx.bar(name, 1) as bar:
+        out = _cached(ctx, name, {"batch": batch, "accum": accum, "repeats": repeats}, compute)
+        bar.complete(note=f"B={batch}")
     ctx.cost[name] = int(out["samples"])
     return out
 
@@ -846,9 +793,9 @@ def _warm_and_noise(ctx: _Ctx, plan: dict, warm_lr: float) -> dict:
         out["seconds"] = time.perf_counter() - t0
         return out
 
-    task = ctx.bar.step("warm start + noise scale", 1)
-    out = _cached(ctx, "noise_scale", {**plan, "warm_lr": warm_lr}, compute)
-    ctx.bar.done(task, "B_simple = " + _f((out.get("result") or {}).get("b_simple")))
+    with ctx.bar("warm start + noise scale", 1) as bar:
+        out = _cached(ctx, "noise_scale", {**plan, "warm_lr": warm_lr}, compute)
+        bar.complete(note="B_simple = " + fmt((out.get("result") or {}).get("b_simple")))
     ctx.cost["noise_scale"] = int(out["samples"])
     return out
 
@@ -868,8 +815,8 @@ def _noise_evidence(ctx: _Ctx, measured: dict | None, why_not: str | None, sizes
     ev = {"result": ns, "warm_start": measured["warm_start"], "b_crit": b, "ci": [lo, hi]}
     if b is None or not b > 0 or lo is None or hi is None or not lo > 0:
         why = (
-            f"the noise scale is not usable (B_simple = {_f(b)}, {ns['confidence']:.0%} interval {_f(lo)} .. "
-            f"{_f(hi)}): the gradient signal is below the noise floor at these batch sizes"
+            f"the noise scale is not usable (B_simple = {fmt(b)}, {ns['confidence']:.0%} interval {fmt(lo)} .. "
+            f"{fmt(hi)}): the gradient signal is below the noise floor at these batch sizes"
         )
         ctx.reasons.append(why)
         ev.update(b_crit=None, tradeoff=[], note=why)
@@ -878,9 +825,9 @@ def _noise_evidence(ctx: _Ctx, measured: dict | None, why_not: str | None, sizes
         {"batch_size": s, "steps_over_min": 1 + b / s, "examples_over_min": 1 + s / b} for s in sizes
     ]
     ev["note"] = (
-        f"B_simple = tr(Σ)/|G|² = {_f(b)} ({ns['confidence']:.0%} bootstrap interval {_f(lo)} .. {_f(hi)}), "
+        f"B_simple = tr(Σ)/|G|² = {fmt(b)} ({ns['confidence']:.0%} bootstrap interval {fmt(lo)} .. {fmt(hi)}), "
         f"measured after a warm start of {measured['warm_start']['steps']} steps at batch "
-        f"{measured['warm_start']['batch_size']} (lr {_f(measured['warm_start']['lr'])}), with B_small = "
+        f"{measured['warm_start']['batch_size']} (lr {fmt(measured['warm_start']['lr'])}), with B_small = "
         f"{ns['small_batch']} and B_big = {ns['big_batch']}; taken as the critical batch"
     )
     return ev
@@ -920,9 +867,9 @@ def _choose_batch(ctx: _Ctx, sizes: list[int], thr: dict, noise: dict) -> dict:
             cands = ok or cands[:1]
             bound = "critical batch"
             why = (
-                f"the largest batch with B <= {EXAMPLES_OVERHEAD:g} B_crit = {_f(limit)}, i.e. at most "
+                f"the largest batch with B <= {EXAMPLES_OVERHEAD:g} B_crit = {fmt(limit)}, i.e. at most "
                 f"{EXAMPLES_OVERHEAD:.0%} more examples than the minimum (E/E_min = 1 + B/B_crit, B_crit = "
-                f"{_f(b_crit)})" + ("" if ok else "; even the smallest batch is above it")
+                f"{fmt(b_crit)})" + ("" if ok else "; even the smallest batch is above it")
             )
     steps_ok = [b for b in cands if ctx.budget // b >= _MIN_STEPS]
     if len(steps_ok) < len(cands):
@@ -952,7 +899,7 @@ def _schedule(ctx: _Ctx, lr: float, total: int, scaled: dict | None) -> tuple[Sc
         ev = {
             "family": "scaled warmup + cosine",
             "reason": (
-                f"the range test ran at batch {scaled['base_batch']} (lr {_f(scaled['lr0'])}); the LR is scaled to "
+                f"the range test ran at batch {scaled['base_batch']} (lr {fmt(scaled['lr0'])}); the LR is scaled to "
                 f"batch {scaled['batch']} by the {scaled['rule']} rule (Goyal et al. 2017 / Hoffer et al. 2017), "
                 "then decays by a cosine to 0"
             ),
@@ -1108,7 +1055,7 @@ def _setup(
     sizes = _ladder(batch_sizes, max_batch_size, n, _loader_batch(source))
     family, beta2 = _family(optimizer, model)
     ctx = _Ctx(model, data, source, n, optimizer, family, beta2, loss_fn, compute_loss, precision, val_data,
-               budget, seed, device, store=store, bar=_Bar(bool(progress)))  # fmt: skip
+               budget, seed, device, store=store, progress=bool(progress))  # fmt: skip
     if n is not None and sizes[0] > n:
         kept = [b for b in sizes if b <= n]
         ctx.reasons.append(
@@ -1213,12 +1160,9 @@ def tune(
     settings = _settings(ctx, sizes, budget_epochs)
     if store is not None:
         ctx.key = _fingerprint(ctx, settings)
-    try:
-        with _PreservedRng(ctx.device):
-            torch.manual_seed(seed)
-            rec = _run(ctx, sizes, settings)
-    finally:
-        ctx.bar.stop()
+    with _PreservedRng(ctx.device):
+        torch.manual_seed(seed)
+        rec = _run(ctx, sizes, settings)
     rec.evidence["cost"]["seconds"] = time.perf_counter() - t0
     return rec
 
@@ -1295,6 +1239,6 @@ def _run(ctx: _Ctx, sizes: list[int], settings: dict) -> Recommendation:
         momentum=mom,
         confidence="low" if ctx.reasons else "high",
         reasons=tuple(ctx.reasons),
-        evidence=_jsonable(evidence),
+        evidence=jsonable(evidence),
         train_options=options,
     )

@@ -6,6 +6,17 @@ import argparse
 
 from ._common import add_data_option, add_model_option, json_dict
 
+#: The flags passed to :func:`lrbs.tune.tune` under the same name.
+_TUNE_OPTIONS = (
+    "optimizer",
+    "budget_epochs",
+    "budget_samples",
+    "precision",
+    "batch_sizes",
+    "max_batch_size",
+    "seed",
+)
+
 
 def _sizes(text: str) -> list[int]:
     """'16,32,64' -> [16, 32, 64] (the order is checked by lrbs.tune)."""
@@ -58,19 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
         store = Store(args.store)
     try:
-        rec = tune(
-            model,
-            data.fit_data,
-            optimizer=args.optimizer,
-            budget_epochs=args.budget_epochs,
-            budget_samples=args.budget_samples,
-            precision=args.precision,
-            batch_sizes=args.batch_sizes,
-            max_batch_size=args.max_batch_size,
-            seed=args.seed,
-            store=store,
-            progress=not args.no_progress,
-        )
+        options = {name: getattr(args, name) for name in _TUNE_OPTIONS}
+        rec = tune(model, data.fit_data, **options, store=store, progress=not args.no_progress)
     finally:
         if store is not None:
             store.close()
@@ -78,10 +78,9 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         console.print(f"report written to {rec.report(args.report)}")
     if args.json:
-        import json
-        from pathlib import Path
+        from .._util import atomic_write, dumps
 
-        Path(args.json).write_text(json.dumps(rec.to_dict(), indent=1, allow_nan=True) + "\n")
+        atomic_write(args.json, dumps(rec.to_dict(), indent=1) + "\n")
         console.print(f"evidence written to {args.json}")
     if args.train:
         from ..train import fit
