@@ -222,6 +222,65 @@ def test_fmt_digits():
     assert fmt(3.14159265, digits=6) == "3.14159"
 
 
+def test_one_format_and_pm():
+    from lrbs import _util
+    from lrbs.report import html as report_html
+
+    assert report_html.fmt is _util.fmt  # one format, re-exported
+    # pm((mean, sd)) is fmt(mean, sd): the sd keeps 2 significant digits, the mean its decimal place
+    assert _util.pm((0.91234, 0.01234)) == "0.912 ± 0.012" == fmt(0.91234, 0.01234)
+    assert (
+        _util.pm((97.5312, 0.4499)) == "97.53 ± 0.45"
+    )  # the old f"{m:.4g} ± {s:.2g}" gave "97.53 ± 0.45" too
+    assert _util.pm((0.123456, 0.0021)) == "0.1235 ± 0.0021"
+    assert _util.pm((float("nan"), 0.1)) == "n/a ± 0.1"
+
+
+# --------------------------------------------------------------------------- progress bars
+def test_progress_disabled_is_a_no_op():
+    from lrbs._util import ProgressBar, progress
+
+    with progress("fit", 3, enabled=False, fields={"loss": ""}) as bar:
+        assert isinstance(bar, ProgressBar) and not bar.enabled
+        bar.advance(loss="loss 1.0")
+        bar.update(loss="x")
+        bar.complete()
+
+
+def test_progress_draws_label_count_and_fields(monkeypatch):
+    import rich.progress
+    from rich.console import Console
+
+    from lrbs._util import progress
+
+    console = Console(record=True, width=120, force_terminal=True)
+    stopped = []
+
+    class Recorded(rich.progress.Progress):
+        def __init__(self, *columns, **kw):
+            super().__init__(*columns, console=console, **kw)
+
+        def stop(self):
+            stopped.append(self)
+            super().stop()
+
+    monkeypatch.setattr(rich.progress, "Progress", Recorded)
+    with progress("tune throughput", 4, fields={"note": ""}, transient=False) as bar:
+        assert bar.enabled
+        bar.advance(note="B=32: 100 samples/s")
+        bar.advance(2, note="B=64: 180 samples/s")
+    text = console.export_text()
+    assert "tune throughput" in text and "3/4" in text and "B=64: 180 samples/s" in text
+    with progress("fit", 2, fields={"loss": ""}, transient=False) as bar:
+        bar.complete(loss="done")
+    text = console.export_text()
+    assert "2/2 done" in text
+    assert len(stopped) == 2
+    with pytest.raises(RuntimeError), progress("x", 2) as bar:
+        raise RuntimeError("the bar stops on an exception")
+    assert len(stopped) == 3 and not stopped[-1].live.is_started
+
+
 # --------------------------------------------------------------------------- the page
 def test_escaping_everywhere(html):
     page = parse(html)

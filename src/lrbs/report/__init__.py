@@ -3,15 +3,8 @@
 Matplotlib is imported only when a figure is drawn.
 """
 
-from .figures import (
-    PALETTE,
-    plot_bars,
-    plot_contour,
-    plot_curves,
-    plot_fit,
-    plot_heatmap,
-    plot_schedule,
-)
+from . import figures as _figures
+from .figures import *  # noqa: F403 - every figure function (figures.__all__)
 from .html import (
     VERDICTS,
     Figure,
@@ -40,12 +33,6 @@ __all__ = [
     "read_report_data",
     "fmt",
     "environment",
-    # figures
-    "PALETTE",
-    "plot_fit",
-    "plot_curves",
-    "plot_bars",
-    "plot_heatmap",
-    "plot_contour",
-    "plot_schedule",
+    # figures: all of lrbs.report.figures
+    *_figures.__all__,
 ]
