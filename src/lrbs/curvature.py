@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -151,15 +151,8 @@ class TraceResult:
     wall_time: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "value": self.value,
-            "stderr": self.stderr,
-            "num_hvps": self.num_hvps,
-            "method": self.method,
-            "seed": self.seed,
-            "settings": dict(self.settings),
-            "wall_time": self.wall_time,
-        }
+        """JSON-able: every field (``settings`` copied)."""
+        return _summary(self)
 
 
 @dataclass(frozen=True)
@@ -195,33 +188,24 @@ class SpectralDensity:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (grid and density as lists; the raw nodes and weights are left out)."""
-        return {
-            "grid": self.grid.tolist(),
-            "density": self.density.tolist(),
-            "sigma": self.sigma,
-            "negative_mass": self.negative_mass,
-            "num_runs": self.num_runs,
-            "lanczos_steps": self.lanczos_steps,
-            "num_hvps": self.num_hvps,
-            "seed": self.seed,
-            "settings": dict(self.settings),
-            "wall_time": self.wall_time,
-        }
+        return _summary(self, drop=("nodes", "weights"), lists=("grid", "density"))
 
     def plot(self, ax: Any = None, *, log: bool = True) -> Any:
-        """Plot the density (log scale on the y axis by default, as in Ghorbani et al.); returns the axes."""
-        if ax is None:
-            from matplotlib.figure import Figure
+        """Plot the density (log y axis by default, as in Ghorbani et al.;
+        :func:`lrbs.report.figures.draw_density`); returns the Axes."""
+        from .report.figures import draw_density
 
-            ax = Figure(figsize=(5, 3.5)).add_subplot(1, 1, 1)
-        floor = 1e-12 * max(float(self.density.max()), 1e-300)
-        ax.plot(self.grid, np.maximum(self.density, floor) if log else self.density, lw=1.2)
-        if log:
-            ax.set_yscale("log")
-        ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("density")
-        ax.set_title(f"Hessian spectral density (SLQ, {self.num_runs} runs x {self.lanczos_steps} steps)")
-        return ax
+        return draw_density(self, ax=ax, log=log)
+
+
+def _summary(result: Any, drop: tuple[str, ...] = (), lists: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A result dataclass's fields in order, without ``drop``, the arrays in ``lists`` as lists, dicts copied."""
+    out = {}
+    for f in fields(result):
+        if f.name not in drop:
+            v = getattr(result, f.name)
+            out[f.name] = v.tolist() if f.name in lists else dict(v) if isinstance(v, dict) else v
+    return out
 
 
 # --------------------------------------------------------------------------- operators
@@ -367,6 +351,29 @@ class _Lanczos:
         return theta, S, res
 
 
+def _iterate(
+    lz: _Lanczos, k: int, which: str, tol: float, tol_on: str, min_steps: int, max_iter: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Lanczos steps until the ``k`` wanted Ritz values meet ``tol`` (after ``max(k, min_steps)`` steps), the
+    Krylov space is exhausted or ``max_iter`` steps ran.
+
+    Returns ``(theta, S, residuals, idx, rel_residuals, error_estimates, converged)`` of the last test.
+    """
+    while True:
+        lz.step()
+        m = lz.m
+        if m >= max(k, min_steps) or lz.exhausted or m >= max_iter:
+            theta, S, res = lz.ritz()
+            idx = _select(theta, min(k, m), which)
+            floor = 1e-12 * max(float(np.abs(theta).max()), 1e-300)
+            rel = res[idx] / np.maximum(np.abs(theta[idx]), floor)
+            err = _value_errors(theta, res, idx)
+            crit = rel if tol_on == "residual" else err / np.maximum(np.abs(theta[idx]), floor)
+            converged = len(idx) == k and bool(np.all(crit <= tol))
+            if converged or lz.exhausted or m >= max_iter:
+                return theta, S, res, idx, rel, err, converged
+
+
 def lanczos_eigenvalues(
     operator: MatMat | torch.Tensor | np.ndarray,
     n: int | None = None,
@@ -426,22 +433,9 @@ def lanczos_eigenvalues(
         max_iter = min(n, max(100, 20 * k))
     max_iter = min(check_int("max_iter", max_iter, low=k), n)
     min_steps = min(check_int("min_steps", min_steps, low=1), max_iter)
-    v0 = _start_vector(n, init, seed)
-    lz = _Lanczos(matmat, v0, max_iter, restart_seed=seed + 1)
-    converged = False
-    while True:
-        lz.step()
-        m = lz.m
-        if m >= max(k, min_steps) or lz.exhausted or m >= max_iter:
-            theta, S, res = lz.ritz()
-            idx = _select(theta, min(k, m), which)
-            floor = 1e-12 * max(float(np.abs(theta).max()), 1e-300)
-            rel = res[idx] / np.maximum(np.abs(theta[idx]), floor)
-            err = _value_errors(theta, res, idx)
-            crit = rel if tol_on == "residual" else err / np.maximum(np.abs(theta[idx]), floor)
-            converged = len(idx) == k and bool(np.all(crit <= tol))
-            if converged or lz.exhausted or m >= max_iter:
-                break
+    lz = _Lanczos(matmat, _start_vector(n, init, seed), max_iter, restart_seed=seed + 1)
+    theta, S, res, idx, rel, err, converged = _iterate(lz, k, which, tol, tol_on, min_steps, max_iter)
+    m = lz.m
     vectors = None
     if return_vectors:
         vectors = (torch.as_tensor(S[:, idx].T, dtype=torch.float64, device=lz.Q.device) @ lz.Q[:m]).cpu()
@@ -700,6 +694,55 @@ def hutchpp_trace(
 
 
 # --------------------------------------------------------------------------- spectral density
+def _slq_quadrature(
+    matmat: MatMat, n: int, runs: int, steps: int, g: torch.Generator
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(nodes, weights, matvecs)`` of ``runs`` Lanczos quadratures of ``steps`` steps from unit Rademacher
+    starts (NaN-padded nodes and zero weights where a run ended early)."""
+    nodes = np.full((runs, steps), np.nan)
+    weights = np.zeros((runs, steps))
+    count = 0
+    for r in range(runs):
+        v = _rademacher(1, n, g)[0] / math.sqrt(n)
+        lz = _Lanczos(matmat, v, steps, restart_seed=None)
+        while lz.m < steps and not lz.exhausted:
+            lz.step()
+        count += lz.num_matvecs
+        theta, S, _ = lz.ritz()
+        nodes[r, : lz.m] = theta
+        weights[r, : lz.m] = S[0, :] ** 2
+    return nodes, weights, count
+
+
+def _density_grid(grid: Any, lo: float, hi: float, sigma: float) -> np.ndarray:
+    """The density's grid: ``grid`` points (default ~8 per ``sigma``, 1000 to 200000) over ``[lo - 6 sigma, hi +
+    6 sigma]``, or the given increasing, finite points."""
+    if grid is None or isinstance(grid, (int, np.integer)):
+        span = (hi - lo) + 12 * sigma
+        points = (
+            check_int("grid", grid, low=2)
+            if grid is not None
+            else int(min(max(1000, 8 * span / sigma), 200_000))
+        )
+        return np.linspace(lo - 6 * sigma, hi + 6 * sigma, points)
+    t = np.asarray(grid, dtype=np.float64).reshape(-1)
+    if t.size < 2 or not np.all(np.isfinite(t)) or np.any(np.diff(t) <= 0):
+        raise ConfigError("grid must be an int >= 2 or an increasing, finite sequence of at least 2 points")
+    return t
+
+
+def _smoothed_density(t: np.ndarray, nodes: np.ndarray, weights: np.ndarray, sigma: float) -> np.ndarray:
+    """``phi(t) = (1/R) sum_runs sum_i w_i N(t; theta_i, sigma^2)`` over the finite nodes."""
+    ok = np.isfinite(nodes)
+    th, w = nodes[ok], weights[ok]
+    density = np.zeros_like(t)
+    for c in range(0, th.size, 256):  # bounded memory: (G, 256) at a time
+        d = (t[:, None] - th[None, c : c + 256]) / sigma
+        density += (np.exp(-0.5 * d * d) * w[None, c : c + 256]).sum(1)
+    density /= nodes.shape[0] * sigma * math.sqrt(2 * math.pi)
+    return density
+
+
 def slq_density(
     operator: MatMat | torch.Tensor | np.ndarray,
     n: int | None = None,
@@ -741,43 +784,12 @@ def slq_density(
     steps = min(check_int("lanczos_steps", lanczos_steps, low=1), n)
     if sigma is not None:
         sigma = check_positive("sigma", sigma)
-    g = torch.Generator().manual_seed(seed)
-    nodes = np.full((runs, steps), np.nan)
-    weights = np.zeros((runs, steps))
-    count = 0
-    for r in range(runs):
-        v = _rademacher(1, n, g)[0] / math.sqrt(n)
-        lz = _Lanczos(matmat, v, steps, restart_seed=None)
-        while lz.m < steps and not lz.exhausted:
-            lz.step()
-        count += lz.num_matvecs
-        theta, S, _ = lz.ritz()
-        nodes[r, : lz.m] = theta
-        weights[r, : lz.m] = S[0, :] ** 2
+    nodes, weights, count = _slq_quadrature(matmat, n, runs, steps, torch.Generator().manual_seed(seed))
     lo, hi = float(np.nanmin(nodes)), float(np.nanmax(nodes))
     if sigma is None:
         sigma = max(hi - lo, 1e-6 * max(1.0, abs(lo), abs(hi))) / steps
-    if grid is None or isinstance(grid, (int, np.integer)):
-        span = (hi - lo) + 12 * sigma
-        points = (
-            check_int("grid", grid, low=2)
-            if grid is not None
-            else int(min(max(1000, 8 * span / sigma), 200_000))
-        )
-        t = np.linspace(lo - 6 * sigma, hi + 6 * sigma, points)
-    else:
-        t = np.asarray(grid, dtype=np.float64).reshape(-1)
-        if t.size < 2 or not np.all(np.isfinite(t)) or np.any(np.diff(t) <= 0):
-            raise ConfigError(
-                "grid must be an int >= 2 or an increasing, finite sequence of at least 2 points"
-            )
-    ok = np.isfinite(nodes)
-    th, w = nodes[ok], weights[ok]
-    density = np.zeros_like(t)
-    for c in range(0, th.size, 256):  # bounded memory: (G, 256) at a time
-        d = (t[:, None] - th[None, c : c + 256]) / sigma
-        density += (np.exp(-0.5 * d * d) * w[None, c : c + 256]).sum(1)
-    density /= runs * sigma * math.sqrt(2 * math.pi)
+    t = _density_grid(grid, lo, hi, sigma)
+    density = _smoothed_density(t, nodes, weights, sigma)
     negative = float((weights * (np.nan_to_num(nodes, nan=0.0) < 0)).sum() / runs)
     return SpectralDensity(
         grid=t,
@@ -825,18 +837,9 @@ def hessian_eigenvalues(
     *algebraic*
     eigenvalues: ``lambda_max`` is the curvature that limits the step size (``eta lambda_max < 2``).
 
-    **What the defaults deliver.** ``hessian_eigenvalues(obj)`` runs Lanczos from the gradient start and stops
-    once the estimated relative eigenvalue error ``min(r, r^2 / gap) / |theta| <= 1e-3`` (PyHessian's
-    ``eigenvalues()`` asks for ``tol=1e-3`` on the change of its power-iteration estimate, whose true error is
-    larger). Measured on the trained MNIST-1D models of ``bench/bench_curvature.py`` (4000 samples, 2026-12-01):
-    mlp (``lambda_2 / lambda_1 = 0.96``) 4 HVPs, true relative error 1.5e-3 (1.5-1.9e-3 over start seeds;
-    PyHessian's defaults: 12 HVPs on average, median error 9.1e-3, 5.7e-3 to 2.0e-2); cnn1d 3 HVPs, 2.9e-4
-    (PyHessian: 6.8 HVPs, median 8.7e-4, 3.8e-4 to 1.2e-3). The
-    estimate takes the gap from the other Ritz values, which overstates the true gap while they are
-    unconverged, so with close top eigenvalues the true error can exceed ``tol`` a few times (mlp: 1.5x).
-    Ask for ``tol_on="residual"`` (and a smaller ``tol``) when the value must be certified: a residual ``r``
-    bounds the error by ``r`` (and by ``r^2 / gap`` with the true gap). With ``return_vectors=True`` the
-    default is that residual test at ``1e-4``, which also makes the vectors accurate.
+    **What the defaults deliver**: a relative eigenvalue error of about ``1e-3`` in a few HVPs, measured against
+    PyHessian's defaults in :func:`eigen_tolerance`; ask for ``tol_on="residual"`` when the value must be
+    certified.
 
     Args:
         obj: an :class:`~lrbs.objective.Objective`.
@@ -894,34 +897,13 @@ def hessian_eigenvalues(
     _check_common(n, k, tol, which)  # before any work
     given = not isinstance(init, str)
     init, start = _hessian_start(obj, theta, init, which, seed)
+    if method == "lanczos" and min_steps is None:
+        min_steps = k if given else (k + 2 if tol_on == "value" else 20)
+    opts = {"which": which, "tol": tol, "seed": seed, "init": init, "return_vectors": return_vectors}
     if method == "lanczos":
-        if min_steps is None:
-            min_steps = k if given else (k + 2 if tol_on == "value" else 20)
-        res = lanczos_eigenvalues(
-            matmat,
-            n,
-            k,
-            which=which,
-            tol=tol,
-            max_iter=max_iter,
-            min_steps=min_steps,
-            seed=seed,
-            init=init,
-            return_vectors=return_vectors,
-            tol_on=tol_on,
-        )
+        res = lanczos_eigenvalues(matmat, n, k, max_iter=max_iter, min_steps=min_steps, tol_on=tol_on, **opts)
     else:
-        res = power_iteration(
-            matmat,
-            n,
-            k,
-            which=which,
-            tol=tol,
-            max_iter=1000 if max_iter is None else max_iter,
-            seed=seed,
-            init=init,
-            return_vectors=return_vectors,
-        )
+        res = power_iteration(matmat, n, k, max_iter=1000 if max_iter is None else max_iter, **opts)
     return _with_settings(res, obj, t0, start=start)
 
 
@@ -934,6 +916,19 @@ def eigen_tolerance(
     returned or with ``method="power"`` (a small residual is what makes a vector accurate; power iteration has
     no other test). ``tol=None`` is :data:`VALUE_TOL` (``1e-3``) on the value and :data:`RESIDUAL_TOL`
     (``1e-4``) on the residual.
+
+    **What the defaults deliver.** ``hessian_eigenvalues(obj)`` runs Lanczos from the gradient start and stops
+    once the estimated relative eigenvalue error ``min(r, r^2 / gap) / |theta| <= 1e-3`` (PyHessian's
+    ``eigenvalues()`` asks for ``tol=1e-3`` on the change of its power-iteration estimate, whose true error is
+    larger). Measured on the trained MNIST-1D models of ``bench/bench_curvature.py`` (4000 samples, 2026-12-01):
+    mlp (``lambda_2 / lambda_1 = 0.96``) 4 HVPs, true relative error 1.5e-3 (1.5-1.9e-3 over start seeds;
+    PyHessian's defaults: 12 HVPs on average, median error 9.1e-3, 5.7e-3 to 2.0e-2); cnn1d 3 HVPs, 2.9e-4
+    (PyHessian: 6.8 HVPs, median 8.7e-4, 3.8e-4 to 1.2e-3). The
+    estimate takes the gap from the other Ritz values, which overstates the true gap while they are
+    unconverged, so with close top eigenvalues the true error can exceed ``tol`` a few times (mlp: 1.5x).
+    Ask for ``tol_on="residual"`` (and a smaller ``tol``) when the value must be certified: a residual ``r``
+    bounds the error by ``r`` (and by ``r^2 / gap`` with the true gap). With ``return_vectors=True`` the
+    default is that residual test at ``1e-4``, which also makes the vectors accurate.
 
     Raises:
         ConfigError: an unknown ``tol_on``, or ``tol_on="value"`` with ``method="power"``.

@@ -182,25 +182,7 @@ def plot_fit(
     ax_loss = axes[0]
     ax_acc = axes[1] if len(axes) > 1 else ax_loss.twinx()
     for i, ((hist, evals), label) in enumerate(zip(parts, labels)):
-        xs = np.asarray(hist[x], dtype=np.float64)
-        loss = np.asarray(hist["loss"], dtype=np.float64)
-        bad = np.flatnonzero(~np.isfinite(loss))
-        n = int(bad[0]) if bad.size else len(loss)
-        c, ls = _color(i), _linestyle(i)
-        if smooth > 0 and n > 1:
-            ax_loss.plot(xs[:n], loss[:n], color=c, alpha=0.2, linewidth=0.8)
-            ax_loss.plot(xs[:n], ema(loss[:n], smooth), color=c, linestyle=ls, linewidth=1.5, label=label)
-        else:
-            ax_loss.plot(xs[:n], loss[:n], color=c, linestyle=ls, linewidth=1.5, label=label)
-        ev = [e for e in evals if _is_num(e.get("test_acc"))]
-        if ev:
-            if x == "samples" and not all("samples" in e for e in ev):
-                ex = np.interp([e["step"] for e in ev], np.asarray(hist["step"], float), xs)
-            else:
-                ex = np.array([e[x] for e in ev], dtype=np.float64)
-            ax_acc.plot(
-                ex, [e["test_acc"] for e in ev], color=c, linestyle=ls, marker="o", markersize=3, label=label
-            )
+        _draw_run(ax_loss, ax_acc, hist, evals, label, i, x=x, smooth=smooth)
     if logy:
         ax_loss.set_yscale("log")
     xlabel = "step" if x == "step" else "training examples seen"
@@ -212,6 +194,31 @@ def plot_fit(
     if title:
         fig.suptitle(title, fontsize=_FONT["title"] + 1)
     return fig
+
+
+def _draw_run(
+    ax_loss: Any, ax_acc: Any, hist: Any, evals: Any, label: str, i: int, *, x: str, smooth: float
+) -> None:
+    """One run of :func:`plot_fit`: its loss (raw faintly, EMA on top) up to the first non-finite value, and
+    its test accuracy at the evaluations (placed on the sample axis by interpolation when they lack it)."""
+    xs = np.asarray(hist[x], dtype=np.float64)
+    loss = np.asarray(hist["loss"], dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(loss))
+    n = int(bad[0]) if bad.size else len(loss)
+    c, ls = _color(i), _linestyle(i)
+    if smooth > 0 and n > 1:
+        ax_loss.plot(xs[:n], loss[:n], color=c, alpha=0.2, linewidth=0.8)
+        ax_loss.plot(xs[:n], ema(loss[:n], smooth), color=c, linestyle=ls, linewidth=1.5, label=label)
+    else:
+        ax_loss.plot(xs[:n], loss[:n], color=c, linestyle=ls, linewidth=1.5, label=label)
+    ev = [e for e in evals if _is_num(e.get("test_acc"))]
+    if not ev:
+        return
+    if x == "samples" and not all("samples" in e for e in ev):
+        ex = np.interp([e["step"] for e in ev], np.asarray(hist["step"], float), xs)
+    else:
+        ex = np.array([e[x] for e in ev], dtype=np.float64)
+    ax_acc.plot(ex, [e["test_acc"] for e in ev], color=c, linestyle=ls, marker="o", markersize=3, label=label)
 
 
 # --------------------------------------------------------------------------- generic plots
@@ -426,6 +433,24 @@ def _colorbar_ticks(cb: Any, levels: np.ndarray) -> None:
     cb.ax.tick_params(labelsize=_FONT["tick"])
 
 
+def _contour_levels(z: np.ndarray, levels: Any, log: bool) -> np.ndarray:
+    """The contour levels of :func:`plot_contour`: ``levels`` of them (log- or linearly spaced over the finite
+    values), or the given increasing values."""
+    if isinstance(levels, (int, np.integer)) and not isinstance(levels, bool):
+        n = check_int("levels", levels, low=2)
+        finite = z[np.isfinite(z)]
+        if log:
+            return log_levels(z, n)
+        if finite.size:
+            lo, hi = float(finite.min()), float(finite.max())
+            return np.linspace(lo, hi if hi > lo else lo + 1.0, n)
+        return np.linspace(0.0, 1.0, n)
+    lv = _array1d("levels", levels)
+    if lv.size < 2 or np.any(np.diff(lv) <= 0):
+        raise ConfigError(f"levels={lv.tolist()} is not allowed: must be at least 2 increasing values")
+    return lv
+
+
 # plot_contour takes plot_heatmap's positional parameters (Z, xs, ys, labels, title, log) on purpose, and its
 # docstring describes them in the same words: the two grid plots are called one way (duplicates lists the pair).
 def plot_contour(
@@ -469,20 +494,7 @@ def plot_contour(
     from matplotlib.colors import LogNorm
 
     z, xv, yv = _grid(Z, xs, ys)
-    if isinstance(levels, (int, np.integer)) and not isinstance(levels, bool):
-        n = check_int("levels", levels, low=2)
-        finite = z[np.isfinite(z)]
-        if log:
-            lv = log_levels(z, n)
-        elif finite.size:
-            lo, hi = float(finite.min()), float(finite.max())
-            lv = np.linspace(lo, hi if hi > lo else lo + 1.0, n)
-        else:
-            lv = np.linspace(0.0, 1.0, n)
-    else:
-        lv = _array1d("levels", levels)
-        if lv.size < 2 or np.any(np.diff(lv) <= 0):
-            raise ConfigError(f"levels={lv.tolist()} is not allowed: must be at least 2 increasing values")
+    lv = _contour_levels(z, levels, log)
     zm = np.ma.masked_invalid(np.where(z > 0, z, np.nan) if log else z)
     fig, (axis,) = _new_axes(ax, figsize=(4.8, 4.0))
     norm = LogNorm(lv[0], lv[-1]) if log else None
@@ -824,4 +836,21 @@ def draw_schedule(schedule: Any, n: int, *, ax: Any = None) -> Any:
     ax.set_ylabel("batch size" if schedule.integer else "value")
     title = repr(schedule)
     ax.set_title(title if len(title) <= 80 else title[:77] + "...", fontsize=8)
+    return ax
+
+
+def draw_density(density: Any, *, ax: Any = None, log: bool = True) -> Any:
+    """A Hessian ``SpectralDensity`` against the eigenvalue (log y axis by default, floored at ``1e-12`` of the
+    peak, as in Ghorbani et al. 2019); returns the Axes."""
+    if ax is None:
+        from matplotlib.figure import Figure
+
+        ax = Figure(figsize=(5, 3.5)).add_subplot(1, 1, 1)
+    floor = 1e-12 * max(float(density.density.max()), 1e-300)
+    ax.plot(density.grid, np.maximum(density.density, floor) if log else density.density, lw=1.2)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    ax.set_title(f"Hessian spectral density (SLQ, {density.num_runs} runs x {density.lanczos_steps} steps)")
     return ax
