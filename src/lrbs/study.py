@@ -58,7 +58,7 @@ def run_study(
 
     Args:
         out: output directory.
-        quick: a reduced budget (about 3 minutes on 2 CPU cores instead of about 15).
+        quick: a reduced budget (about 1-1.5 minutes on 2 CPU cores with jobs=2, instead of 8-15).
         papers: which paper modules to run (default: all, see :data:`lrbs.papers.PAPERS`).
         backend: ``"local"`` or ``"ray"`` (independent training runs and measurements fan out as Ray tasks).
         seeds: number of seeds (default 1 for quick, 3 for full); seeds are 0..N-1, fixed up front.

@@ -7,7 +7,7 @@ import argparse
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="reproduce every claim of the seed on MNIST-1D -> DIR/report.html")
-    p.add_argument("--quick", action="store_true", help="reduced budget (about 3 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="reduced budget (about 1-1.5 minutes on 2 cores)")
     p.add_argument("--out", default="study", help="output directory (report.html, lab.sqlite, artifacts)")
     p.add_argument("--papers", default=None, help="comma-separated subset of the paper modules")
     p.add_argument("--backend", default="local", choices=["local", "ray"])
