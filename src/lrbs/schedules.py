@@ -243,11 +243,14 @@ def constant(value: float) -> Schedule:
 
 
 @dataclass(frozen=True, repr=False)
-class Linear(Schedule):
-    start: float
-    end: float
-    steps: int
-    _name = "linear"
+class _Anneal(Schedule):
+    """Base of the schedules that go from ``start`` to ``end`` over ``steps`` steps and then hold (``Linear``,
+    ``Cosine``, which declare the fields): their checks, ``total_steps = steps`` and the one break at ``steps``."""
+
+    if TYPE_CHECKING:
+        start: float
+        end: float
+        steps: int
 
     def __post_init__(self) -> None:
         _set(self, start=_nonneg("start", self.start), end=_nonneg("end", self.end))
@@ -257,11 +260,19 @@ class Linear(Schedule):
     def total_steps(self) -> int:
         return self.steps
 
-    def _at(self, t: int) -> float:
-        return self.start + (self.end - self.start) * min(t, self.steps) / self.steps
-
     def _breaks(self, horizon: int) -> list[int]:
         return [self.steps]
+
+
+@dataclass(frozen=True, repr=False)
+class Linear(_Anneal):
+    start: float
+    end: float
+    steps: int
+    _name = "linear"
+
+    def _at(self, t: int) -> float:
+        return self.start + (self.end - self.start) * min(t, self.steps) / self.steps
 
 
 def linear(start: float, end: float, steps: int) -> Schedule:
@@ -375,27 +386,16 @@ def step(base: float, milestones: int | Sequence[int], gamma: float = 0.1) -> Sc
 
 
 @dataclass(frozen=True, repr=False)
-class Cosine(Schedule):
+class Cosine(_Anneal):
     start: float
     steps: int
     end: float = 0.0
     _name = "cosine"
 
-    def __post_init__(self) -> None:
-        _set(self, start=_nonneg("start", self.start), end=_nonneg("end", self.end))
-        _set(self, steps=check_int("steps", self.steps, low=1))
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps
-
     def _at(self, t: int) -> float:
         return (
             self.end + (self.start - self.end) * (1 + math.cos(math.pi * min(t, self.steps) / self.steps)) / 2
         )
-
-    def _breaks(self, horizon: int) -> list[int]:
-        return [self.steps]
 
 
 def cosine(start: float, steps: int, end: float = 0.0) -> Schedule:
