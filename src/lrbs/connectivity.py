@@ -555,6 +555,8 @@ def _arc_parameter(pts: torch.Tensor) -> np.ndarray:
     return arc / arc[-1] if arc[-1] > 0 else np.linspace(0, 1, len(arc))
 
 
+# auto_neb's keywords repeat fit_curve's on purpose (duplicates tool): the same training and batch-protocol options
+# under the same names, checked by the same _check_sgd / _objectives.
 def auto_neb(
     model_a: nn.Module,
     model_b: nn.Module,

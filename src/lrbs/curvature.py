@@ -155,6 +155,8 @@ class TraceResult:
         return _summary(self)
 
 
+# Result field lists repeat on purpose (duplicates tool): num_hvps, seed, settings, wall_time mean the same thing in
+# every result of this module and of lrbs.sharpness.
 @dataclass(frozen=True)
 class SpectralDensity:
     """Smoothed eigenvalue density from stochastic Lanczos quadrature.

@@ -171,6 +171,8 @@ def _blobs(
     return _synthetic("blobs", draw, {**options, "spread": spread, "seed": seed})
 
 
+# Same parameter list shape as _blobs on purpose (duplicates tool): both are load_dataset(name, **options) entries
+# taking the same size / feature / class options.
 def _teacher(
     n_train: int = 1024,
     n_test: int = 512,

@@ -995,12 +995,8 @@ class NonConvexity:
     ratio_map: np.ndarray
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "fraction_negative": self.fraction_negative,
-            "mean_ratio": self.mean_ratio,
-            "num_points": self.num_points,
-            "max_rise": self.max_rise,
-        }
+        """The four numbers (the map is left out)."""
+        return {k: v for k, v in self.__dict__.items() if k != "ratio_map"}
 
 
 def _hessian_2x2_eigenvalues(f: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -119,6 +119,8 @@ class WorstCaseResult(_AsDict):
     wall_time: float = 0.0
 
 
+# The field lists of the results repeat on purpose (duplicates tool): the same quantity has the same name in every
+# result (value, stderr, rho, norm, adaptive, seed, settings, wall_time).
 @dataclass(frozen=True)
 class AverageResult(_AsDict):
     """Average-case sharpness ``E_delta[L(w + delta)] - L(w)``.
