@@ -12,7 +12,7 @@ import time
 import pytest
 
 from lrbs.errors import ConfigError, LrbsError
-from lrbs.pool import TaskCancelled, WorkerDied, WorkerPool, available_cpus, shared_pool
+from lrbs.pool import TaskCancelled, WorkerDied, WorkerPool, available_cpus, shared_pool, shutdown_shared_pool
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,7 @@ def test_close_cancels_queued_tasks():
 
 
 def test_shared_pool_is_reused():
+    shutdown_shared_pool()  # start from none (an earlier test may have left a bigger one)
     a = shared_pool(1)
     pid = a.submit(os.getpid).result()
     b = shared_pool(1)
