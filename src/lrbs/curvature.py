@@ -836,12 +836,9 @@ def hessian_eigenvalues(
 
     ``H = nabla^2 L(theta)`` with ``L`` the sample-weighted mean loss over the Objective's fixed batches,
     applied through ``obj.hvp``; the model itself is never touched. ``which="LA"`` (default) gives the largest
-    *algebraic*
-    eigenvalues: ``lambda_max`` is the curvature that limits the step size (``eta lambda_max < 2``).
-
-    **What the defaults deliver**: a relative eigenvalue error of about ``1e-3`` in a few HVPs, measured against
-    PyHessian's defaults in :func:`eigen_tolerance`; ask for ``tol_on="residual"`` when the value must be
-    certified.
+    *algebraic* eigenvalues: ``lambda_max`` is the curvature that limits the step size (``eta lambda_max < 2``).
+    The defaults deliver a relative eigenvalue error of about ``1e-3`` in a few HVPs (measured against
+    PyHessian's defaults: :func:`eigen_tolerance`); ask for ``tol_on="residual"`` to certify the value.
 
     Args:
         obj: an :class:`~lrbs.objective.Objective`.
@@ -879,9 +876,7 @@ def hessian_eigenvalues(
         ShapeError: ``init`` of the wrong size.
 
     Example:
-        >>> from lrbs.data import load_dataset
-        >>> from lrbs.models import build_model
-        >>> from lrbs.objective import Objective
+        >>> from lrbs import Objective, build_model, load_dataset
         >>> ds = load_dataset("blobs", n_train=64, n_test=8, num_features=4, num_classes=3, seed=0)
         >>> obj = Objective(build_model("mlp", dataset=ds, depth=2, width=8), data=ds)
         >>> res = hessian_eigenvalues(obj, k=2)
