@@ -494,8 +494,11 @@ class RayPool:
         self._thread = threading.Thread(target=self._loop, name="lrbs-ray", daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable, *args: Any, threads: int | None = 1, describe: str = "") -> Job:
-        """Run ``fn(*args)`` as a Ray task with ``threads`` torch threads; returns its :class:`Job`."""
+    def submit(
+        self, fn: Callable, *args: Any, threads: int | None = 1, describe: str = "", priority: float = 0
+    ) -> Job:
+        """Run ``fn(*args)`` as a Ray task with ``threads`` torch threads; returns its :class:`Job` (Ray schedules
+        the tasks itself: ``priority`` is accepted for the same signature as :meth:`WorkerPool.submit`)."""
         job = Job(describe or getattr(fn, "__name__", repr(fn)))
         ref = self._remote.remote(fn, args, threads)
         with self._lock:
