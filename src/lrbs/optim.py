@@ -388,18 +388,8 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
-        """Perform one LARS update.
-
-        Args:
-            closure: optional; recomputes the loss and its gradient.
-
-        Returns:
-            The closure's loss, or None.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        """Perform one LARS update; ``closure`` (optional) recomputes the loss and its gradient (returned, else None)."""
+        loss = _run_closure(closure)
         for group in self.param_groups:
             wd, mu = group["weight_decay"], group["momentum"]
             for p in group["params"]:
@@ -490,18 +480,8 @@ class LAMB(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
-        """Perform one LAMB update.
-
-        Args:
-            closure: optional; recomputes the loss and its gradient.
-
-        Returns:
-            The closure's loss, or None.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        """Perform one LAMB update; ``closure`` (optional) recomputes the loss and its gradient (returned, else None)."""
+        loss = _run_closure(closure)
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
@@ -532,6 +512,14 @@ class LAMB(torch.optim.Optimizer):
         return loss
 
 
+def _run_closure(closure: Callable[[], Tensor] | None) -> Tensor | None:
+    """The loss of ``closure()`` under ``torch.enable_grad()`` (optimizer steps run under no_grad), else None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 # --------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------
@@ -544,6 +532,29 @@ _DEFAULT_RHO = {"sam": 0.05, "asam": 2.0}
 def list_optimizers() -> list[str]:
     """The names :func:`get_optimizer` accepts, sorted."""
     return list(_OPTIMIZERS)
+
+
+def _check_applies(
+    key: str, name: str, rho: float | None, betas: Any, base: str | None, momentum: float
+) -> tuple[str, tuple[float, float]]:
+    """Reject ``rho`` / ``base`` / ``betas`` where they do not apply to optimizer ``key``; the base and betas used."""
+    is_sam = key in ("sam", "asam")
+    if rho is not None and not is_sam:
+        raise ConfigError(f"rho={rho!r} is not allowed for optimizer {name!r}: rho only applies to sam/asam")
+    if base is not None and not is_sam:
+        raise ConfigError(
+            f"base={base!r} is not allowed for optimizer {name!r}: base only applies to sam/asam"
+        )
+    base = check_choice("base", base, _SAM_BASES) if base is not None else "sgd"
+    uses_betas = key in ("adam", "adamw", "lamb") or (is_sam and base == "adam")
+    if betas is not None and not uses_betas:
+        raise ConfigError(
+            f"betas={betas!r} is not allowed for optimizer {name!r}"
+            f"{' with base=' + repr(base) if is_sam else ''}: betas only apply to adam, adamw, lamb "
+            "and sam/asam with base='adam' (use momentum)"
+        )
+    betas = _check_betas(betas) if betas is not None else (momentum, 0.999)
+    return base, betas
 
 
 def get_optimizer(
@@ -607,22 +618,21 @@ def get_optimizer(
     lr = _check_lr(lr)
     momentum = _check_momentum(momentum)
     weight_decay = _check_weight_decay(weight_decay)
-    is_sam = key in ("sam", "asam")
-    if rho is not None and not is_sam:
-        raise ConfigError(f"rho={rho!r} is not allowed for optimizer {name!r}: rho only applies to sam/asam")
-    if base is not None and not is_sam:
-        raise ConfigError(
-            f"base={base!r} is not allowed for optimizer {name!r}: base only applies to sam/asam"
-        )
-    base = check_choice("base", base, _SAM_BASES) if base is not None else "sgd"
-    uses_betas = key in ("adam", "adamw", "lamb") or (is_sam and base == "adam")
-    if betas is not None and not uses_betas:
-        raise ConfigError(
-            f"betas={betas!r} is not allowed for optimizer {name!r}"
-            f"{' with base=' + repr(base) if is_sam else ''}: betas only apply to adam, adamw, lamb "
-            "and sam/asam with base='adam' (use momentum)"
-        )
-    betas = _check_betas(betas) if betas is not None else (momentum, 0.999)
+    base, betas = _check_applies(key, name, rho, betas, base, momentum)
+    return _build(key, params, lr, momentum, weight_decay, rho, betas, base)
+
+
+def _build(
+    key: str,
+    params: Any,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    rho: float | None,
+    betas: Any,
+    base: str,
+) -> torch.optim.Optimizer:
+    """Construct the checked optimizer ``key`` (see :func:`get_optimizer`'s table)."""
     if isinstance(params, nn.Module):
         params = params.parameters()
 

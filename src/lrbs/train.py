@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._util import atomic_write, jsonable
+from ._util import progress as progress_bar
 from .batches import (
     BatchLoss,
     BatchStream,
@@ -41,6 +43,7 @@ from .step import TrainStep, autocast, check_precision
 
 __all__ = [
     "fit",
+    "TrainConfig",
     "FitResult",
     "TrainState",
     "Callback",
@@ -157,16 +160,13 @@ class FitResult:
 
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, meta: dict[str, str] | None = None) -> Path:
-    """Save the model's state dict as safetensors (tensors only; loading never executes code)."""
-    from safetensors.torch import save_file
-
+    """Save the model's state dict as safetensors (tensors only; loading never executes code), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={k: str(v) for k, v in (meta or {}).items()})
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, save(state, metadata={k: str(v) for k, v in (meta or {}).items()}))
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
@@ -196,22 +196,26 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None) -> 
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint={str(path)!r} is not a state dict of tensors")
     if model is not None:
-        own = model.state_dict()
-        for k, v in own.items():
-            if k not in state:
-                raise CheckpointError(f"checkpoint={str(path)!r} has no tensor {k!r} that the model needs")
-            if state[k].shape != v.shape:
-                raise CheckpointError(
-                    f"checkpoint={str(path)!r}: tensor {k!r} has shape {tuple(state[k].shape)}, the model needs "
-                    f"{tuple(v.shape)}"
-                )
-        extra = [k for k in state if k not in own]
-        if extra:
-            raise CheckpointError(
-                f"checkpoint={str(path)!r} has tensor {extra[0]!r} that the model does not have"
-            )
+        _check_state(path, state, model.state_dict())
         model.load_state_dict(state)
     return state
+
+
+def _check_state(path: Path, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
+    """Raise a CheckpointError naming the first tensor where ``state`` and the model's ``own`` state differ."""
+    for k, v in own.items():
+        if k not in state:
+            raise CheckpointError(f"checkpoint={str(path)!r} has no tensor {k!r} that the model needs")
+        if state[k].shape != v.shape:
+            raise CheckpointError(
+                f"checkpoint={str(path)!r}: tensor {k!r} has shape {tuple(state[k].shape)}, the model needs "
+                f"{tuple(v.shape)}"
+            )
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise CheckpointError(
+            f"checkpoint={str(path)!r} has tensor {extra[0]!r} that the model does not have"
+        )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -736,127 +740,144 @@ class _FitLoop:
         sets = self.eval_sets(test_data)
         run_key = store.start_run(cfg, kind="fit") if store is not None else None
         t_start = time.perf_counter()
-        bar = _progress_bar(self.total_steps_est) if progress else None
         try:
-            out = self.train(sets, callbacks, bar)
+            with progress_bar(
+                "fit", self.total_steps_est, enabled=progress, fields={"loss": "loss nan"}
+            ) as bar:
+                status, diverged_at, rows, evals = self.train(sets, callbacks, bar)
         except BaseException as e:
             if store is not None and run_key is not None:
                 store.fail_run(run_key, f"{type(e).__name__}: {e}")
             raise
-        finally:
-            if bar is not None:
-                bar[0].stop()
-        status, diverged_at, rows, evals = out
         wall = time.perf_counter() - t_start
         final = {k: v for k, v in (evals[-1] if evals else {}).items() if isinstance(v, (int, float))}
         if status == "diverged":
             final = {"train_loss": float("nan"), "diverged_at": diverged_at, "step": diverged_at}
-        keys = ("step", "samples", "lr", "batch_size", "loss", "applied")
-        cols = list(zip(*rows)) if rows else [() for _ in keys]
-        history = {k: np.asarray(c) for k, c in zip(keys, cols)}
-        if self.precision != "16-mixed":
-            history.pop("applied")
-        else:
-            history["applied"] = history["applied"].astype(bool)
         if checkpoint is not None and status == "completed":
             save_checkpoint(self.model, checkpoint, meta={"lrbs": "fit"})
-        result = FitResult(status, history, evals, final, wall, cfg, diverged_at, run_key)
+        result = FitResult(
+            status, history_of(rows, self.precision), evals, final, wall, cfg, diverged_at, run_key
+        )
         if store is not None and run_key is not None:
             _store_result(store, run_key, result)
         return result
 
     def train(self, sets, callbacks, bar) -> tuple[str, int | None, list[tuple], list[dict]]:
         """The loop (in a forked RNG seeded by ``seed``); returns status, diverged_at, history rows, evals."""
-        model, opt, kw, data = self.model, self.opt, self.kw, self.data
-        device, seed = self.device, kw["seed"]
-        rows: list[tuple] = []
-        evals: list[dict] = []
-        status, diverged_at = "completed", None
-        model.train()
+        device, seed = self.device, self.kw["seed"]
+        self.model.train()
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
             torch.manual_seed(seed)
-            stream = BatchStream(data.source, self.b0, device, seed)
+            stream = BatchStream(self.data.source, self.b0, device, seed)
             state = TrainState(
                 0,
-                model,
-                opt,
+                self.model,
+                self.opt,
                 self.lr_s(0),
                 self.b0 or 0,
                 float("nan"),
                 0,
-                loss_fn=kw["loss_fn"],
-                train_data=data.tensors,
+                loss_fn=self.kw["loss_fn"],
+                train_data=self.data.tensors,
                 max_micro_batch=self.micro,
                 batch_loss=self.batch_loss,
             )
             try:
                 for cb in callbacks:
                     cb.on_start(state)
-                step, updates, samples = 0, 0, 0
-                last_set: tuple = ()
-                n, steps, max_samples = data.num_samples, self.steps, self.max_samples
-                lr_s, mom_s, bs_s, step_fn = self.lr_s, self.mom_s, self.bs_s, self.step_fn
-                lean = self.micro is None and not step_fn.sam
-                src = data.source
-                direct = src if isinstance(src, TensorSource) and src.device == device else None
-                while step < steps and (max_samples is None or samples < max_samples):
-                    cur_lr = float(lr_s(updates))
-                    if not math.isfinite(cur_lr) or cur_lr < 0:
-                        raise ConfigError(
-                            f"lr schedule gave {cur_lr} at step {updates}: must be a finite number >= 0"
-                        )
-                    cur_mom = float(mom_s(updates)) if mom_s else None
-                    if (cur_lr, cur_mom) != last_set:  # constant schedules write the groups once
-                        set_group_values(opt, cur_lr, self.ratios, cur_mom)
-                        last_set = (cur_lr, cur_mom)
-                    if bs_s is not None:
-                        b = int(bs_s(updates))
-                        if b < 1 or b > n:
-                            raise ConfigError(
-                                f"batch_size schedule gave {b} at step {updates}: must be >= 1 and <= {n} (train size)"
-                            )
-                        # tensors already on the model's device: index them directly (no per-step device check)
-                        batch = direct.take(stream.sampler.take(b)) if direct is not None else stream.next(b)
-                    else:
-                        batch = stream.next()
-                        b = samples_of(batch, self.batch_loss)
-                    if lean:  # one pass, no slicing or rescaling (the common case, kept lean)
-                        mbs, scales = [batch], None
-                        loss_val = float(step_fn.forward_backward(mbs)[0])
-                    else:
-                        mbs, scales = micro_batches(batch, b, self.micro, self.batch_loss)
-                        loss_val = sum(float(lo) for lo in step_fn.forward_backward(mbs, scales))
-                    if not math.isfinite(loss_val):
-                        status, diverged_at = "diverged", step
-                        break
-                    applied = step_fn.update(mbs, scales)
-                    updates += applied
-                    samples += b
-                    rows.append((step, samples, cur_lr, b, loss_val, applied))
-                    state.step, state.lr, state.batch_size, state.loss = step, cur_lr, b, loss_val
-                    state.samples_seen, state.batch = samples, batch
-                    state.x, state.y = _xy(batch)
-                    for cb in callbacks:
-                        cb.on_step(state)
-                    step += 1
-                    if bar is not None:
-                        bar[0].update(bar[1], advance=1, loss=loss_val)
-                    if state.stop:
-                        break
-                    if step % self.eval_every == 0:
-                        row = self.evaluate(step, samples, state, sets, evals, callbacks)
-                        if not math.isfinite(row.get("train_loss", 0.0)):
-                            status, diverged_at = "diverged", step
-                            break
-                        if state.stop:
-                            break
-                if status == "completed" and (not evals or evals[-1]["step"] != step):
-                    self.evaluate(step, samples, state, sets, evals, callbacks)
+                out = self.loop(stream, state, sets, callbacks, bar)
                 for cb in callbacks:
                     cb.on_end(state)
             finally:
                 stream.close()
+        return out
+
+    def loop(self, stream, state, sets, callbacks, bar) -> tuple[str, int | None, list[tuple], list[dict]]:
+        """The steps and evaluations until ``steps`` / ``epochs``, a stop request or a non-finite loss."""
+        rows: list[tuple] = []
+        evals: list[dict] = []
+        status, diverged_at = "completed", None
+        step, updates, samples = 0, 0, 0
+        last_set: tuple = ()
+        src = self.data.source
+        direct = src if isinstance(src, TensorSource) and src.device == self.device else None
+        while step < self.steps and (self.max_samples is None or samples < self.max_samples):
+            cur_lr, last_set = self.set_hyper(updates, last_set)
+            batch, b = self.next_batch(stream, direct, updates)
+            loss_val, mbs, scales = self.forward_backward(batch, b)
+            if not math.isfinite(loss_val):
+                status, diverged_at = "diverged", step
+                break
+            applied = self.step_fn.update(mbs, scales)
+            updates += applied
+            samples += b
+            rows.append((step, samples, cur_lr, b, loss_val, applied))
+            state.step, state.lr, state.batch_size, state.loss = step, cur_lr, b, loss_val
+            state.samples_seen, state.batch = samples, batch
+            state.x, state.y = _xy(batch)
+            for cb in callbacks:
+                cb.on_step(state)
+            step += 1
+            if bar.enabled:
+                bar.advance(loss=f"loss {loss_val:.4f}")
+            if state.stop:
+                break
+            if step % self.eval_every == 0:
+                row = self.evaluate(step, samples, state, sets, evals, callbacks)
+                if not math.isfinite(row.get("train_loss", 0.0)):
+                    status, diverged_at = "diverged", step
+                    break
+                if state.stop:
+                    break
+        if status == "completed" and (not evals or evals[-1]["step"] != step):
+            self.evaluate(step, samples, state, sets, evals, callbacks)
         return status, diverged_at, rows, evals
+
+    def set_hyper(self, updates: int, last_set: tuple) -> tuple[float, tuple]:
+        """Write the schedules' lr (and momentum) of update ``updates`` into the param groups when they changed."""
+        cur_lr = float(self.lr_s(updates))
+        if not math.isfinite(cur_lr) or cur_lr < 0:
+            raise ConfigError(f"lr schedule gave {cur_lr} at step {updates}: must be a finite number >= 0")
+        cur_mom = float(self.mom_s(updates)) if self.mom_s else None
+        if (cur_lr, cur_mom) != last_set:  # constant schedules write the groups once
+            set_group_values(self.opt, cur_lr, self.ratios, cur_mom)
+            last_set = (cur_lr, cur_mom)
+        return cur_lr, last_set
+
+    def next_batch(self, stream: BatchStream, direct: TensorSource | None, updates: int) -> tuple[Any, int]:
+        """The step's batch and its number of samples (the batch-size schedule's value at ``updates``)."""
+        if self.bs_s is None:
+            batch = stream.next()
+            return batch, samples_of(batch, self.batch_loss)
+        b, n = int(self.bs_s(updates)), self.data.num_samples
+        if b < 1 or b > n:
+            raise ConfigError(
+                f"batch_size schedule gave {b} at step {updates}: must be >= 1 and <= {n} (train size)"
+            )
+        # tensors already on the model's device: index them directly (no per-step device check)
+        return (direct.take(stream.sampler.take(b)) if direct is not None else stream.next(b)), b
+
+    def forward_backward(self, batch: Any, b: int) -> tuple[float, list[Any], list[float] | None]:
+        """The step's loss (summed over micro-batches), its micro-batches and their loss scales."""
+        step_fn = self.step_fn
+        if (
+            self.micro is None and not step_fn.sam
+        ):  # one pass, no slicing or rescaling (the common case, lean)
+            return float(step_fn.forward_backward([batch])[0]), [batch], None
+        mbs, scales = micro_batches(batch, b, self.micro, self.batch_loss)
+        return sum(float(lo) for lo in step_fn.forward_backward(mbs, scales)), mbs, scales
+
+
+def history_of(rows: list[tuple], precision: str) -> dict[str, np.ndarray]:
+    """fit's per-step history arrays from its rows; the ``applied`` column only with ``16-mixed``."""
+    keys = ("step", "samples", "lr", "batch_size", "loss", "applied")
+    cols = list(zip(*rows)) if rows else [() for _ in keys]
+    history = {k: np.asarray(c) for k, c in zip(keys, cols)}
+    if precision != "16-mixed":
+        history.pop("applied")
+    else:
+        history["applied"] = history["applied"].astype(bool)
+    return history
 
 
 def samples_of(batch: Any, batch_loss: BatchLoss) -> int:
@@ -886,21 +907,6 @@ def _xy(batch: Any) -> tuple[Any, Any]:
     return None, None
 
 
-def _progress_bar(total: int) -> tuple[Any, Any]:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("[bold]fit[/]"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeRemainingColumn(),
-        transient=True,
-    )
-    bar.start()
-    return bar, bar.add_task("fit", total=total, loss=float("nan"))
-
-
 def _store_result(store: Any, run_key: str, result: FitResult) -> None:
     history = result.history
     rows = [(int(s), "batch_loss", float(v)) for s, v in zip(history["step"], history["loss"])]
@@ -915,50 +921,123 @@ def _store_result(store: Any, run_key: str, result: FitResult) -> None:
     store.finish_run(run_key, result.status, result=jsonable(result.to_dict()), metrics=rows)
 
 
-def jsonable(obj: Any) -> Any:
-    """``obj`` with numpy scalars as Python numbers, non-finite floats as None, and anything else as its repr."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, (int, str, bool)) or obj is None:
-        return obj
-    return repr(obj)
-
-
-_jsonable = jsonable  # kept for sweep.py until it imports the public name
+_jsonable = jsonable  # kept for sweep.py until it imports lrbs._util.jsonable (the one JSON rule)
 
 
 # --------------------------------------------------------------------------- config-driven training
-#: The keys a training config (``lrbs train`` options, sweep grids) may hold, with their defaults.
-CONFIG_DEFAULTS: dict[str, Any] = {
-    "model": "cnn1d",
-    "model_opts": {},
-    "dataset": "mnist1d",
-    "dataset_opts": {},
-    "optimizer": "sgd",
-    "lr": 0.1,
-    "batch_size": 128,
-    "steps": None,
-    "epochs": None,
-    "momentum": 0.9,
-    "weight_decay": 0.0,
-    "rho": None,
-    "optimizer_opts": {},
-    "seed": 0,
-    "model_seed": None,
-    "eval_every": None,
-    "max_micro_batch": None,
-    "lr_rule": None,  # "linear" | "sqrt": scale lr from base_batch_size to the (global) batch (Goyal et al. 2017)
-    "base_batch_size": None,
-    "warmup": None,  # gradual warmup steps to the scaled LR
-    "stop_train_acc": None,  # end the run once the training accuracy reaches this (Keskar's "until plateau")
-}
+def _opt(default: Any, cli: str | None, help: str, *, factory: Callable | None = None) -> Any:
+    """A :class:`TrainConfig` field: its default, the kind of its CLI flag (None: no flag) and its help text."""
+    meta = {"cli": cli, "help": help}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+#: The CLI kinds of :meth:`TrainConfig.cli_options`: how a flag's text becomes the option's value.
+CLI_KINDS = ("str", "int", "float", "json", "number_or_spec", "int_or_spec")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The options of config-driven training (``lrbs train``, sweep grids, TOML specs, :func:`train_config`).
+
+    Values are kept as given (no conversion), so a config's run key is the same whichever way it came in.
+    ``lr``, ``batch_size`` and ``momentum`` may be schedule spec strings (``"cosine(start=0.1, steps=1000)"``).
+    Each field's metadata holds ``help`` and ``cli`` (one of :data:`CLI_KINDS`, or None where no flag exists):
+    :meth:`cli_options` lists them for the command line.
+    """
+
+    model: str = _opt("cnn1d", "str", "model name (see lrbs.models)")
+    model_opts: dict[str, Any] = _opt(None, "json", "JSON dict of model options", factory=dict)
+    dataset: str = _opt("mnist1d", "str", "dataset name (mnist1d, blobs, teacher, cifar10)")
+    dataset_opts: dict[str, Any] = _opt(None, "json", 'JSON dict, e.g. \'{"path": "..."}\'', factory=dict)
+    optimizer: str = _opt("sgd", "str", "sgd, adam, adamw, sam, asam, lars, lamb")
+    lr: float | str | Callable[[int], float] = _opt(
+        0.1, "number_or_spec", "a number or a schedule spec, e.g. 'cosine(start=0.1, steps=1000)'"
+    )
+    batch_size: int | str | Callable[[int], int] = _opt(
+        128, "int_or_spec", "an integer or a batch schedule spec"
+    )
+    steps: int | None = _opt(None, "int", "training length in iterations (exactly one of steps and epochs)")
+    epochs: float | None = _opt(None, "float", "training length in epochs (exactly one of steps and epochs)")
+    momentum: float | str = _opt(0.9, "float", "SGD momentum (Adam's beta1)")
+    weight_decay: float = _opt(0.0, "float", "L2 weight decay of the optimizer")
+    rho: float | None = _opt(None, "float", "SAM neighbourhood size")
+    optimizer_opts: dict[str, Any] = _opt(None, "json", "JSON dict of extra optimizer options", factory=dict)
+    seed: int = _opt(0, "int", "seeds the data order (and dropout)")
+    model_seed: int | None = _opt(None, "int", "seeds the model's initialisation (default: seed)")
+    eval_every: int | None = _opt(None, "int", "evaluate every this many steps (default: about 20 per run)")
+    max_micro_batch: int | None = _opt(None, "int", "accumulate micro-batches of at most this size")
+    lr_rule: str | None = _opt(
+        None, "str", "linear or sqrt: scale lr from base_batch_size to the (global) batch (Goyal et al. 2017)"
+    )
+    base_batch_size: int | None = _opt(None, "int", "the batch size the lr was tuned for (lr_rule, warmup)")
+    warmup: int | None = _opt(None, "int", "gradual warmup steps to the scaled lr")
+    stop_train_acc: float | None = _opt(
+        None, "float", 'end the run once the training accuracy reaches this (Keskar\'s "until plateau")'
+    )
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The option names, in order."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """``{name: default}`` of every option (fresh dicts for the ``*_opts``)."""
+        return cls().to_dict()
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> TrainConfig:
+        """The config of a mapping: unknown keys are rejected (the message lists the valid ones and the closest).
+
+        Raises:
+            ConfigError: an unknown key, or neither ``steps`` nor ``epochs``.
+        """
+        names = cls.names()
+        unknown = [k for k in config if k not in names]
+        if unknown:
+            from .errors import closest
+
+            hint = closest(unknown[0], names)
+            did = f" Did you mean {hint!r}?" if hint else ""
+            raise ConfigError(
+                f"unknown training option {unknown[0]!r}.{did} Valid options: {', '.join(sorted(names))}"
+            )
+        cfg = cls(**config)
+        if cfg.steps is None and cfg.epochs is None:
+            raise ConfigError("give exactly one of steps= and epochs= (got neither)")
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{name: value}`` in field order (the values themselves, not copies)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def cli_options(cls) -> list[dict[str, Any]]:
+        """One entry per option with a command-line flag: ``{"name", "flag", "kind", "default", "help"}``.
+
+        ``flag`` is ``--`` plus the name with ``-`` for ``_``; ``kind`` is one of :data:`CLI_KINDS` (the CLI maps
+        it to its converter: ``json`` a JSON dict, ``number_or_spec`` / ``int_or_spec`` a number or a schedule
+        spec string); ``default`` is the option's default.
+        """
+        defaults = cls.defaults()
+        return [
+            {
+                "name": f.name,
+                "flag": "--" + f.name.replace("_", "-"),
+                "kind": f.metadata["cli"],
+                "default": defaults[f.name],
+                "help": f.metadata["help"],
+            }
+            for f in fields(cls)
+            if f.metadata.get("cli") is not None
+        ]
+
+
+#: The keys a training config (``lrbs train`` options, sweep grids) may hold, with their defaults
+#: (derived from :class:`TrainConfig`; kept for existing callers).
+CONFIG_DEFAULTS: dict[str, Any] = TrainConfig.defaults()
 
 
 def parse_spec(name: str, value: Any) -> Any:
@@ -971,20 +1050,8 @@ def parse_spec(name: str, value: Any) -> Any:
 
 
 def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Fill defaults and reject unknown keys (the message lists the valid ones)."""
-    unknown = [k for k in config if k not in CONFIG_DEFAULTS]
-    if unknown:
-        from .errors import closest
-
-        hint = closest(unknown[0], CONFIG_DEFAULTS)
-        did = f" Did you mean {hint!r}?" if hint else ""
-        raise ConfigError(
-            f"unknown training option {unknown[0]!r}.{did} Valid options: {', '.join(sorted(CONFIG_DEFAULTS))}"
-        )
-    cfg = {**CONFIG_DEFAULTS, **config}
-    if cfg["steps"] is None and cfg["epochs"] is None:
-        raise ConfigError("give exactly one of steps= and epochs= (got neither)")
-    return cfg
+    """Fill defaults and reject unknown keys (the message lists the valid ones): ``TrainConfig.from_dict``."""
+    return TrainConfig.from_dict(config).to_dict()
 
 
 def train_config(
