@@ -256,27 +256,44 @@ def ddp_train(
         ConfigError: bad options, a global batch not divisible by the number of ranks, ``lr_rule`` without
             ``base_batch_size``.
     """
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from . import schedules
-    from .batches import BatchLoss, Sampler, TensorSource
-    from .data import load_dataset
-    from .models import build_model
-    from .step import TrainStep, check_precision
-    from .train import (
-        FitResult,
-        as_schedule,
-        evaluate,
-        jsonable,
-        make_optimizer,
-        micro_batches,
-        normalize_config,
-        parse_spec,
-        save_checkpoint,
-        set_group_values,
-    )
+    from .train import normalize_config
 
     cfg = normalize_config(dict(config))
+    rule, b0, warm = _lr_rule_options(cfg, lr_rule, base_batch_size)
+    noise_beta = check_number(
+        "noise_beta", noise_beta, low=0.0, high=1.0, low_inclusive=True, high_inclusive=False
+    )
+    rank, world, created = init_process_group()
+    run = None
+    try:
+        run = _DDPRun(cfg, rank, world, precision, sync_bn)
+        run.schedules(rule, b0, warm)
+        result = run.train(
+            noise_scale,
+            noise_beta,
+            store,
+            checkpoint,
+            {"lr_rule": rule, "base_batch_size": b0, "warmup": warm, "sync_bn": bool(sync_bn)},
+        )
+        ddp_model = run.model
+    finally:
+        # The DDP Reducer must die before its process group: destroying a gloo group that a live Reducer still
+        # holds left the Reducer's later destructor joining a gloo thread forever (a hang seen in the test suite).
+        if run is not None:
+            run.ddp = run.hook = run.train_step = None
+        run = None
+        gc.collect()
+        if created:
+            dist.destroy_process_group()
+    if return_model:
+        return ddp_model, result
+    return result if rank == 0 else None
+
+
+def _lr_rule_options(
+    cfg: dict[str, Any], lr_rule: str | None, base_batch_size: int | None
+) -> tuple[Any, Any, Any]:
+    """The checked ``(lr_rule, base_batch_size, warmup)`` of ddp_train (arguments before the config's keys)."""
     rule = lr_rule if lr_rule is not None else cfg.get("lr_rule")
     b0 = base_batch_size if base_batch_size is not None else cfg.get("base_batch_size")
     warm = cfg.get("warmup")
@@ -287,19 +304,26 @@ def ddp_train(
         b0 = check_int("base_batch_size", b0, low=1)
     if warm is not None:
         warm = check_int("warmup", warm, low=1)
-    noise_beta = check_number(
-        "noise_beta", noise_beta, low=0.0, high=1.0, low_inclusive=True, high_inclusive=False
-    )
+    return rule, b0, warm
 
-    rank, world, created = init_process_group()
-    try:
+
+class _DDPRun:
+    """One rank's part of :func:`ddp_train`: the model and data, the schedules, the loop and the record."""
+
+    def __init__(self, cfg: dict[str, Any], rank: int, world: int, precision: str, sync_bn: bool):
+        from .data import load_dataset
+        from .models import build_model
+        from .step import check_precision
+
+        self.cfg, self.rank, self.world = cfg, rank, world
         device = (
             torch.device(f"cuda:{torch.cuda.current_device()}")
             if dist.get_backend() == "nccl"
             else torch.device("cpu")
         )
-        precision = check_precision(precision, device)
-        ds = load_dataset(cfg["dataset"], **(cfg["dataset_opts"] or {}))
+        self.device = device
+        self.precision = check_precision(precision, device)
+        self.ds = ds = load_dataset(cfg["dataset"], **(cfg["dataset_opts"] or {}))
         mseed = cfg["seed"] if cfg["model_seed"] is None else cfg["model_seed"]
         model = build_model(cfg["model"], dataset=ds, seed=mseed, **(cfg["model_opts"] or {}))
         if sync_bn:
@@ -308,145 +332,103 @@ def ddp_train(
                     "sync_bn=True is not allowed on CPU: SyncBatchNorm runs only on GPUs (nccl)"
                 )
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = model.to(device)
-        x_train, y_train = ds.train.x.to(device), ds.train.y.to(device)
-        test = (ds.test.x.to(device), ds.test.y.to(device))
-        n_train = len(y_train)
+        self.model = model.to(device)
+        self.train_xy = (ds.train.x.to(device), ds.train.y.to(device))
+        self.test = (ds.test.x.to(device), ds.test.y.to(device))
+        self.n_train = len(self.train_xy[1])
 
-        bs_s = as_schedule("batch_size", parse_spec("batch_size", cfg["batch_size"]), integer=True)
+    def schedules(self, rule: str | None, b0: int | None, warm: int | None) -> None:
+        """The batch-size, lr (scaled by ``rule``, warmed up) and momentum schedules and the run's length."""
+        from . import schedules
+        from .train import as_schedule, parse_spec
+
+        cfg, n_train = self.cfg, self.n_train
+        self.bs_s = as_schedule("batch_size", parse_spec("batch_size", cfg["batch_size"]), integer=True)
         lr_spec = parse_spec("lr", cfg["lr"])
-        B = int(bs_s(0))
-        _check_global_batch(B, world, n_train, 0)
-        lr_factor = 1.0
+        self.B = B = int(self.bs_s(0))
+        _check_global_batch(B, self.world, n_train, 0)
+        self.lr_factor = 1.0
         if rule is not None:
-            lr_factor = B / b0 if rule == "linear" else math.sqrt(B / b0)
+            self.lr_factor = B / b0 if rule == "linear" else math.sqrt(B / b0)
             lr_spec = schedules.scale_lr(lr_spec if callable(lr_spec) else float(lr_spec), B, b0, rule)
         if warm is not None:
             base = lr_spec if isinstance(lr_spec, schedules.Schedule) else schedules.constant(float(lr_spec))
             lr_spec = schedules.warmup(base, warm)
-        lr_s = as_schedule("lr", lr_spec)
-        mom_s = (
+        self.lr_s = as_schedule("lr", lr_spec)
+        self.mom_s = (
             as_schedule("momentum", parse_spec("momentum", cfg["momentum"]))
             if cfg["momentum"] is not None
             else None
         )
         if cfg["steps"] is not None:
-            steps, max_samples = check_int("steps", cfg["steps"], low=1), None
+            self.steps, self.max_samples = check_int("steps", cfg["steps"], low=1), None
         else:
-            max_samples = int(math.ceil(check_number("epochs", cfg["epochs"], low=0.0) * n_train))
-            steps = 10**9
-        micro = (
+            self.max_samples = int(math.ceil(check_number("epochs", cfg["epochs"], low=0.0) * n_train))
+            self.steps = 10**9
+        self.micro = (
             check_int("max_micro_batch", cfg["max_micro_batch"], low=1) if cfg["max_micro_batch"] else None
         )
-        total_est = steps if max_samples is None else max(1, max_samples // B)
-        eval_every = check_int("eval_every", cfg["eval_every"] or max(1, total_est // 20), low=1)
+        total_est = self.steps if self.max_samples is None else max(1, self.max_samples // B)
+        self.eval_every = check_int("eval_every", cfg["eval_every"] or max(1, total_est // 20), low=1)
 
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        hook = DDPNoiseScale(beta=noise_beta) if noise_scale else None
-        if hook is not None:
-            ddp.register_comm_hook(None, hook.hook)
-        opt = make_optimizer(
-            cfg["optimizer"], model, lr_s(0), mom_s(0) if mom_s else 0.0, cfg["weight_decay"], cfg["rho"]
-        )
-        base_lr = opt.param_groups[0]["lr"] or 1.0
-        ratios = [g["lr"] / base_lr if base_lr else 1.0 for g in opt.param_groups]
-        batch_loss = BatchLoss()
-        train_step = TrainStep(ddp, opt, batch_loss, precision=precision, device=device)
-        source = TensorSource((x_train, y_train))
+    def record(self, info: dict[str, Any]) -> dict[str, Any]:
+        """The run's config as the store keeps it: model, dataset, training config and the DDP settings."""
+        from .train import jsonable
 
         ddp_info = {
-            "world_size": world,
+            "world_size": self.world,
             "backend": dist.get_backend(),
-            "global_batch": B,
-            "per_rank_batch": B // world,
-            "lr_rule": rule,
-            "base_batch_size": b0,
-            "lr_factor": lr_factor,
-            "warmup": warm,
-            "sync_bn": bool(sync_bn),
+            "global_batch": self.B,
+            "per_rank_batch": self.B // self.world,
+            "lr_rule": info["lr_rule"],
+            "base_batch_size": info["base_batch_size"],
+            "lr_factor": self.lr_factor,
+            "warmup": info["warmup"],
+            "sync_bn": info["sync_bn"],
             "sampler": "shared seeded global batch, contiguous slice per rank",
         }
-        if precision != "32":
-            ddp_info["precision"] = precision
-        record = {
-            "model": getattr(model, "lrbs_spec", {"name": cfg["model"]}),
-            "dataset": ds.describe(),
-            "train_config": jsonable(cfg),
+        if self.precision != "32":
+            ddp_info["precision"] = self.precision
+        return {
+            "model": getattr(self.model, "lrbs_spec", {"name": self.cfg["model"]}),
+            "dataset": self.ds.describe(),
+            "train_config": jsonable(self.cfg),
             "ddp": ddp_info,
         }
-        db, own_db, run_key = _open_store(store, rank)
+
+    def train(self, noise_scale: bool, noise_beta: float, store: Any, checkpoint: Any, info: dict) -> Any:
+        """Wrap the model in DDP, run the loop and write the result (rank 0) to the store and the checkpoint."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from .batches import BatchLoss
+        from .step import TrainStep
+        from .train import FitResult, make_optimizer, save_checkpoint
+
+        cfg, device = self.cfg, self.device
+        self.ddp = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.hook = DDPNoiseScale(beta=noise_beta) if noise_scale else None
+        if self.hook is not None:
+            self.ddp.register_comm_hook(None, self.hook.hook)
+        mom_s = self.mom_s
+        self.opt = opt = make_optimizer(
+            cfg["optimizer"],
+            self.model,
+            self.lr_s(0),
+            mom_s(0) if mom_s else 0.0,
+            cfg["weight_decay"],
+            cfg["rho"],
+        )
+        base_lr = opt.param_groups[0]["lr"] or 1.0
+        self.ratios = [g["lr"] / base_lr if base_lr else 1.0 for g in opt.param_groups]
+        self.batch_loss = BatchLoss()
+        self.train_step = TrainStep(self.ddp, opt, self.batch_loss, precision=self.precision, device=device)
+        record = self.record(info)
+        db, own_db, run_key = _open_store(store, self.rank)
         if db is not None:
             run_key = db.start_run(record, kind="fit")
-
-        hist: dict[str, list] = {"step": [], "samples": [], "lr": [], "batch_size": [], "loss": []}
-        hist.update({f"gns_{k}": [] for k in _GNS_KEYS})
-        evals: list[dict] = []
-        status, diverged_at = "completed", None
         t_start = time.perf_counter()
-
-        def do_eval(step: int, samples: int) -> None:
-            tr, te = evaluate(model, (x_train, y_train)), evaluate(model, test)
-            row = {
-                "step": step,
-                "samples": samples,
-                "train_loss": tr["loss"],
-                "train_acc": tr["accuracy"],
-                "test_loss": te["loss"],
-                "test_acc": te["accuracy"],
-            }
-            if hook is not None:
-                row["b_simple"] = hook.b_simple
-            evals.append(row)
-
-        model.train()
         try:
-            with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-                torch.manual_seed(cfg["seed"])
-                sampler = Sampler(n_train, torch.Generator(device="cpu").manual_seed(cfg["seed"]))
-                step = samples = updates = 0
-                while step < steps and (max_samples is None or samples < max_samples):
-                    B = int(bs_s(updates))
-                    _check_global_batch(B, world, n_train, updates)
-                    b = B // world
-                    cur_lr = float(lr_s(updates))
-                    set_group_values(opt, cur_lr, ratios, float(mom_s(updates)) if mom_s else None)
-                    batch = source.take(sampler.take(B)[rank * b : (rank + 1) * b])
-                    mbs, scales = micro_batches(batch, b, micro, batch_loss)
-                    loss_val = sum(float(lo) for lo in train_step.forward_backward(mbs, scales))
-                    local = torch.tensor([loss_val], dtype=torch.float64)
-                    if hook is not None:
-                        loss_val = float(hook.update(b, B, extra=local)[0])
-                    else:
-                        loss_val = float(_all_reduce_mean(local, None, device, world)[0])
-                    if not math.isfinite(
-                        loss_val
-                    ):  # the same decision on every rank: no rank is left waiting
-                        status, diverged_at = "diverged", step
-                        break
-                    if hook is not None:
-                        hook.enabled = False  # SAM's second pass is not a gradient sample
-                    applied = train_step.update(mbs, scales)
-                    if hook is not None:
-                        hook.enabled = True
-                    updates += applied
-                    if precision == "16-mixed":
-                        hist.setdefault("applied", []).append(applied)
-                    samples += B
-                    for k, v in (
-                        ("step", step),
-                        ("samples", samples),
-                        ("lr", cur_lr),
-                        ("batch_size", B),
-                        ("loss", loss_val),
-                    ):
-                        hist[k].append(v)
-                    for k in _GNS_KEYS:
-                        hist[f"gns_{k}"].append(hook.records[k][-1] if hook is not None else math.nan)
-                    step += 1
-                    if step % eval_every == 0:
-                        do_eval(step, samples)
-                if status == "completed" and (not evals or evals[-1]["step"] != step):
-                    do_eval(step, samples)
+            status, diverged_at, hist, evals = self.loop()
         except BaseException as e:
             if db is not None:
                 db.fail_run(run_key, f"{type(e).__name__}: {e}")
@@ -458,34 +440,112 @@ def ddp_train(
         if status == "diverged":
             final = {"train_loss": float("nan"), "diverged_at": diverged_at, "step": diverged_at}
         history = {k: np.asarray(v) for k, v in hist.items()}
-        if checkpoint is not None and status == "completed" and rank == 0:
-            save_checkpoint(model, checkpoint, meta={"lrbs": "ddp_train"})
+        if checkpoint is not None and status == "completed" and self.rank == 0:
+            save_checkpoint(self.model, checkpoint, meta={"lrbs": "ddp_train"})
         result = FitResult(status, history, evals, final, wall, record, diverged_at, run_key)
         if db is not None:
-            # per-step mini-batch losses under their own name, as fit() writes them: evaluation rows
-            # (train_loss, ...) at the same steps must not overwrite them
-            rows = [(int(s), "batch_loss", float(v)) for s, v in zip(history["step"], history["loss"])]
-            rows += [(int(s), "lr", float(v)) for s, v in zip(history["step"], history["lr"])]
-            rows += [(int(s), "batch_size", float(v)) for s, v in zip(history["step"], history["batch_size"])]
-            rows += [
-                (int(s), "gns_b_simple", float(v)) for s, v in zip(history["step"], history["gns_b_simple"])
-            ]
-            for e in evals:
-                rows += [(int(e["step"]), k, float(v)) for k, v in e.items() if k != "step"]
-            db.finish_run(run_key, status, result=jsonable(result.to_dict()), metrics=rows)
+            _finish(db, run_key, result)
             if own_db:
                 db.close()
-        ddp_model = model
-    finally:
-        # The DDP Reducer must die before its process group: destroying a gloo group that a live Reducer still
-        # holds left the Reducer's later destructor joining a gloo thread forever (a hang seen in the test suite).
-        ddp = hook = None
-        gc.collect()
-        if created:
-            dist.destroy_process_group()
-    if return_model:
-        return ddp_model, result
-    return result if rank == 0 else None
+        return result
+
+    def evaluate(self, step: int, samples: int, evals: list[dict]) -> None:
+        from .train import evaluate
+
+        tr, te = evaluate(self.model, self.train_xy), evaluate(self.model, self.test)
+        row = {
+            "step": step,
+            "samples": samples,
+            "train_loss": tr["loss"],
+            "train_acc": tr["accuracy"],
+            "test_loss": te["loss"],
+            "test_acc": te["accuracy"],
+        }
+        if self.hook is not None:
+            row["b_simple"] = self.hook.b_simple
+        evals.append(row)
+
+    def loop(self) -> tuple[str, int | None, dict[str, list], list[dict]]:
+        """The steps (in a forked RNG seeded by ``seed``): the shared global batch, this rank's slice of it."""
+        from .batches import Sampler, TensorSource
+        from .train import set_group_values
+
+        cfg, device, rank, world, hook = self.cfg, self.device, self.rank, self.world, self.hook
+        hist: dict[str, list] = {"step": [], "samples": [], "lr": [], "batch_size": [], "loss": []}
+        hist.update({f"gns_{k}": [] for k in _GNS_KEYS})
+        evals: list[dict] = []
+        status, diverged_at = "completed", None
+        source = TensorSource(self.train_xy)
+        self.model.train()
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            torch.manual_seed(cfg["seed"])
+            sampler = Sampler(self.n_train, torch.Generator(device="cpu").manual_seed(cfg["seed"]))
+            step = samples = updates = 0
+            while step < self.steps and (self.max_samples is None or samples < self.max_samples):
+                B = int(self.bs_s(updates))
+                _check_global_batch(B, world, self.n_train, updates)
+                b = B // world
+                cur_lr = float(self.lr_s(updates))
+                set_group_values(
+                    self.opt, cur_lr, self.ratios, float(self.mom_s(updates)) if self.mom_s else None
+                )
+                batch = source.take(sampler.take(B)[rank * b : (rank + 1) * b])
+                loss_val, mbs, scales = self.forward_backward(batch, b, B)
+                if not math.isfinite(loss_val):  # the same decision on every rank: no rank is left waiting
+                    status, diverged_at = "diverged", step
+                    break
+                if hook is not None:
+                    hook.enabled = False  # SAM's second pass is not a gradient sample
+                applied = self.train_step.update(mbs, scales)
+                if hook is not None:
+                    hook.enabled = True
+                updates += applied
+                if self.precision == "16-mixed":
+                    hist.setdefault("applied", []).append(applied)
+                samples += B
+                for k, v in (
+                    ("step", step),
+                    ("samples", samples),
+                    ("lr", cur_lr),
+                    ("batch_size", B),
+                    ("loss", loss_val),
+                ):
+                    hist[k].append(v)
+                for k in _GNS_KEYS:
+                    hist[f"gns_{k}"].append(hook.records[k][-1] if hook is not None else math.nan)
+                step += 1
+                if step % self.eval_every == 0:
+                    self.evaluate(step, samples, evals)
+            if status == "completed" and (not evals or evals[-1]["step"] != step):
+                self.evaluate(step, samples, evals)
+        return status, diverged_at, hist, evals
+
+    def forward_backward(self, batch: Any, b: int, B: int) -> tuple[float, list[Any], list[float] | None]:
+        """This rank's loss and gradient of its slice; the loss averaged over ranks (with the noise-scale reduce)."""
+        from .train import micro_batches
+
+        mbs, scales = micro_batches(batch, b, self.micro, self.batch_loss)
+        loss_val = sum(float(lo) for lo in self.train_step.forward_backward(mbs, scales))
+        local = torch.tensor([loss_val], dtype=torch.float64)
+        if self.hook is not None:
+            return float(self.hook.update(b, B, extra=local)[0]), mbs, scales
+        return float(_all_reduce_mean(local, None, self.device, self.world)[0]), mbs, scales
+
+
+def _finish(db: Any, run_key: str, result: Any) -> None:
+    """Write a finished run's result and metrics to the store (rank 0)."""
+    from .train import jsonable
+
+    history = result.history
+    # per-step mini-batch losses under their own name, as fit() writes them: evaluation rows
+    # (train_loss, ...) at the same steps must not overwrite them
+    rows = [(int(s), "batch_loss", float(v)) for s, v in zip(history["step"], history["loss"])]
+    rows += [(int(s), "lr", float(v)) for s, v in zip(history["step"], history["lr"])]
+    rows += [(int(s), "batch_size", float(v)) for s, v in zip(history["step"], history["batch_size"])]
+    rows += [(int(s), "gns_b_simple", float(v)) for s, v in zip(history["step"], history["gns_b_simple"])]
+    for e in result.evals:
+        rows += [(int(e["step"]), k, float(v)) for k, v in e.items() if k != "step"]
+    db.finish_run(run_key, result.status, result=jsonable(result.to_dict()), metrics=rows)
 
 
 def _check_global_batch(B: int, world: int, n_train: int, step: int) -> None:
