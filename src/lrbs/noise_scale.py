@@ -19,6 +19,41 @@ map-style or iterable ``Dataset``, a ``DataLoader`` with any collate function, a
 ``(x1, ..., xk, y)``, mappings for ``model(**batch)`` (HF models), ``loss_fn=``, ``compute_loss=`` and
 ``batch_weight=``; sub-batches are drawn one big batch at a time, never by concatenating the dataset.
 
+**Finite population** (:func:`noise_scale`). Both estimates are unbiased for samples drawn with replacement.
+Sampling without replacement from ``N`` samples gives ``E|G_B|² = |G|² + c(B) tr Σ`` with
+``c(B) = (N - B) / (B (N - 1))`` instead of ``1/B`` (``Σ`` the covariance of the ``N`` per-example gradients);
+``finite_population=True`` solves with this ``c(B)`` (:func:`two_batch_estimate`), which is exactly unbiased for
+the dataset and equals McCandlish et al.'s formula as ``N → ∞``.
+
+**Data** (:func:`noise_scale`). Anything :func:`lrbs.batches.as_source` takes. Tensors and map-style datasets
+are sampled by index (``numpy.random.default_rng(seed).choice``; only the drawn samples are read, the dataset is
+never concatenated). A ``DataLoader``, an ``IterableDataset`` (batched by ``B_b``) or a list of batches is read in
+its own order — shuffle it, the estimator assumes random batches — under an RNG seeded by ``seed`` (the
+loader's generator is restored afterwards); each loader batch is cut into sub-batches of ``B_s`` (remainder
+dropped), so ``B_s`` must not exceed the loader's batch size. ``N`` for the correction is the sampler's length;
+for an unsized loader it is unknown and ``c(B) = 1/B`` is used (``finite_population`` is then False in the
+result). With ``batch_weight``, ``G_b = Σ_i w_i g_i / Σ_i w_i`` over the sub-batches (the gradient of the big
+batch's weighted mean loss, e.g. per label token); ``B_s`` and ``B_b`` stay sample counts.
+
+**Precision.** ``"bf16-mixed"`` / ``"16-mixed"`` run the forward pass under autocast; the gradients are
+taken with respect to the float32 parameters and their norms accumulated in float64. ``"16-mixed"`` (CUDA
+only) scales the loss by ``2^16`` and the gradients back, lowering the scale while they overflow (as a
+GradScaler does), so that small float16 gradients do not underflow.
+
+Gradients are computed functionally on a private copy (an :class:`~lrbs.objective.Objective`, through its
+public :meth:`~lrbs.objective.Objective.loss_on`); the model is never modified. BatchNorm follows the
+Objective's ``bn`` mode (default ``"eval"``: frozen running statistics, so every sample's gradient is
+independent of the others in its batch).
+
+Example (:func:`noise_scale`):
+    >>> from lrbs.data import load_dataset
+    >>> from lrbs.models import build_model
+    >>> from lrbs.noise_scale import noise_scale
+    >>> ds = load_dataset("blobs", n_train=256, n_test=16, num_features=4, num_classes=3, seed=0)
+    >>> res = noise_scale(build_model("mlp", dataset=ds, depth=2, width=8), ds, small_batch=8, big_batch=64)
+    >>> res.ci_low <= res.b_simple <= res.ci_high
+    True
+
 References:
     McCandlish, Kaplan, Amodei et al., "An Empirical Model of Large-Batch Training", 2018 (arXiv 1812.06162).
     Merrill et al., "Critical Batch Size Revisited", 2025 (arXiv 2505.23971).
@@ -59,6 +94,10 @@ from .train import Callback, TrainState
 __all__ = [
     "NoiseScale",
     "noise_scale",
+    "two_batch_estimate",
+    "sampling_coefficient",
+    "b_simple_ratio",
+    "bootstrap_ratio",
     "NoiseScaleTracker",
     "TrackerPoint",
     "CriticalBatch",
@@ -264,14 +303,36 @@ def _weighted_mean(flat: torch.Tensor, w: np.ndarray) -> torch.Tensor:
     return (flat * wt[..., None]).sum(1) / wt.sum(1)[:, None]
 
 
-def _two_batch(small_sq: float, big_sq: float, c_small: float, c_big: float) -> tuple[float, float]:
-    """Solve ``E|G_B|² = |G|² + c(B) tr Σ`` at the two batch sizes for ``(|G|², tr Σ)``."""
+def two_batch_estimate(small_sq: Any, big_sq: Any, c_small: Any, c_big: Any) -> tuple[Any, Any]:
+    r"""The two-batch-size estimator: solve ``E|G_B|² = |G|² + c(B) tr Σ`` at two batch sizes for ``(|G|², tr Σ)``.
+
+    .. math::
+
+        \operatorname{tr}\Sigma \approx \frac{|G_s|^2 - |G_b|^2}{c(B_s) - c(B_b)}, \qquad
+        |G|^2 \approx |G_b|^2 - c(B_b) \operatorname{tr}\Sigma
+
+    with ``c(B) = 1/B`` for samples drawn with replacement (McCandlish et al. 2018, App. A: then
+    ``|G|² = (B_b|G_b|² - B_s|G_s|²) / (B_b - B_s)``) or ``c(B) = (N - B) / (B (N - 1))`` without replacement
+    from ``N`` samples (:func:`sampling_coefficient`). ``|G_s|²`` is the mean over the small batches; both
+    gradients must be taken at the same weights. Works elementwise on floats or NumPy arrays; no checks
+    (``c_small != c_big`` is the caller's).
+
+    Returns:
+        ``(grad_sq, trace_sigma)``.
+    """
     trace = (small_sq - big_sq) / (c_small - c_big)
     return big_sq - c_big * trace, trace
 
 
-def _ratio(num: float, den: float) -> float:
-    return num / den if den > 0 else math.inf
+def sampling_coefficient(batch: int, n: int | None = None) -> float:
+    """``c(B)`` of :func:`two_batch_estimate`: ``(n - B) / (B (n - 1))`` for a batch drawn without replacement from
+    ``n > 1`` samples, ``1 / B`` when ``n`` is None (with replacement, or an unknown population)."""
+    return 1.0 / batch if n is None else (n - batch) / (batch * (n - 1))
+
+
+def b_simple_ratio(trace_sigma: float, grad_sq: float) -> float:
+    """``B_simple = tr Σ / |G|²``, ``inf`` when ``|G|² <= 0`` (the signal is below the noise floor)."""
+    return trace_sigma / grad_sq if grad_sq > 0 else math.inf
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -342,6 +403,18 @@ class NoiseScale:
             out[name] = [float(v) for v in getattr(self, name)]
         return out
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> NoiseScale:
+        """The result :meth:`to_dict` wrote (``None`` read back as ``inf`` for ``b_simple``, NaN for the interval)."""
+        kw = dict(d)
+        kw["b_simple"] = math.inf if kw.get("b_simple") is None else kw["b_simple"]
+        for name in ("ci_low", "ci_high"):
+            kw[name] = math.nan if kw.get(name) is None else kw[name]
+        for name in ("grad_sq_estimates", "trace_sigma_estimates", "small_sq_estimates", "big_sq_estimates"):
+            kw[name] = np.asarray(kw.get(name, ()), dtype=np.float64)
+        kw["settings"] = dict(kw.get("settings") or {})
+        return cls(**kw)
+
     def __str__(self) -> str:
         return (
             f"B_simple = {self.b_simple:.4g} ({self.confidence:.0%} CI {self.ci_low:.4g} .. {self.ci_high:.4g}); "
@@ -367,16 +440,18 @@ class NoiseScale:
         return ax
 
 
-def _bootstrap_ratio(
-    num: np.ndarray, den: np.ndarray, num_bootstrap: int, confidence: float, seed: int
+def bootstrap_ratio(
+    num: np.ndarray, den: np.ndarray, num_bootstrap: int, confidence: float, entropy: Any
 ) -> tuple[float, float]:
-    """Percentile-bootstrap interval of ``mean(num) / mean(den)`` over the draws (a ratio of resampled means).
+    """Percentile-bootstrap interval of ``mean(num) / mean(den)`` over the draws (a ratio of resampled means):
+    ``num_bootstrap`` resamples with replacement from ``numpy.random.default_rng(entropy)``; a resample whose mean
+    ``den`` is <= 0 has ratio ``inf``.
 
     Not ``scipy.stats.bootstrap``: its resampling stream and its interpolated percentiles give other numbers
     (recorded results and the study would change), and interpolation is undefined when some resampled ratios are
     infinite (a mean ``|G|²`` <= 0 below the noise floor); ``"lower"`` / ``"higher"`` quantiles keep them defined.
     """
-    rng = np.random.default_rng([seed, 0x6E73])
+    rng = np.random.default_rng(entropy)
     k = len(num)
     idx = rng.integers(0, k, size=(num_bootstrap, k))
     n, d = num[idx].mean(1), den[idx].mean(1)
@@ -619,52 +694,26 @@ def noise_scale(
         \operatorname{tr}\Sigma \approx \frac{|G_s|^2 - |G_b|^2}{1/B_s - 1/B_b}, \qquad
         B_\text{simple} = \frac{\overline{\operatorname{tr}\Sigma}}{\overline{|G|^2}}.
 
-    Both estimates are unbiased for samples drawn with replacement. Sampling without replacement from ``N``
-    samples gives ``E|G_B|² = |G|² + c(B) tr Σ`` with ``c(B) = (N - B) / (B (N - 1))`` instead of ``1/B``
-    (``Σ`` the covariance of the ``N`` per-example gradients); ``finite_population=True`` solves with this
-    ``c(B)``, which is exactly unbiased for the dataset and equals the formula above as ``N → ∞``.
     ``B_simple`` is the ratio of the averaged estimates, never the mean of per-draw ratios (each draw is noisy
-    and can be negative). The interval is a percentile bootstrap over the draws.
-
-    **Data.** Anything :func:`lrbs.batches.as_source` takes. Tensors and map-style datasets are sampled by index
-    (``numpy.random.default_rng(seed).choice``; only the drawn samples are read, the dataset is never
-    concatenated). A ``DataLoader``, an ``IterableDataset`` (batched by ``B_b``) or a list of batches is read in
-    its own order — shuffle it, the estimator assumes random batches — under an RNG seeded by ``seed`` (the
-    loader's generator is restored afterwards); each loader batch is cut into sub-batches of ``B_s`` (remainder
-    dropped), so ``B_s`` must not exceed the loader's batch size. ``N`` for the correction is the sampler's length;
-    for an unsized loader it is unknown and ``c(B) = 1/B`` is used (``finite_population`` is then False in the
-    result). With ``batch_weight``, ``G_b = Σ_i w_i g_i / Σ_i w_i`` over the sub-batches (the gradient of the big
-    batch's weighted mean loss, e.g. per label token); ``B_s`` and ``B_b`` stay sample counts.
-
-    **Precision.** ``"bf16-mixed"`` / ``"16-mixed"`` run the forward pass under autocast; the gradients are
-    taken with respect to the float32 parameters and their norms accumulated in float64. ``"16-mixed"`` (CUDA
-    only) scales the loss by ``2^16`` and the gradients back, lowering the scale while they overflow (as a
-    GradScaler does), so that small float16 gradients do not underflow.
-
-    Gradients are computed functionally on a private copy (an :class:`~lrbs.objective.Objective`, through its
-    public :meth:`~lrbs.objective.Objective.loss_on`); the model is never modified. BatchNorm follows the
-    Objective's ``bn`` mode (default ``"eval"``: frozen running statistics, so every sample's gradient is
-    independent of the others in its batch).
+    and can be negative); the interval is a percentile bootstrap over the draws. The finite-data correction,
+    the data, precision and BatchNorm: see the module docstring (its example too).
 
     Args:
         obj_or_model: an :class:`~lrbs.objective.Objective` (its fixed data are sampled) or a model (then ``data``
             is needed and the loss is read with ``loss_fn`` / ``compute_loss`` / ``batch_weight``).
         data: the data to sample from, when a model is given.
-        small_batch: ``B_s`` >= 1.
-        big_batch: ``B_b``, a multiple of ``B_s`` larger than it and at most the number of samples.
+        small_batch, big_batch: ``B_s >= 1`` and ``B_b``, a multiple of ``B_s`` larger than it, at most the data.
         num_estimates: number of big batches (>= 2).
         seed: seeds the batches and the bootstrap.
-        loss_fn: ``loss_fn(output, y)`` (tuple batches) or ``loss_fn(output, batch)`` (mappings), mean reduction;
-            default cross-entropy for tuples and the model's own loss (``output.loss``) for mappings.
-        compute_loss: ``compute_loss(model, batch) -> scalar tensor`` (HF Trainer's name), for any batch.
-        batch_weight: ``batch_weight(batch) -> float``, a sub-batch's weight in the big-batch gradient.
+        loss_fn, compute_loss, batch_weight: how a batch's loss (and a sub-batch's weight in the big-batch
+            gradient) is read, as :class:`~lrbs.batches.BatchLoss` reads it (default cross-entropy for tuple
+            batches, the model's own ``output.loss`` for mappings).
         precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (Lightning's names).
         params: the weights (dict or flat vector; default the Objective's centre point).
-        confidence: level of the bootstrap interval, in (0, 1).
-        num_bootstrap: bootstrap resamples.
+        confidence, num_bootstrap: the level of the bootstrap interval, in (0, 1), and its resamples.
         bn, dtype: passed to the Objective built from a model (``bn="recompute"`` reads all the data into it, for
             the BatchNorm statistics).
-        finite_population: apply the finite-data correction described above.
+        finite_population: apply the finite-data correction (the module docstring).
         method: ``"vmap"`` (all sub-batch gradients in one vectorised call), ``"loop"``, or ``None``: vmap,
             falling back to the loop for models or batches vmap cannot handle (e.g. ragged sub-batches).
 
@@ -673,23 +722,73 @@ def noise_scale(
 
     Raises:
         ConfigError: ``small_batch >= big_batch``, ``big_batch`` not a multiple of ``small_batch`` or larger than
-            the data, ``num_estimates < 2``, a confidence outside (0, 1), non-finite ``params``, data or a loss given
-            twice, empty data, a ``precision`` outside the three names or ``"16-mixed"`` without a GPU.
-        LrbsTypeError: a non-integer batch size, an unsupported ``obj_or_model`` or a batch the protocol cannot
-            read.
-
-    Example:
-        >>> from lrbs.data import load_dataset
-        >>> from lrbs.models import build_model
-        >>> ds = load_dataset("blobs", n_train=256, n_test=16, num_features=4, num_classes=3, seed=0)
-        >>> res = noise_scale(build_model("mlp", dataset=ds, depth=2, width=8), ds, small_batch=8, big_batch=64)
-        >>> res.ci_low <= res.b_simple <= res.ci_high
-        True
-
-    References:
-        McCandlish et al., "An Empirical Model of Large-Batch Training", 2018 (arXiv 1812.06162), App. A.
+            the data, ``num_estimates < 2``, a confidence outside (0, 1), non-finite ``params``, data or a loss
+            given twice, empty data, a ``precision`` outside the three names or ``"16-mixed"`` without a GPU.
+        LrbsTypeError: a non-integer batch size, an unsupported ``obj_or_model`` or an unreadable batch.
     """
     small_batch, big_batch = _check_batches(small_batch, big_batch)
+    num_estimates, seed, confidence, num_bootstrap = _check_options(
+        num_estimates, seed, confidence, num_bootstrap, method, finite_population
+    )
+    loss = (loss_fn, compute_loss, batch_weight)
+    precision, obj, source = _setup(obj_or_model, data, loss, bn, dtype, precision, small_batch, big_batch)
+    n = _sample_count(obj, source, big_batch)
+    theta = obj.theta() if params is None else obj.check_finite(params).detach().clone()
+    small, big_sq, used = _sub_batch_norms(
+        obj, source, n, theta, precision, (small_batch, big_batch // small_batch), num_estimates, seed, method
+    )
+    applied = finite_population and n is not None and n > 1
+    given = {"confidence": confidence, "num_estimates": num_estimates, "seed": seed}
+    given.update(num_bootstrap=num_bootstrap, small_batch=small_batch, big_batch=big_batch, method=str(used))
+    given["finite_population"] = applied if source is not None else finite_population
+    given["settings"] = _settings(obj, source, n, precision)
+    return _result(small, big_sq, n if applied else None, given)
+
+
+def _result(
+    small: np.ndarray, big_sq: np.ndarray, population: int | None, given: dict[str, Any]
+) -> NoiseScale:
+    """The :class:`NoiseScale` of the squared norms (``population``: ``N`` of the finite-data correction, or None
+    for ``c(B) = 1/B``); ``given`` holds the fields that are the run's settings."""
+    c_small = sampling_coefficient(given["small_batch"], population)
+    c_big = sampling_coefficient(given["big_batch"], population)
+    small_sq = small.mean(1)
+    grad_sq, trace = two_batch_estimate(small_sq, big_sq, c_small, c_big)
+    g_mean, t_mean = float(grad_sq.mean()), float(trace.mean())
+    entropy = [given["seed"], 0x6E73]
+    lo, hi = bootstrap_ratio(trace, grad_sq, given["num_bootstrap"], given["confidence"], entropy)
+    return NoiseScale(
+        b_simple=b_simple_ratio(t_mean, g_mean),
+        grad_sq=g_mean,
+        trace_sigma=t_mean,
+        ci_low=lo,
+        ci_high=hi,
+        grad_sq_estimates=grad_sq,
+        trace_sigma_estimates=trace,
+        small_sq_estimates=small_sq,
+        big_sq_estimates=big_sq,
+        **given,
+    )
+
+
+def _sample_count(obj: Objective, source: Source | None, big_batch: int) -> int | None:
+    """``N``, the samples drawn from (None for an unsized loader); raises ConfigError if ``big_batch`` exceeds it."""
+    n = obj.num_samples if source is None else _population(source)
+    if n is not None and big_batch > n:
+        raise ConfigError(f"big_batch={big_batch} is not allowed: larger than the data ({n} samples)")
+    return n
+
+
+def _check_options(
+    num_estimates: int,
+    seed: int,
+    confidence: float,
+    num_bootstrap: int,
+    method: str | None,
+    finite_population: Any,
+) -> tuple[int, int, float, int]:
+    """The checked ``(num_estimates, seed, confidence, num_bootstrap)`` of :func:`noise_scale` (and ``method``,
+    ``finite_population``)."""
     num_estimates = check_int("num_estimates", num_estimates, low=2)
     seed = check_int("seed", seed)
     confidence = check_number("confidence", confidence, low=0.0, high=1.0, high_inclusive=False)
@@ -698,66 +797,38 @@ def noise_scale(
         check_choice("method", method, _METHODS)
     if not isinstance(finite_population, bool):
         raise LrbsTypeError(f"finite_population={finite_population!r} is not allowed: must be True or False")
-    precision, obj, source = _setup(
-        obj_or_model,
-        data,
-        (loss_fn, compute_loss, batch_weight),
-        bn,
-        dtype,
-        precision,
-        small_batch,
-        big_batch,
-    )
-    n = obj.num_samples if source is None else _population(source)
-    if n is not None and big_batch > n:
-        raise ConfigError(f"big_batch={big_batch} is not allowed: larger than the data ({n} samples)")
-    theta = obj.theta() if params is None else obj.check_finite(params).detach().clone()
+    return num_estimates, seed, confidence, num_bootstrap
+
+
+def _sub_batch_norms(
+    obj: Objective,
+    source: Source | None,
+    n: int | None,
+    theta: torch.Tensor,
+    precision: str,
+    sizes: tuple[int, int],
+    num_estimates: int,
+    seed: int,
+    method: str | None,
+) -> tuple[Any, Any, str]:
+    """``(small, big_sq, method used)`` of :func:`_micro_sq_norms` over ``num_estimates`` draws of ``k`` sub-batches
+    of ``small_batch`` (``sizes = (small_batch, k)``) at ``theta``, under the seeded forked RNG."""
+    small_batch, k = sizes
     buffers = obj.buffers_at(theta)
 
     def loss_at(p: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         with autocast(precision, obj.device):
             return obj.loss_on(p["theta"], batch, buffers)
 
-    applied = finite_population and n is not None and n > 1
-    if applied:
-        c_small = (n - small_batch) / (small_batch * (n - 1))
-        c_big = (n - big_batch) / (big_batch * (n - 1))
-    else:
-        c_small, c_big = 1.0 / small_batch, 1.0 / big_batch
-    k = big_batch // small_batch
     weigh = obj.batch_loss.weight if obj.batch_loss.batch_weight is not None else None
     with _random_state(obj.device, seed):
         draw, close = _draws(obj, source, n, small_batch, k, num_estimates, seed)
         try:
-            small, big_sq, used = _micro_sq_norms(
+            return _micro_sq_norms(
                 loss_at, {"theta": theta}, draw, num_estimates, k, method, weigh=weigh, precision=precision
             )
         finally:
             close()
-    small_sq = small.mean(1)
-    grad_sq, trace = _two_batch(small_sq, big_sq, c_small, c_big)
-    g_mean, t_mean = float(grad_sq.mean()), float(trace.mean())
-    lo, hi = _bootstrap_ratio(trace, grad_sq, num_bootstrap, confidence, seed)
-    return NoiseScale(
-        b_simple=_ratio(t_mean, g_mean),
-        grad_sq=g_mean,
-        trace_sigma=t_mean,
-        ci_low=lo,
-        ci_high=hi,
-        confidence=confidence,
-        num_estimates=num_estimates,
-        small_batch=small_batch,
-        big_batch=big_batch,
-        grad_sq_estimates=grad_sq,
-        trace_sigma_estimates=trace,
-        small_sq_estimates=small_sq,
-        big_sq_estimates=big_sq,
-        finite_population=applied if source is not None else finite_population,
-        num_bootstrap=num_bootstrap,
-        seed=seed,
-        method=str(used),
-        settings=_settings(obj, source, n, precision),
-    )
 
 
 def _settings(obj: Objective, source: Source | None, n: int | None, precision: str) -> dict[str, Any]:
@@ -905,7 +976,7 @@ class NoiseScaleTracker(Callback):
             small, big, self._method = _micro_sq_norms(
                 loss_at, params, lambda e: row, 1, k, self._method, weigh=weigh, precision=precision
             )
-        grad_sq, trace = _two_batch(float(small.mean()), float(big[0]), 1.0 / bs, 1.0 / (k * bs))
+        grad_sq, trace = two_batch_estimate(float(small.mean()), float(big[0]), 1.0 / bs, 1.0 / (k * bs))
         self._count += 1
         self._ema_g = self.beta * self._ema_g + (1.0 - self.beta) * grad_sq
         self._ema_t = self.beta * self._ema_t + (1.0 - self.beta) * trace
@@ -1144,35 +1215,48 @@ def steps_to_target(
     target = check_number("target", target)
     check_choice("source", source, ("auto", "evals", "steps"))
     beta = check_number("beta", beta, low=0.0, high=1.0, low_inclusive=True, high_inclusive=False)
-    evals, steps_hist = None, None
-    if hasattr(history, "evals") and hasattr(history, "history"):
-        evals, steps_hist = history.evals, history.history
-    elif isinstance(history, Mapping):
-        steps_hist = history
-    elif isinstance(history, Sequence) and not isinstance(history, (str, bytes)):
-        evals = list(history)
-    else:
-        raise LrbsTypeError(
-            f"history={type(history).__name__} is not allowed: must be a FitResult, its history dict or its evals"
-        )
+    evals, steps_hist = _history_parts(history)
     has_evals = bool(evals) and all(isinstance(r, Mapping) for r in evals) and any(metric in r for r in evals)
     if source == "auto":
         source = "evals" if has_evals else "steps"
     if source == "evals":
         if not has_evals:
             raise ConfigError(f"source='evals' is not allowed: the history has no eval rows with {metric!r}")
-        higher = metric.endswith("acc") or metric.endswith("accuracy")
-        for row in evals:
-            v = row.get(metric)
-            if v is None or not math.isfinite(float(v)):
-                continue
-            if (float(v) >= target) if higher else (float(v) <= target):
-                return int(row["step"])
-        return None
+        return _first_eval_reaching(evals, metric, target)
     if steps_hist is None or "loss" not in steps_hist or "step" not in steps_hist:
         raise ConfigError(
             "source='steps' is not allowed: the history has no per-step 'step' and 'loss' arrays"
         )
+    return _first_ema_reaching(steps_hist, target, beta)
+
+
+def _history_parts(history: Any) -> tuple[list | None, Mapping | None]:
+    """``(evals, per-step history)`` of a ``FitResult``, its history dict or its evals list (None where absent)."""
+    if hasattr(history, "evals") and hasattr(history, "history"):
+        return history.evals, history.history
+    if isinstance(history, Mapping):
+        return None, history
+    if isinstance(history, Sequence) and not isinstance(history, (str, bytes)):
+        return list(history), None
+    raise LrbsTypeError(
+        f"history={type(history).__name__} is not allowed: must be a FitResult, its history dict or its evals"
+    )
+
+
+def _first_eval_reaching(evals: list, metric: str, target: float) -> int | None:
+    """The ``step`` of the first eval row whose ``metric`` reaches ``target`` (``>=`` for accuracies, else ``<=``)."""
+    higher = metric.endswith("acc") or metric.endswith("accuracy")
+    for row in evals:
+        v = row.get(metric)
+        if v is None or not math.isfinite(float(v)):
+            continue
+        if (float(v) >= target) if higher else (float(v) <= target):
+            return int(row["step"])
+    return None
+
+
+def _first_ema_reaching(steps_hist: Mapping, target: float, beta: float) -> int | None:
+    """The first step whose debiased EMA of the per-step loss is ``<= target`` (None on a non-finite loss)."""
     m = 0.0
     for i, (t, lo) in enumerate(zip(steps_hist["step"], steps_hist["loss"])):
         lo = float(lo)

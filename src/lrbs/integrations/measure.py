@@ -283,6 +283,7 @@ class NoiseSummary:
         source: ``"micro-batches"`` (free) or ``"probe"``.
     """
 
+    # the first seven fields are those of lrbs.noise_scale.NoiseScale on purpose: the same quantities, one name each
     b_simple: float
     grad_sq: float
     trace_sigma: float
@@ -302,16 +303,13 @@ class NoiseSummary:
         }
 
 
-def _ratio(num: float, den: float) -> float:
-    return num / den if den > 0 else math.inf
-
-
 class NoiseWindow:
     """The last ``window`` single-step ``(|G|^2, tr Sigma)`` estimates and their summary.
 
     The interval resamples the estimates with replacement (``num_bootstrap`` times) and takes the ratio of means
     of each resample; ``"lower"``/``"higher"`` quantiles keep it defined when a resample's mean ``|G|^2`` is <= 0
-    (its ratio is infinite) — the same interval as :func:`lrbs.noise_scale`'s.
+    (its ratio is infinite) — the same interval as :func:`lrbs.noise_scale`'s (:func:`lrbs.noise_scale.bootstrap_ratio`,
+    here seeded by ``[seed, number of estimates]``).
     """
 
     def __init__(self, window: int, source: str, confidence: float = 0.95, num_bootstrap: int = 1000):
@@ -328,21 +326,16 @@ class NoiseWindow:
 
     def summary(self, seed: int = 0) -> NoiseSummary | None:
         """The current :class:`NoiseSummary`, or None before the first estimate."""
+        from ..noise_scale import b_simple_ratio, bootstrap_ratio
+
         if not self.rows:
             return None
         steps, g, t = (np.array(c) for c in zip(*self.rows))
         lo = hi = math.nan
         if len(g) >= 2:
-            rng = np.random.default_rng([seed, len(g)])
-            idx = rng.integers(0, len(g), size=(self.num_bootstrap, len(g)))
-            num, den = t[idx].mean(1), g[idx].mean(1)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratios = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.inf)
-            alpha = (1.0 - self.confidence) / 2.0
-            lo = float(np.quantile(ratios, alpha, method="lower"))
-            hi = float(np.quantile(ratios, 1 - alpha, method="higher"))
+            lo, hi = bootstrap_ratio(t, g, self.num_bootstrap, self.confidence, [seed, len(g)])
         return NoiseSummary(
-            b_simple=_ratio(float(t.mean()), float(g.mean())),
+            b_simple=b_simple_ratio(float(t.mean()), float(g.mean())),
             grad_sq=float(g.mean()),
             trace_sigma=float(t.mean()),
             ci_low=lo,
