@@ -60,7 +60,9 @@ def two_batch_noise_scale(
         \\mathrm{tr}\\Sigma \\approx \\frac{|G_s|^2 - |G_b|^2}{1/B_s - 1/B_b}
 
     (McCandlish et al. 2018, Appendix A). Both gradients must be taken at the same weights; ``|G_s|^2`` is the
-    mean over the small batches. ``B_simple = tr(Sigma) / |G|^2``.
+    mean over the small batches. ``B_simple = tr(Sigma) / |G|^2``. The arithmetic is
+    :func:`lrbs.noise_scale.two_batch_estimate` with ``c(B) = 1/B`` (samples drawn with replacement); this adds
+    the checks of the batch sizes.
 
     Raises:
         ConfigError: ``b_small >= b_big`` or a batch size <= 0.
@@ -68,8 +70,9 @@ def two_batch_noise_scale(
     b_s, b_b = check_number("b_small", b_small, low=0.0), check_number("b_big", b_big, low=0.0)
     if b_s >= b_b:
         raise ConfigError(f"b_small={b_small!r} is not allowed: must be < b_big={b_big!r}")
-    g2 = (b_b * g_big_sq - b_s * g_small_sq) / (b_b - b_s)
-    trace = (g_small_sq - g_big_sq) / (1.0 / b_s - 1.0 / b_b)
+    from .noise_scale import two_batch_estimate
+
+    g2, trace = two_batch_estimate(g_small_sq, g_big_sq, 1.0 / b_s, 1.0 / b_b)
     return float(g2), float(trace)
 
 

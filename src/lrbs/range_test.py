@@ -311,6 +311,8 @@ class RangeTestResult:
         wall_time: seconds, restore included.
     """
 
+    # The first sweep's fields again (RangeTestSweep's first six, minus ``seed``): the result reads as that sweep
+    # plus the others, and its constructor, pickles and to_dict stay as they were.
     lrs: np.ndarray
     losses: np.ndarray
     smoothed: np.ndarray
@@ -539,23 +541,7 @@ def _source(data: Any, batch_size: int | None, device: torch.device) -> tuple[An
 
     Tensors are moved to the model's device once (as the range test always did); other sources stream.
     """
-    if data is None:
-        raise ConfigError(
-            "data=None is not allowed: give a DataLoader, an lrbs Dataset or Split, (x, y) tensors, a torch "
-            "Dataset or a list of batches"
-        )
-    if isinstance(data, torch.utils.data.DataLoader):
-        if batch_size is not None and data.batch_size is not None and batch_size != data.batch_size:
-            raise ConfigError(
-                f"batch_size={batch_size!r} is not allowed with a DataLoader of batch_size="
-                f"{data.batch_size}: leave it None (the loader's batches are used) or pass the dataset itself"
-            )
-        if _safe_len(data) == 0:
-            raise ConfigError("data is empty: the DataLoader has no batches")
-    elif isinstance(data, (list, tuple)) and len(data) == 0:
-        raise ConfigError("data is empty: the list of batches has no batches")
-    if _num_tensor_samples(data) == 0:
-        raise ConfigError("data is empty: it has 0 samples")
+    _check_data(data, batch_size)
     try:
         src = as_source(data, name="data", batch_size=batch_size)
     except LrbsTypeError:
@@ -574,6 +560,27 @@ def _source(data: Any, batch_size: int | None, device: torch.device) -> tuple[An
             f"batch_size={b} is not allowed: must be <= {src.num_samples} (the number of samples)"
         )
     return src, b
+
+
+def _check_data(data: Any, batch_size: int | None) -> None:
+    """Reject missing or empty data and a batch size that differs from a DataLoader's own."""
+    if data is None:
+        raise ConfigError(
+            "data=None is not allowed: give a DataLoader, an lrbs Dataset or Split, (x, y) tensors, a torch "
+            "Dataset or a list of batches"
+        )
+    if isinstance(data, torch.utils.data.DataLoader):
+        if batch_size is not None and data.batch_size is not None and batch_size != data.batch_size:
+            raise ConfigError(
+                f"batch_size={batch_size!r} is not allowed with a DataLoader of batch_size="
+                f"{data.batch_size}: leave it None (the loader's batches are used) or pass the dataset itself"
+            )
+        if _safe_len(data) == 0:
+            raise ConfigError("data is empty: the DataLoader has no batches")
+    elif isinstance(data, (list, tuple)) and len(data) == 0:
+        raise ConfigError("data is empty: the list of batches has no batches")
+    if _num_tensor_samples(data) == 0:
+        raise ConfigError("data is empty: it has 0 samples")
 
 
 def _num_tensor_samples(data: Any) -> int | None:
@@ -866,13 +873,7 @@ def lr_range_test(
         True
     """
     t0 = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise LrbsTypeError(f"model={type(model).__name__} is not allowed: must be a torch.nn.Module")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise LrbsTypeError(
-            f"optimizer={optimizer!r} is not allowed: must be a torch.optim.Optimizer built on the model's "
-            "parameters"
-        )
+    _check_model_optimizer(model, optimizer)
     start_lr = check_positive("start_lr", start_lr)
     end_lr = check_positive("end_lr", end_lr)
     if start_lr >= end_lr:
@@ -890,15 +891,6 @@ def lr_range_test(
         batch_size = check_int("batch_size", batch_size, low=1)
     if not isinstance(restore, bool):
         raise LrbsTypeError(f"restore={restore!r} is not allowed: must be True or False")
-    own = {id(p) for p in model.parameters()}
-    if not own:
-        raise ConfigError("model has no parameters: there is nothing to train")
-    for gi, g in enumerate(optimizer.param_groups):
-        if any(id(p) not in own for p in g["params"]):
-            raise ConfigError(
-                f"optimizer param group {gi} holds parameters that are not the model's: build the optimizer "
-                "on model.parameters() (the restore covers the model only)"
-            )
     device = model_device(model)
     precision = check_precision(precision, device)
     batch_loss = BatchLoss(loss_fn, compute_loss, batch_weight)
@@ -929,6 +921,37 @@ def lr_range_test(
         sync_every,
     )
     sweeps = _run_sweeps(sweep, repeats, restore, seed)
+    settings = _settings(locals(), b, beta, factor, accum, val, ratios, device, precision)
+    first = sweeps[0]
+    return RangeTestResult(
+        lrs=first.lrs,
+        losses=first.losses,
+        smoothed=first.smoothed,
+        stopped_early=first.stopped_early,
+        diverged_at=first.diverged_at,
+        stop_reason=first.stop_reason,
+        settings=settings,
+        sweeps=tuple(sweeps),
+        wall_time=time.perf_counter() - t0,
+    )
+
+
+def _settings(
+    kw: dict[str, Any],
+    b: int | None,
+    beta: float,
+    factor: float | None,
+    accum: int,
+    val: Any,
+    ratios: list[float],
+    device: torch.device,
+    precision: str,
+) -> dict[str, Any]:
+    """The range test's recorded settings (``kw``: lr_range_test's checked arguments)."""
+    start_lr, end_lr, num_iter, mode = kw["start_lr"], kw["end_lr"], kw["num_iter"], kw["mode"]
+    repeats, restore, seed, data = kw["repeats"], kw["restore"], kw["seed"], kw["data"]
+    optimizer, model, loss_fn, compute_loss = kw["optimizer"], kw["model"], kw["loss_fn"], kw["compute_loss"]
+    batch_weight = kw["batch_weight"]
     settings = {
         "start_lr": start_lr,
         "end_lr": end_lr,
@@ -953,18 +976,27 @@ def lr_range_test(
         settings["precision"] = precision
     if batch_weight is not None:
         settings["batch_weight"] = getattr(batch_weight, "__name__", type(batch_weight).__name__)
-    first = sweeps[0]
-    return RangeTestResult(
-        lrs=first.lrs,
-        losses=first.losses,
-        smoothed=first.smoothed,
-        stopped_early=first.stopped_early,
-        diverged_at=first.diverged_at,
-        stop_reason=first.stop_reason,
-        settings=settings,
-        sweeps=tuple(sweeps),
-        wall_time=time.perf_counter() - t0,
-    )
+    return settings
+
+
+def _check_model_optimizer(model: Any, optimizer: Any) -> None:
+    """A module with parameters and an optimizer over them only (the restore covers the model only)."""
+    if not isinstance(model, nn.Module):
+        raise LrbsTypeError(f"model={type(model).__name__} is not allowed: must be a torch.nn.Module")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise LrbsTypeError(
+            f"optimizer={optimizer!r} is not allowed: must be a torch.optim.Optimizer built on the model's "
+            "parameters"
+        )
+    own = {id(p) for p in model.parameters()}
+    if not own:
+        raise ConfigError("model has no parameters: there is nothing to train")
+    for gi, g in enumerate(optimizer.param_groups):
+        if any(id(p) not in own for p in g["params"]):
+            raise ConfigError(
+                f"optimizer param group {gi} holds parameters that are not the model's: build the optimizer "
+                "on model.parameters() (the restore covers the model only)"
+            )
 
 
 def _loss_name(loss_fn: Callable | None, compute_loss: Callable | None) -> str:

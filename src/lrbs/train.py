@@ -555,15 +555,13 @@ def fit(
             loader's batches are used; a different value is an error).
         steps, epochs: the length of training; exactly one of them. ``steps`` counts iterations (batches
             drawn); ``epochs`` stops once ``epochs * len(train)`` samples were seen (needs data of known size).
-        momentum: SGD momentum (or Adam's beta1), a float or a schedule.
-        weight_decay: L2 weight decay of the optimizer.
-        rho: SAM's neighbourhood size (for ``"sam"`` / ``"asam"``).
+        momentum, weight_decay, rho: SGD momentum (or Adam's beta1; a float or a schedule), L2 weight decay,
+            SAM's neighbourhood size (``"sam"`` / ``"asam"``).
         optimizer_opts: extra options of a named optimizer (e.g. ``{"base": "adam"}`` for SAM on Adam).
         seed: seeds the data order (and dropout, inside a forked RNG).
-        eval_every: evaluate every this many steps (default: about 20 evaluations per run) and at the end.
-        eval_batch_size: batch size of evaluations.
-        eval_max_samples: evaluate on a fixed seeded subset of this many samples (default: all of indexable
-            data; the first :data:`LOADER_EVAL_SAMPLES` of a loader).
+        eval_every, eval_batch_size, eval_max_samples: evaluate every this many steps (default: about 20 per
+            run) and at the end, in batches of this size, on a fixed seeded subset of this many samples (default:
+            all of indexable data; the first :data:`LOADER_EVAL_SAMPLES` of a loader).
         max_micro_batch: split a larger batch into accumulated micro-batches of at most this size (the effective
             batch, and any LR rule, count the accumulated batch; the schedules advance once per optimizer step).
         loss_fn: ``loss_fn(output, y)`` for tuple batches / ``loss_fn(output, batch)`` for mappings, mean
@@ -574,12 +572,10 @@ def fit(
         precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (CUDA; a GradScaler whose skipped steps are not
             LR steps: the schedules index applied updates; the history gets an ``applied`` column).
         clip_grad_norm: clip the gradient's global 2-norm to this before each step.
-        test_data: evaluation data when ``dataset`` has no test split.
-        callbacks: :class:`Callback` objects.
-        store: a :class:`~lrbs.store.Store`; the run, its metrics and its final result are written to it.
-        checkpoint: write the final weights here (safetensors).
-        progress: show a rich progress bar.
-        config: extra JSON-able entries recorded in the result's config (e.g. the model's name).
+        test_data, callbacks: evaluation data when ``dataset`` has no test split; :class:`Callback` objects.
+        store, checkpoint: a :class:`~lrbs.store.Store` (the run, its metrics and its final result are written to
+            it); a path for the final weights (safetensors).
+        progress, config: show a progress bar; extra JSON-able entries for the result's config.
 
     Returns:
         A :class:`FitResult`; a non-finite loss ends the run with ``status="diverged"`` (it never raises).
