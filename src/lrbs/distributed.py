@@ -376,7 +376,7 @@ class _DDPRun:
 
     def record(self, info: dict[str, Any]) -> dict[str, Any]:
         """The run's config as the store keeps it: model, dataset, training config and the DDP settings."""
-        from .train import jsonable
+        from ._util import jsonable
 
         ddp_info = {
             "world_size": self.world,
@@ -537,7 +537,7 @@ class _DDPRun:
 
 def _finish(db: Any, run_key: str, result: Any) -> None:
     """Write a finished run's result and metrics to the store (rank 0)."""
-    from .train import jsonable
+    from ._util import jsonable
 
     history = result.history
     # per-step mini-batch losses under their own name, as fit() writes them: evaluation rows
