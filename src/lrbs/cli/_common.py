@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..errors import ConfigError
 
 
 def add_train_options(p: argparse.ArgumentParser, *, steps_default: int | None = None) -> None:
-    """The options of ``lrbs train`` (also used by sharpness --train, noise-scale, find-lr)."""
-    add_model_option(p, default="cnn1d")
-    p.add_argument("--dataset", default="mnist1d", help="dataset name (mnist1d, blobs, teacher, cifar10)")
-    p.add_argument("--dataset-opts", default=None, type=json_dict, help='JSON dict, e.g. \'{"path": "..."}\'')
-    add_data_option(p)
+    """The options of ``lrbs train`` (also used by ``sharpness --train``)."""
+    add_zoo_data_options(p, model_default="cnn1d")
     p.add_argument("--optimizer", default="sgd", help="sgd, adam, adamw, sam, asam, lars, lamb")
     p.add_argument(
         "--lr", default="0.1", help="a number or a schedule spec, e.g. 'cosine(start=0.1, steps=1000)'"
@@ -85,6 +84,20 @@ IMPORT_SPEC_HELP = (
     "or an import spec pkg.module:factory (your own code, imported like uvicorn's app spec; the factory is called "
     "with no arguments, or with the --*-opts JSON as keyword arguments)"
 )
+
+
+def add_zoo_data_options(p: argparse.ArgumentParser, *, model_default: str | None = None) -> None:
+    """The model and data options every analysis takes: ``--model``/``--model-opts`` (see :func:`add_model_option`;
+    required when ``model_default`` is None), ``--dataset``, ``--dataset-opts`` and ``--data``."""
+    add_model_option(p, default=model_default)
+    p.add_argument("--dataset", default="mnist1d", help="dataset name (mnist1d, blobs, teacher, cifar10)")
+    p.add_argument(
+        "--dataset-opts",
+        default=None,
+        type=json_dict,
+        help='JSON dict of dataset options, e.g. \'{"path": "..."}\'',
+    )
+    add_data_option(p)
 
 
 def add_model_option(p: argparse.ArgumentParser, *, default: str | None = None) -> None:
@@ -391,3 +404,38 @@ def fit_from_config(
         config={"train_config": {**cfg, "data": data.name}},
         **extra,
     )
+
+
+# --------------------------------------------------------------------------------------------- recording a run
+class RunRecord:
+    """The run of :func:`recorded_run`: its store key (None without ``--store``) and :meth:`finish`."""
+
+    def __init__(self, store: Any, key: str | None):
+        self.store, self.key = store, key
+
+    def finish(self, result: Mapping[str, Any], metrics: list[tuple[int, str, float]]) -> None:
+        """Record the run as completed with its result and metric rows (nothing without a store)."""
+        if self.store is not None:
+            self.store.finish_run(self.key, "completed", result=result, metrics=metrics)
+
+
+@contextlib.contextmanager
+def recorded_run(path: str | None, config: Mapping[str, Any], kind: str) -> Iterator[RunRecord]:
+    """A CLI measurement's run in the ``--store`` at ``path`` (nothing when ``path`` is None): ``start_run`` (rerun
+    allowed) on entry, ``fail_run`` with the exception's one line if the body raises, the store closed on exit. The
+    body calls :meth:`RunRecord.finish` with what it measured."""
+    if path is None:
+        yield RunRecord(None, None)
+        return
+    from ..store import Store
+
+    store = Store(path)
+    try:
+        run = RunRecord(store, store.start_run(config, kind=kind, rerun=True))
+        try:
+            yield run
+        except BaseException as e:
+            store.fail_run(run.key, f"{type(e).__name__}: {e}")
+            raise
+    finally:
+        store.close()

@@ -5,10 +5,9 @@ pkg.module:factory``)."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from ._common import add_data_option, add_model_option, json_dict
+from ._common import add_zoo_data_options
 
 METHODS = ("linear", "bezier", "polychain", "neb")
 
@@ -17,10 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("connect", help="mode connectivity between two checkpoints: path and barriers")
     p.add_argument("--a", required=True, help="first checkpoint (.safetensors or a torch state dict)")
     p.add_argument("--b", required=True, help="second checkpoint")
-    add_model_option(p)
-    p.add_argument("--dataset", default="mnist1d", help="dataset name")
-    p.add_argument("--dataset-opts", default=None, type=json_dict, help="JSON dict of dataset options")
-    add_data_option(p)
+    add_zoo_data_options(p)
     p.add_argument("--method", default="bezier", help="linear, bezier, polychain or neb")
     p.add_argument("--bends", type=int, default=3, help="trainable inner bends of a curve")
     p.add_argument("--epochs", type=float, default=20, help="curve training epochs")
@@ -39,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from .._util import atomic_write, dumps
     from ..connectivity import auto_neb, fit_curve, linear_path
     from ..errors import check_choice
     from ..objective import Objective
@@ -58,31 +55,12 @@ def run(args: argparse.Namespace) -> int:
         obj = Objective(a, data=data.train, bn=args.bn, batch_size=1000)
         test_obj = None if data.test is None else Objective(a, data=data.test, bn=args.bn, batch_size=1000)
         path = linear_path(a, b, obj, args.points, test_obj=test_obj)
-    elif args.method == "neb":
-        path = auto_neb(
-            a,
-            b,
-            ds,
-            cycles=args.cycles,
-            steps=args.steps,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            bn=args.bn,
-        )
     else:
-        path = fit_curve(
-            a,
-            b,
-            ds,
-            kind=args.method,
-            bends=args.bends,
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            bn=args.bn,
-        ).path
+        shared = {"lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, "bn": args.bn}
+        if args.method == "neb":
+            path = auto_neb(a, b, ds, cycles=args.cycles, steps=args.steps, **shared)
+        else:
+            path = fit_curve(a, b, ds, kind=args.method, bends=args.bends, epochs=args.epochs, **shared).path
     table = Table(title=f"{args.method} path: {args.a} -> {args.b}")
     table.add_column("split")
     for name in ("max_loss", "max_minus_mean", "max_above_chord"):
@@ -100,6 +78,6 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "path.json").write_text(json.dumps(path.to_dict(), indent=2, default=str))
+        atomic_write(out / "path.json", dumps(path.to_dict(), indent=2))
         path.plot().figure.savefig(out / "path.png", dpi=120)
     return 0

@@ -4,16 +4,28 @@ pkg.module:factory``), with the suggestions and the one it recommends."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from ._common import add_data_option, add_model_option, json_dict
+from ._common import add_zoo_data_options
+
+#: The flags recorded in the run's config under the same name.
+_CONFIG_FLAGS = (
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "num_iter",
+    "start_lr",
+    "end_lr",
+    "mode",
+    "batch_size",
+    "repeats",
+    "seed",
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("find-lr", help="LR range test: suggestions, whether they agree, and a recommendation")
-    add_model_option(p, default="cnn1d")
-    p.add_argument("--dataset", default="mnist1d", help="dataset name (mnist1d, blobs, teacher, cifar10)")
-    p.add_argument("--dataset-opts", default=None, type=json_dict, help="JSON dict of dataset options")
-    add_data_option(p)
+    add_zoo_data_options(p, model_default="cnn1d")
     p.add_argument("--optimizer", default="sgd", help="sgd, adam, adamw, sam, asam, lars, lamb")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Adam's beta1)")
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -31,57 +43,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _optimizer(name: str, params, lr: float, momentum: float, weight_decay: float):
-    try:
-        from ..optim import get_optimizer
-    except ImportError:  # pragma: no cover - lrbs.optim ships with lrbs; torch.optim is the fallback
-        import torch
-
-        from ..errors import check_choice
-
-        name = check_choice("optimizer", name, ("sgd", "adam", "adamw"))
-        if name == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-        return cls(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
-    return get_optimizer(name, params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from ..errors import ConfigError
-    from ..range_test import SUGGESTION_METHODS, lr_range_test
-    from ._common import batch_size_for, load_data, load_model
+    from ..optim import get_optimizer
+    from ..range_test import lr_range_test
+    from ._common import batch_size_for, load_data, load_model, recorded_run
 
     console = Console()
     data = load_data(args)
     model = load_model(args, data, seed=args.seed)
-    opt = _optimizer(args.optimizer, model.parameters(), args.start_lr, args.momentum, args.weight_decay)
-    config = {
-        "command": "find-lr",
-        "model": args.model,
-        "model_opts": args.model_opts or {},
-        "dataset": data.describe(),
-        "optimizer": args.optimizer,
-        "momentum": args.momentum,
-        "weight_decay": args.weight_decay,
-        "num_iter": args.num_iter,
-        "start_lr": args.start_lr,
-        "end_lr": args.end_lr,
-        "mode": args.mode,
-        "batch_size": args.batch_size,
-        "repeats": args.repeats,
-        "seed": args.seed,
-    }
-    store = key = None
-    if args.store:
-        from ..store import Store
-
-        store = Store(args.store)
-        key = store.start_run(config, kind="range_test", rerun=True)
-    try:
+    opt = get_optimizer(
+        args.optimizer,
+        model.parameters(),
+        lr=args.start_lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+    )
+    config = {"command": "find-lr", "model": args.model, "model_opts": args.model_opts or {}}
+    config["dataset"] = data.describe()
+    config.update({name: getattr(args, name) for name in _CONFIG_FLAGS})
+    with recorded_run(args.store, config, "range_test") as record:
         res = lr_range_test(
             model,
             opt,
@@ -94,62 +77,71 @@ def run(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             seed=args.seed,
         )
-        if store is not None:
-            rows = [(i, "lr", float(v)) for i, v in enumerate(res.lrs)]
-            rows += [(i, "loss", float(v)) for i, v in enumerate(res.losses)]
-            rows += [(i, "smoothed", float(v)) for i, v in enumerate(res.smoothed)]
-            store.finish_run(key, "completed", result=res.to_dict(), metrics=rows)
-    except BaseException as e:
-        if store is not None:
-            store.fail_run(key, f"{type(e).__name__}: {e}")
-            store.close()
-        raise
-    if store is not None:
-        store.close()
-
-    stop = (
-        f"stopped at lr={res.lrs[res.diverged_at]:.3g} ({res.stop_reason}, iteration {res.diverged_at})"
-        if res.stopped_early
-        else f"ran all {len(res.lrs)} iterations"
-    )
+        record.finish(res.to_dict(), _metric_rows(res))
     console.print(
         f"lrbs find-lr: {args.model} on {data.name}, {args.optimizer}, "
-        f"{args.start_lr:g} -> {args.end_lr:g} ({args.mode}), {stop}"
+        f"{args.start_lr:g} -> {args.end_lr:g} ({args.mode}), {_stop_text(res)}"
     )
     try:
         sug = res.suggestions()
     except ConfigError as e:  # the sweep diverged too early: say so and what to change
         console.print(f"[red]no suggestion:[/] {e}")
         return 1
+    _print_suggestions(console, sug, args.repeats)
+    _print_bounds(console, res)
+    if args.plot:
+        res.plot().figure.savefig(args.plot, bbox_inches="tight")
+        console.print(f"figure written to {args.plot}")
+    if record.key is not None:
+        console.print(f"stored as run {record.key[:16]} in {args.store}")
+    return 0
+
+
+def _metric_rows(res: Any) -> list[tuple[int, str, float]]:
+    """The store's metric rows of a range test: ``lr``, ``loss`` and ``smoothed`` per iteration."""
+    rows = [(i, "lr", float(v)) for i, v in enumerate(res.lrs)]
+    rows += [(i, "loss", float(v)) for i, v in enumerate(res.losses)]
+    return rows + [(i, "smoothed", float(v)) for i, v in enumerate(res.smoothed)]
+
+
+def _stop_text(res: Any) -> str:
+    if res.stopped_early:
+        return (
+            f"stopped at lr={res.lrs[res.diverged_at]:.3g} ({res.stop_reason}, iteration {res.diverged_at})"
+        )
+    return f"ran all {len(res.lrs)} iterations"
+
+
+def _print_suggestions(console: Any, sug: Any, repeats: int) -> None:
+    """The table of suggested learning rates (with their spread over repeats), agreement and recommendation."""
+    from rich.table import Table
+
+    from ..range_test import SUGGESTION_METHODS
+
     table = Table(title="suggested learning rates")
     table.add_column("method")
     table.add_column("lr", justify="right")
-    if args.repeats > 1:
+    if repeats > 1:
         for col in ("min", "max", "geo sd"):
             table.add_column(col, justify="right")
     for m in SUGGESTION_METHODS:
         row = [m, f"{sug.lrs[m]:.3g}"]
-        if args.repeats > 1:
+        if repeats > 1:
             sp = sug.spread[m]
-            row += [
-                f"{sp['min']:.3g}",
-                f"{sp['max']:.3g}",
-                "-" if sp["geo_sd"] is None else f"{sp['geo_sd']:.2f}",
-            ]
+            geo_sd = "-" if sp["geo_sd"] is None else f"{sp['geo_sd']:.2f}"
+            row += [f"{sp['min']:.3g}", f"{sp['max']:.3g}", geo_sd]
         table.add_row(*row)
     console.print(table)
     agree = "agree" if sug.agree else "disagree"
     console.print(f"the suggestions {agree} (max/min = {sug.ratio:.2f}; they agree when <= 3)")
     console.print(f"[bold]recommended lr: {sug.recommended:.3g}[/]  because {sug.reason}")
+
+
+def _print_bounds(console: Any, res: Any) -> None:
+    from ..errors import ConfigError
+
     try:
         base, top = res.lr_bounds()
         console.print(f"cyclic / one-cycle bounds: base_lr={base:.3g}, max_lr={top:.3g}")
     except ConfigError as e:
         console.print(f"no cyclic bounds: {e}")
-    if args.plot:
-        ax = res.plot()
-        ax.figure.savefig(args.plot, bbox_inches="tight")
-        console.print(f"figure written to {args.plot}")
-    if key is not None:
-        console.print(f"stored as run {key[:16]} in {args.store}")
-    return 0

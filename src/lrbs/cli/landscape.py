@@ -6,16 +6,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_data_option, add_model_option, json_dict
+from ._common import add_zoo_data_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("landscape", help="2-D loss surface around a checkpoint (Li et al. 2018)")
     p.add_argument("--checkpoint", required=True, help="weights (.safetensors or a torch state dict)")
-    add_model_option(p)
-    p.add_argument("--dataset", default="mnist1d", help="dataset name")
-    p.add_argument("--dataset-opts", default=None, type=json_dict, help="JSON dict of dataset options")
-    add_data_option(p)
+    add_zoo_data_options(p)
     p.add_argument("--grid", type=int, default=21, help="points per axis")
     p.add_argument("--range", type=float, default=1.0, help="the grid spans [-range, range] on both axes")
     p.add_argument("--norm", default="filter", help="direction normalization: filter, layer, none")

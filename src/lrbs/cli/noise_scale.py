@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_data_option, add_model_option, json_dict
+from ._common import add_zoo_data_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,10 +13,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "noise-scale",
         help="gradient noise scale B_simple = tr(Sigma)/|G|^2 with a bootstrap CI (McCandlish et al. 2018)",
     )
-    add_model_option(p, default="cnn1d")
-    p.add_argument("--dataset", default="mnist1d", help="dataset name (mnist1d, blobs, teacher, cifar10)")
-    p.add_argument("--dataset-opts", default=None, type=json_dict, help='JSON dict, e.g. \'{"path": "..."}\'')
-    add_data_option(p)
+    add_zoo_data_options(p, model_default="cnn1d")
     p.add_argument("--checkpoint", default=None, help="load these weights (.safetensors) before measuring")
     p.add_argument("--small-batch", type=int, default=32, help="B_s, the small batch (default 32)")
     p.add_argument("--big-batch", type=int, default=1024, help="B_b, a multiple of B_s (default 1024)")
@@ -61,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=console.is_terminal,
         )
+    # flags passed under the API's names (a keyword list of the same shape as other calls; nothing to share)
     res = noise_scale(
         model,
         data.train,

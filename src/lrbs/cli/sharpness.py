@@ -58,30 +58,16 @@ def _fmt(v: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from ..objective import Objective
     from ..sharpness import sharpness_report
-    from ..train import load_checkpoint, train_config
-    from ._common import fit_from_config, load_data, load_model, uses_own_code
+    from ._common import load_data, recorded_run
 
     cfg = config_from_args(args)
     measures = _measures(args)
-    lr = args.eos_lr
-    if lr is None and isinstance(cfg["lr"], float):
-        lr = cfg["lr"]
-    if lr is None and "edge_of_stability" in measures:
-        measures.remove("edge_of_stability")  # a schedule spec has no single lr; give --eos-lr for it
+    lr = _eos_lr(args, cfg, measures)
     data = load_data(args)
-    if args.train and not uses_own_code(args):
-        model, _ = train_config(cfg, dataset=data.dataset)
-    else:
-        model = load_model(args, data, seed=cfg["seed"])
-        if args.train:
-            fit_from_config(cfg, model, data)
-        else:
-            load_checkpoint(args.checkpoint, model)
-    obj = Objective(model, data=data.fit_data, bn=args.bn)
+    obj = Objective(_model(args, cfg, data), data=data.fit_data, bn=args.bn)
     config = {
         "source": "train" if args.train else {"checkpoint": str(args.checkpoint)},
         "model": cfg["model"],
@@ -97,13 +83,7 @@ def run(args: argparse.Namespace) -> int:
         "momentum": args.momentum,
         "options": args.options or {},
     }
-    store = key = None
-    if args.store:
-        from ..store import Store
-
-        store = Store(args.store)
-        key = store.start_run(config, kind="sharpness", rerun=True)
-    try:
+    with recorded_run(args.store, config, "sharpness") as record:
         report = sharpness_report(
             obj,
             measures=measures,
@@ -113,19 +93,45 @@ def run(args: argparse.Namespace) -> int:
             momentum=args.momentum if lr is not None else 0.0,
             options=args.options,
         )
-        if store is not None:
-            metrics = [(0, name, float(v)) for name, v in report.measures.items()]
-            store.finish_run(key, "completed", result=report.to_dict(), metrics=metrics)
-    except BaseException as e:
-        if store is not None:
-            store.fail_run(key, f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        if store is not None:
-            store.close()
+        record.finish(report.to_dict(), [(0, name, float(v)) for name, v in report.measures.items()])
+    Console().print(_table(report, cfg["model"], data.name, record.key))
+    return 0
+
+
+def _eos_lr(args: argparse.Namespace, cfg: dict[str, Any], measures: list[str]) -> float | None:
+    """The learning rate of edge_of_stability: ``--eos-lr``, else a numeric ``--lr``; without one, the measure is
+    dropped from ``measures`` (a schedule spec has no single lr; give --eos-lr for it)."""
+    lr = args.eos_lr
+    if lr is None and isinstance(cfg["lr"], float):
+        lr = cfg["lr"]
+    if lr is None and "edge_of_stability" in measures:
+        measures.remove("edge_of_stability")
+    return lr
+
+
+def _model(args: argparse.Namespace, cfg: dict[str, Any], data: Any) -> Any:
+    """The model to measure: trained first (``--train``) or loaded from ``--checkpoint``."""
+    from ..train import load_checkpoint, train_config
+    from ._common import fit_from_config, load_model, uses_own_code
+
+    if args.train and not uses_own_code(args):
+        model, _ = train_config(cfg, dataset=data.dataset)
+        return model
+    model = load_model(args, data, seed=cfg["seed"])
+    if args.train:
+        fit_from_config(cfg, model, data)
+    else:
+        load_checkpoint(args.checkpoint, model)
+    return model
+
+
+def _table(report: Any, model: str, data_name: str, key: str | None) -> Any:
+    """The measures of ``report`` as one table (value, stderr, options, seconds)."""
+    from rich.table import Table
+
     s = report.settings
     table = Table(
-        title=f"lrbs sharpness: {cfg['model']} on {data.name} ({s['num_samples']} samples, "
+        title=f"lrbs sharpness: {model} on {data_name} ({s['num_samples']} samples, "
         f"bn={s['bn']}, {s['num_params']} parameters)"
     )
     for col, justify in (
@@ -141,5 +147,4 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(row["measure"], _fmt(row["value"]), _fmt(row["stderr"]), opts, _fmt(row["seconds"]))
     if key:
         table.caption = f"store key {key[:16]}"
-    Console().print(table)
-    return 0
+    return table

@@ -26,22 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from ..errors import ConfigError
-    from ..train import train_config
 
-    if args.steps is None and args.epochs is None:
-        raise ConfigError("give --steps or --epochs")
-    cfg = config_from_args(args)
-    cfg["eval_every"] = args.eval_every
-    for key, val in (
-        ("lr_rule", args.lr_rule),
-        ("base_batch_size", args.base_batch),
-        ("warmup", args.warmup),
-    ):
-        if val is not None:
-            cfg[key] = val
+    cfg = _config(args)
     own = uses_own_code(args)
     if own and args.ddp:
         raise ConfigError(
@@ -55,23 +43,53 @@ def run(args: argparse.Namespace) -> int:
 
         store = Store(args.store)
     try:
-        if own:
-            result = _train_own(args, cfg, store, console.is_terminal)
-        elif args.ddp:
-            from ..distributed import ddp_train
-
-            result = ddp_train(cfg, store=store, sync_bn=args.sync_bn, checkpoint=args.checkpoint)
-            if result is None:  # not rank 0
-                return 0
-        else:
-            _, result = train_config(
-                cfg, store=store, checkpoint=args.checkpoint, progress=console.is_terminal
-            )
+        result = _train(args, cfg, store, own, console.is_terminal)
     finally:
         if store is not None:
             store.close()
-    data_name = args.data or cfg["dataset"]
-    table = Table(title=f"lrbs train: {cfg['model']} on {data_name} ({result.status})")
+    if result is None:  # not rank 0 of a --ddp run
+        return 0
+    console.print(_table(result, cfg["model"], args.data or cfg["dataset"]))
+    return 0
+
+
+def _config(args: argparse.Namespace) -> dict:
+    """The run's config: the train options, ``eval_every`` and the LR-scaling options that were given."""
+    from ..errors import ConfigError
+
+    if args.steps is None and args.epochs is None:
+        raise ConfigError("give --steps or --epochs")
+    cfg = config_from_args(args)
+    cfg["eval_every"] = args.eval_every
+    for key, val in (
+        ("lr_rule", args.lr_rule),
+        ("base_batch_size", args.base_batch),
+        ("warmup", args.warmup),
+    ):
+        if val is not None:
+            cfg[key] = val
+    return cfg
+
+
+def _train(args: argparse.Namespace, cfg: dict, store, own: bool, progress: bool):
+    """The FitResult: the user's own code, a DDP run (None on ranks other than 0) or the built-in names."""
+    if own:
+        return _train_own(args, cfg, store, progress)
+    if args.ddp:
+        from ..distributed import ddp_train
+
+        return ddp_train(cfg, store=store, sync_bn=args.sync_bn, checkpoint=args.checkpoint)
+    from ..train import train_config
+
+    _, result = train_config(cfg, store=store, checkpoint=args.checkpoint, progress=progress)
+    return result
+
+
+def _table(result, model: str, data_name: str):
+    """The final metrics, the wall time and the store key as one table."""
+    from rich.table import Table
+
+    table = Table(title=f"lrbs train: {model} on {data_name} ({result.status})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in result.final.items():
@@ -79,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
     table.add_row("wall time (s)", f"{result.wall_time:.1f}")
     if result.run_key:
         table.add_row("store key", result.run_key[:16])
-    console.print(table)
-    return 0
+    return table
 
 
 def _train_own(args: argparse.Namespace, cfg: dict, store, progress: bool):

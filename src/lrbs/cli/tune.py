@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_data_option, add_model_option, json_dict
+from ._common import add_zoo_data_options
 
 #: The flags passed to :func:`lrbs.tune.tune` under the same name.
 _TUNE_OPTIONS = (
@@ -33,10 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "tune",
         help="choose the learning rate, batch size, warmup and schedule for a budget, with the evidence",
     )
-    add_model_option(p, default="cnn1d")
-    p.add_argument("--dataset", default="mnist1d", help="dataset name (mnist1d, blobs, teacher, cifar10)")
-    p.add_argument("--dataset-opts", default=None, type=json_dict, help="JSON dict of dataset options")
-    add_data_option(p)
+    add_zoo_data_options(p, model_default="cnn1d")
     p.add_argument("--optimizer", default="sgd", help="sgd (momentum 0.9), adam or adamw")
     p.add_argument("--budget-epochs", type=float, default=None, help="training budget in epochs")
     p.add_argument("--budget-samples", type=int, default=None, help="training budget in samples")
