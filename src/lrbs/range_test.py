@@ -1,4 +1,4 @@
-"""The LR range test: a short sweep of growing learning rates, its suggestions, and an exact restore.
+r"""The LR range test: a short sweep of growing learning rates, its suggestions, and an exact restore.
 
 The model is trained for ``num_iter`` steps while the learning rate grows from ``start_lr`` to ``end_lr``
 (Smith 2017). The smoothed loss against ``log(lr)`` shows where training starts to work, where it is fastest
@@ -16,6 +16,33 @@ What this adds to torch-lr-finder, fastai and Lightning (``reference/schedules_a
   param-group settings, the training flags, the torch / numpy / python random states and seeded DataLoader
   generators;
 - ``[base_lr, max_lr]`` bounds for cyclical and one-cycle schedules (:meth:`RangeTestResult.lr_bounds`).
+
+**The sweep** (:func:`lr_range_test`). At iteration :math:`i = 0 \dots N-1` the learning rate is
+
+.. math::
+
+    \text{exp:}\ \ \eta_i = \eta_0 (\eta_{\text{end}} / \eta_0)^{i/(N-1)}, \qquad
+    \text{linear:}\ \ \eta_i = \eta_0 + \tfrac{i}{N-1} (\eta_{\text{end}} - \eta_0),
+
+from ``start_lr`` to ``end_lr`` inclusive. Every param group is swept and keeps its ratio to group 0
+(group g gets :math:`\eta_i \cdot \text{lr}_g / \text{lr}_0`, with the optimizer's lrs before the test;
+all groups get :math:`\eta_i` if group 0's lr is 0). The loss is smoothed with the bias-corrected EMA
+
+.. math::
+
+    v_i = \beta v_{i-1} + (1-\beta) L_i,\quad v_{-1} = 0,\qquad s_i = v_i / (1 - \beta^{i+1}),
+
+and the sweep stops (never raises) at the first :math:`s_i` that is not finite or exceeds
+``diverge_factor`` x its running minimum (:math:`s_i - m > (f-1)|m|`, i.e. :math:`s_i > f m` for a
+positive minimum :math:`m`); that point is recorded as ``diverged_at``.
+
+With ``restore=True`` (the default) the model's parameters, buffers, gradients and training flags, the
+optimizer's state and param-group settings, and the torch (CPU, and the model's CUDA device), numpy and
+python random states are bit-identical afterwards, also when the sweep raises. The snapshot lives in CPU
+memory. Seeded generators of a DataLoader (its ``generator``, its sampler's) are reseeded for each sweep
+and restored. With ``restore=False`` the model and optimizer are left where the last sweep left them (on
+an accelerator, up to 15 steps past the stop point, since divergence is checked every 16 steps there); the
+random states are restored either way.
 
 References:
     Smith. Cyclical Learning Rates for Training Neural Networks. WACV 2017 (arXiv 1506.01186).
@@ -788,32 +815,8 @@ def lr_range_test(
 ) -> RangeTestResult:
     r"""Run the LR range test (Smith 2017): train briefly while the learning rate grows, and record the loss.
 
-    At iteration :math:`i = 0 \dots N-1` the learning rate is
-
-    .. math::
-
-        \text{exp:}\ \ \eta_i = \eta_0 (\eta_{\text{end}} / \eta_0)^{i/(N-1)}, \qquad
-        \text{linear:}\ \ \eta_i = \eta_0 + \tfrac{i}{N-1} (\eta_{\text{end}} - \eta_0),
-
-    from ``start_lr`` to ``end_lr`` inclusive. Every param group is swept and keeps its ratio to group 0
-    (group g gets :math:`\eta_i \cdot \text{lr}_g / \text{lr}_0`, with the optimizer's lrs before the test;
-    all groups get :math:`\eta_i` if group 0's lr is 0). The loss is smoothed with the bias-corrected EMA
-
-    .. math::
-
-        v_i = \beta v_{i-1} + (1-\beta) L_i,\quad v_{-1} = 0,\qquad s_i = v_i / (1 - \beta^{i+1}),
-
-    and the sweep stops (never raises) at the first :math:`s_i` that is not finite or exceeds
-    ``diverge_factor`` x its running minimum (:math:`s_i - m > (f-1)|m|`, i.e. :math:`s_i > f m` for a
-    positive minimum :math:`m`); that point is recorded as ``diverged_at``.
-
-    With ``restore=True`` (the default) the model's parameters, buffers, gradients and training flags, the
-    optimizer's state and param-group settings, and the torch (CPU, and the model's CUDA device), numpy and
-    python random states are bit-identical afterwards, also when the sweep raises. The snapshot lives in CPU
-    memory. Seeded generators of a DataLoader (its ``generator``, its sampler's) are reseeded for each sweep
-    and restored. With ``restore=False`` the model and optimizer are left where the last sweep left them (on
-    an accelerator, up to 15 steps past the stop point, since divergence is checked every 16 steps there); the
-    random states are restored either way.
+    The lr schedule, the smoothing, the stop rule and what ``restore`` puts back are in the module docstring
+    (**The sweep**).
 
     Args:
         model: the model to train (in train mode during the sweep).
