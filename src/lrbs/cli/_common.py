@@ -10,28 +10,78 @@ from typing import Any
 
 from ..errors import ConfigError
 
+#: The ``TrainConfig`` options that :func:`add_train_options` gives flags (model and data come from
+#: :func:`add_zoo_data_options`).
+TRAIN_FLAGS = (
+    "optimizer",
+    "lr",
+    "batch_size",
+    "steps",
+    "epochs",
+    "momentum",
+    "weight_decay",
+    "rho",
+    "seed",
+    "max_micro_batch",
+)
+
+#: What the command line adds to an option's ``TrainConfig`` help.
+_CLI_NOTES = {"batch_size": " (a DataLoader from --data keeps its own batches)"}
+
 
 def add_train_options(p: argparse.ArgumentParser, *, steps_default: int | None = None) -> None:
-    """The options of ``lrbs train`` (also used by ``sharpness --train``)."""
-    add_zoo_data_options(p, model_default="cnn1d")
-    p.add_argument("--optimizer", default="sgd", help="sgd, adam, adamw, sam, asam, lars, lamb")
+    """The options of ``lrbs train`` (also used by ``sharpness --train``): the model and data options, then one flag
+    per :data:`TRAIN_FLAGS` option, with the name, default and help of :class:`lrbs.train.TrainConfig`."""
+    from ..train import TrainConfig
+
+    defaults = TrainConfig.defaults()
+    add_zoo_data_options(p, model_default=defaults["model"], dataset_default=defaults["dataset"])
+    add_config_flags(p, TRAIN_FLAGS, defaults={"steps": steps_default})
+
+
+def add_config_flags(
+    p: argparse.ArgumentParser,
+    names: tuple[str, ...],
+    *,
+    flags: dict[str, str] | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """One flag per :class:`lrbs.train.TrainConfig` option in ``names`` (``flags`` renames some; ``defaults``
+    overrides some defaults): its default and help, and a converter by its kind. Numbers-or-specs stay text here
+    (``"0.1"``, ``"128"``) and are read by :func:`config_from_args`."""
+    from ..train import TrainConfig
+
+    convert = {"int": int, "float": float, "json": json_dict}  # str, number_or_spec, int_or_spec: the text
+    options = {o["name"]: o for o in TrainConfig.cli_options()}
+    for name in names:
+        o = options[name]
+        default = (defaults or {}).get(name, o["default"])
+        if o["kind"] in ("number_or_spec", "int_or_spec") and default is not None:
+            default = str(default)
+        p.add_argument(
+            (flags or {}).get(name, o["flag"]),
+            type=convert.get(o["kind"]),
+            default=default,
+            help=o["help"] + _CLI_NOTES.get(name, ""),
+        )
+
+
+def add_zoo_data_options(
+    p: argparse.ArgumentParser, *, model_default: str | None = None, dataset_default: str = "mnist1d"
+) -> None:
+    """The model and data options every analysis takes: ``--model``/``--model-opts`` (see :func:`add_model_option`;
+    required when ``model_default`` is None), ``--dataset``, ``--dataset-opts`` and ``--data``."""
+    add_model_option(p, default=model_default)
     p.add_argument(
-        "--lr", default="0.1", help="a number or a schedule spec, e.g. 'cosine(start=0.1, steps=1000)'"
+        "--dataset", default=dataset_default, help="dataset name (mnist1d, blobs, teacher, cifar10)"
     )
     p.add_argument(
-        "--batch-size",
-        default="128",
-        help="an integer or a batch schedule spec (a DataLoader from --data keeps its own batches)",
+        "--dataset-opts",
+        default=None,
+        type=json_dict,
+        help='JSON dict of dataset options, e.g. \'{"path": "..."}\'',
     )
-    p.add_argument("--steps", type=int, default=steps_default)
-    p.add_argument("--epochs", type=float, default=None)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--rho", type=float, default=None, help="SAM neighbourhood size")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--max-micro-batch", type=int, default=None, help="accumulate micro-batches of at most this size"
-    )
+    add_data_option(p)
 
 
 def json_dict(text: str) -> dict:
@@ -84,20 +134,6 @@ IMPORT_SPEC_HELP = (
     "or an import spec pkg.module:factory (your own code, imported like uvicorn's app spec; the factory is called "
     "with no arguments, or with the --*-opts JSON as keyword arguments)"
 )
-
-
-def add_zoo_data_options(p: argparse.ArgumentParser, *, model_default: str | None = None) -> None:
-    """The model and data options every analysis takes: ``--model``/``--model-opts`` (see :func:`add_model_option`;
-    required when ``model_default`` is None), ``--dataset``, ``--dataset-opts`` and ``--data``."""
-    add_model_option(p, default=model_default)
-    p.add_argument("--dataset", default="mnist1d", help="dataset name (mnist1d, blobs, teacher, cifar10)")
-    p.add_argument(
-        "--dataset-opts",
-        default=None,
-        type=json_dict,
-        help='JSON dict of dataset options, e.g. \'{"path": "..."}\'',
-    )
-    add_data_option(p)
 
 
 def add_model_option(p: argparse.ArgumentParser, *, default: str | None = None) -> None:

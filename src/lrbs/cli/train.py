@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_train_options, config_from_args, uses_own_code
+from ._common import add_config_flags, add_train_options, config_from_args, uses_own_code
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (progress bar, final table, optional store/checkpoint)")
     add_train_options(p)
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument(
-        "--lr-rule", default=None, help="scale the LR with the batch: linear or sqrt (Goyal et al. 2017)"
-    )
-    p.add_argument("--base-batch", type=int, default=None, help="the batch size the given --lr was tuned for")
-    p.add_argument("--warmup", type=int, default=None, help="gradual warmup steps to the scaled LR")
+    names = ("eval_every", "lr_rule", "base_batch_size", "warmup")
+    add_config_flags(p, names, flags={"base_batch_size": "--base-batch"})
     p.add_argument("--store", default=None, help="SQLite store to record the run in")
     p.add_argument("--checkpoint", default=None, help="write the final weights here (.safetensors)")
     p.add_argument("--ddp", action="store_true", help="data-parallel training under torchrun (gloo on CPU)")
