@@ -111,7 +111,7 @@ def _sharp_compute(ctx: Context, trained) -> dict:
     from ..sharpness import edge_of_stability, keskar_sharpness
 
     obj = ctx.objective(trained.model)
-    eig = hessian_eigenvalues(obj, k=1, tol=1e-3, seed=0)
+    eig = hessian_eigenvalues(obj, k=1, tol=1e-3, tol_on="residual", seed=0)
     lam = float(eig.values[0])
     final_lr = float(trained.history["lr"][-1])
     return {
