@@ -39,20 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lrbs", description="Learning rate and batch size: measure, choose, reproduce.")
     parser.add_argument("--version", action="version", version=f"lrbs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, module in SUBCOMMANDS.items():
-        try:
-            mod = importlib.import_module(f".{module}", __name__)
-        except ImportError as e:  # a subcommand whose module is not available
-            p = sub.add_parser(name, help=f"(unavailable: {e})")
-            p.set_defaults(func=lambda args, e=e: _unavailable(e))
-            continue
-        mod.add_parser(sub)
+    for (
+        module
+    ) in SUBCOMMANDS.values():  # every subcommand module ships with lrbs (its heavy imports are in run)
+        importlib.import_module(f".{module}", __name__).add_parser(sub)
     return parser
-
-
-def _unavailable(e: Exception) -> int:
-    print(f"lrbs: error: this command is unavailable: {e}", file=sys.stderr)
-    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

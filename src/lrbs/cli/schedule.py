@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lrbs.errors import check_int
+from ..errors import check_int
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
     from rich.text import Text
 
-    from lrbs.errors import ConfigError
-    from lrbs.schedules import parse
+    from ..errors import ConfigError
+    from ..schedules import parse
 
     schedule = parse(args.spec)
     n = schedule.horizon() if args.steps is None else check_int("--steps", args.steps, low=1)
