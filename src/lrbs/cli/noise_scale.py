@@ -7,6 +7,17 @@ import argparse
 
 from ._common import add_zoo_data_options
 
+#: The keyword arguments of :func:`lrbs.noise_scale.noise_scale` and the flags (``args`` names) that give them.
+_NOISE_OPTIONS = {
+    "small_batch": "small_batch",
+    "big_batch": "big_batch",
+    "num_estimates": "estimates",
+    "seed": "seed",
+    "confidence": "confidence",
+    "bn": "bn",
+    "precision": "precision",
+}
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -58,18 +69,8 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=console.is_terminal,
         )
-    # flags passed under the API's names (a keyword list of the same shape as other calls; nothing to share)
-    res = noise_scale(
-        model,
-        data.train,
-        small_batch=args.small_batch,
-        big_batch=args.big_batch,
-        num_estimates=args.estimates,
-        seed=args.seed,
-        confidence=args.confidence,
-        bn=args.bn,
-        precision=args.precision,
-    )
+    options = {name: getattr(args, flag) for name, flag in _NOISE_OPTIONS.items()}
+    res = noise_scale(model, data.train, **options)
     table = Table(title=f"lrbs noise-scale: {args.model} on {data.name}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
