@@ -60,7 +60,7 @@ def _sharpness_compute(ctx: Context, trained, subspace: bool) -> dict:
         out["keskar_sub100"] = keskar_sharpness(
             obj, epsilon=EPSILON, subspace_dim=100, max_iter=10, seed=0
         ).value
-    eig = hessian_eigenvalues(obj, k=1, tol=1e-3, seed=0)
+    eig = hessian_eigenvalues(obj, k=1, tol=1e-3, tol_on="residual", seed=0)
     out["top_eig"] = float(eig.values[0])
     tr = hessian_trace(obj, num_hvps=ctx.pick(30, 60), seed=0)
     out["trace"], out["trace_se"] = tr.value, tr.stderr
