@@ -33,11 +33,14 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import measures
+from ._util import jsonable
 from .errors import (
     ConfigError,
     DependencyError,
@@ -65,48 +68,22 @@ RAY_HINT = "pip install lrbs[ray]"
 
 
 # --------------------------------------------------------------------------------------------- measures
-def _scalar(result: Any, *names: str) -> float:
-    """The number in an analysis result: the first attribute among ``names`` (first entry of a sequence)."""
-    for name in names:
-        value = getattr(result, name, None)
-        if value is None and isinstance(result, Mapping):
-            value = result.get(name)
-        if value is None:
-            continue
-        if isinstance(value, (torch.Tensor, np.ndarray, list, tuple)):
-            value = np.asarray(value, dtype=np.float64).reshape(-1)[0]
-        return float(value)
-    return float(result)
+#: The measures a sweep can run after training (on the trained model and a fixed seeded subset of the training
+#: data, ``measure_samples`` samples, BatchNorm in eval mode): THE registry, :data:`lrbs.measures.MEASURES`
+#: (old names such as ``top_eigenvalue`` are its aliases).
+#: This mapping holds every registry spelling (canonical names and aliases) -> :class:`~lrbs.measures.Measure`.
+MEASURES: Mapping[str, measures.Measure] = MappingProxyType(
+    {**measures.MEASURES, **{old: measures.MEASURES[new] for old, new in measures.ALIASES.items()}}
+)
 
-
-def _top_eigenvalue(obj: Any, seed: int) -> float:
-    from .curvature import hessian_eigenvalues
-
-    return _scalar(hessian_eigenvalues(obj, k=1, seed=seed), "values", "value")
-
-
-def _trace(obj: Any, seed: int) -> float:
-    from .curvature import hessian_trace
-
-    return _scalar(hessian_trace(obj, seed=seed), "value", "trace", "estimate")
-
-
-def _keskar(obj: Any, seed: int) -> float:
-    from .sharpness import keskar_sharpness
-
-    return _scalar(keskar_sharpness(obj, seed=seed), "value", "sharpness", "phi")
-
-
-#: Measurements run after training, on the trained model and a fixed seeded subset of the training data
-#: (``measure_samples`` samples, BatchNorm in eval mode): name -> (module it needs, description, function).
-MEASURES: dict[str, tuple[str, str, Callable[[Any, int], float]]] = {
-    "top_eigenvalue": ("lrbs.curvature", "largest Hessian eigenvalue (Lanczos)", _top_eigenvalue),
-    "trace": ("lrbs.curvature", "Hessian trace (Hutch++)", _trace),
-    "keskar": ("lrbs.sharpness", "Keskar et al. 2017 sharpness, epsilon=1e-3, full space", _keskar),
-}
+#: Per-measure options that keep a sweep's values what they were before the one registry: the sweeps asked
+#: ``hessian_eigenvalues(obj, k=1, seed=seed)`` with its own default stop rule (a value tolerance), not the
+#: registry's residual test.
+_MEASURE_OPTIONS: dict[str, dict[str, Any]] = {"lambda_max": {"tol": None, "tol_on": None}}
 
 
 def _check_measures(measure: Any) -> tuple[str, ...]:
+    """The requested measure names (the user's spelling, duplicates dropped), each known and importable."""
     if isinstance(measure, str):
         measure = (measure,)
     if not isinstance(measure, (list, tuple)):
@@ -115,12 +92,11 @@ def _check_measures(measure: Any) -> tuple[str, ...]:
         )
     out = []
     for name in measure:
-        if name not in MEASURES:
-            raise unknown_name("measure", name, MEASURES)
+        measures.canonical(name)  # ConfigError for an unknown name
         if name not in out:
             out.append(name)
     for name in out:  # fail before anything runs, not in every worker
-        module = MEASURES[name][0]
+        module = MEASURES[measures.canonical(name)].module
         try:
             __import__(module)
         except ImportError as e:
@@ -129,6 +105,12 @@ def _check_measures(measure: Any) -> tuple[str, ...]:
                 "install a complete lrbs"
             ) from None
     return tuple(out)
+
+
+def _measure(obj: Any, name: str, seed: int) -> float:
+    """The value of measure ``name`` (any registry spelling) on ``obj``, with the sweep's options."""
+    key = measures.canonical(name)
+    return float(MEASURES[key](obj, seed=seed, **_MEASURE_OPTIONS.get(key, {})))
 
 
 # --------------------------------------------------------------------------------------------- the worker
@@ -157,13 +139,13 @@ def _run_task(task: dict[str, Any]) -> dict[str, Any]:
     }
     try:
         from .objective import Objective
-        from .train import _jsonable, train_config
+        from .train import train_config
 
         model, res = train_config(task["config"])
         out["status"] = res.status
-        out["final"] = _jsonable(dict(res.final))
+        out["final"] = jsonable(dict(res.final))
         out["history"] = {k: np.asarray(v).tolist() for k, v in res.history.items()}
-        out["evals"] = _jsonable(res.evals)
+        out["evals"] = jsonable(res.evals)
         if res.status == "completed" and task["measure"]:
             from .data import load_dataset
 
@@ -173,7 +155,7 @@ def _run_task(task: dict[str, Any]) -> dict[str, Any]:
                 model, None, ds.train, max_samples=task["measure_samples"], seed=task["measure_seed"]
             )
             for name in task["measure"]:
-                out["measures"][name] = MEASURES[name][2](obj, task["measure_seed"])
+                out["measures"][name] = _measure(obj, name, task["measure_seed"])
             out["measure_settings"] = {**obj.settings(), "seed": task["measure_seed"]}
     except Exception as e:  # a failing run is recorded, it never stops the sweep
         out["status"] = "failed"
@@ -262,14 +244,10 @@ class SweepResult:
 
     def to_dicts(self) -> list[dict[str, Any]]:
         """The rows, JSON-able."""
-        from .train import _jsonable
-
-        return _jsonable(self.rows)
+        return jsonable(self.rows)
 
     def to_dict(self) -> dict[str, Any]:
-        from .train import _jsonable
-
-        return _jsonable(
+        return jsonable(
             {
                 "grid": self.grid,
                 "base": self.base,
