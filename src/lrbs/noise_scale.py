@@ -340,6 +340,10 @@ def _finite_or_none(x: float) -> float | None:
 
 
 # --------------------------------------------------------------------------------------------- noise_scale
+_INF_FIELDS = ("b_simple", "ci_low", "ci_high")  # to_dict writes None for their infinities
+_ESTIMATE_FIELDS = ("grad_sq_estimates", "trace_sigma_estimates", "small_sq_estimates", "big_sq_estimates")
+
+
 @dataclass(frozen=True, eq=False)
 class NoiseScale:
     """The simple gradient noise scale at fixed weights.
@@ -399,21 +403,26 @@ class NoiseScale:
             "method": self.method,
             "settings": dict(self.settings),
         }
-        for name in ("grad_sq_estimates", "trace_sigma_estimates", "small_sq_estimates", "big_sq_estimates"):
+        for name in _ESTIMATE_FIELDS:
             out[name] = [float(v) for v in getattr(self, name)]
         return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> NoiseScale:
-        """The result :meth:`to_dict` wrote (``None`` read back as ``inf`` for ``b_simple``, NaN for the interval)."""
-        kw = dict(d)
-        kw["b_simple"] = math.inf if kw.get("b_simple") is None else kw["b_simple"]
-        for name in ("ci_low", "ci_high"):
-            kw[name] = math.nan if kw.get(name) is None else kw[name]
-        for name in ("grad_sq_estimates", "trace_sigma_estimates", "small_sq_estimates", "big_sq_estimates"):
-            kw[name] = np.asarray(kw.get(name, ()), dtype=np.float64)
-        kw["settings"] = dict(kw.get("settings") or {})
-        return cls(**kw)
+        """The result that :meth:`to_dict` wrote: ``None`` is read back as ``inf`` for ``b_simple`` and the interval
+        (the only non-finite values they take) and as NaN inside the estimate arrays."""
+
+        def array(values: Any) -> np.ndarray:
+            return np.asarray([math.nan if v is None else float(v) for v in values], dtype=np.float64)
+
+        kw: dict[str, Any] = {k: math.inf if d.get(k) is None else float(d[k]) for k in _INF_FIELDS}
+        kw.update({k: float(d[k]) for k in ("grad_sq", "trace_sigma", "confidence")})
+        kw.update(
+            {k: int(d[k]) for k in ("num_estimates", "small_batch", "big_batch", "num_bootstrap", "seed")}
+        )
+        kw.update({k: array(d[k]) for k in _ESTIMATE_FIELDS})
+        kw.update(finite_population=bool(d["finite_population"]), method=str(d["method"]))
+        return cls(**kw, settings=dict(d.get("settings", {})))
 
     def __str__(self) -> str:
         return (
