@@ -682,7 +682,9 @@ class Objective:
         graphs = self._graph(theta)
         out = torch.zeros_like(v)
         for leaf, g in graphs:
-            (hv,) = torch.autograd.grad(g, leaf, grad_outputs=v, retain_graph=True)
+            # d(g . v)/d(theta) is H v, bitwise the same as grad_outputs=v, and it avoids the symbolic-shape
+            # machinery (a sympy import of 0.7-3.4 s) that a non-scalar grad_outputs pulls in on the first call.
+            (hv,) = torch.autograd.grad(torch.dot(g, v), leaf, retain_graph=True)
             out += hv
         return out
 
