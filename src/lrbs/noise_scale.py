@@ -72,6 +72,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._util import jsonable
 from .batches import (
     BatchLoss,
     BatchStream,
@@ -335,10 +336,6 @@ def b_simple_ratio(trace_sigma: float, grad_sq: float) -> float:
     return trace_sigma / grad_sq if grad_sq > 0 else math.inf
 
 
-def _finite_or_none(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
-
-
 # --------------------------------------------------------------------------------------------- noise_scale
 _INF_FIELDS = ("b_simple", "ci_low", "ci_high")  # to_dict writes None for their infinities
 _ESTIMATE_FIELDS = ("grad_sq_estimates", "trace_sigma_estimates", "small_sq_estimates", "big_sq_estimates")
@@ -388,11 +385,11 @@ class NoiseScale:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able record (non-finite numbers become ``None``)."""
         out: dict[str, Any] = {
-            "b_simple": _finite_or_none(self.b_simple),
+            "b_simple": jsonable(float(self.b_simple)),
             "grad_sq": self.grad_sq,
             "trace_sigma": self.trace_sigma,
-            "ci_low": _finite_or_none(self.ci_low),
-            "ci_high": _finite_or_none(self.ci_high),
+            "ci_low": jsonable(float(self.ci_low)),
+            "ci_high": jsonable(float(self.ci_high)),
             "confidence": self.confidence,
             "num_estimates": self.num_estimates,
             "small_batch": self.small_batch,
