@@ -63,7 +63,7 @@ def test_structure(runs, name):
     # JSON-able after the study's cleaning
     import json
 
-    json.dumps(_common._clean(res.numbers))
+    json.dumps(_common.clean(res.numbers))
 
 
 def test_goyal_numbers(runs):
@@ -194,4 +194,4 @@ def test_second_run_served_from_store(runs):
     print(f"second run {dt:.1f}s vs first {sum(times.values()):.1f}s")
     for name in PAPERS:
         assert [f.verdict for f in again[name].findings] == [f.verdict for f in results[name].findings]
-        assert _common._clean(again[name].numbers) == _common._clean(results[name].numbers)
+        assert _common.clean(again[name].numbers) == _common.clean(results[name].numbers)

@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import ConfigError, LrbsError, check_choice, check_int
 from .papers import PAPERS
-from .papers._common import Context, Executor, PaperResult, _clean
+from .papers._common import Context, Executor, PaperResult, clean
 
 __all__ = ["run_study", "StudyResult", "PAPERS"]
 
@@ -147,7 +147,7 @@ def _run_paper(name: str, ctx: Context) -> PaperResult:
     ctx.store.finish_run(
         key,
         "completed",
-        result={"numbers": _clean(res.numbers), "findings": [f.to_dict() for f in res.findings]},
+        result={"numbers": clean(res.numbers), "findings": [f.to_dict() for f in res.findings]},
     )
     ctx.log(f"   {name}: {res.seconds:.0f}s")
     return res

@@ -394,8 +394,8 @@ class Context:
         store.save_arrays(key, "history", "history", arrays, meta={"columns": sorted(arrays)})
         result = {
             "status": res["status"],
-            "final": _clean(res["final"]),
-            "evals": _clean(res["evals"]),
+            "final": clean(res["final"]),
+            "evals": clean(res["evals"]),
             "wall_time": res["wall_time"],
         }
         rows = [
@@ -496,7 +496,7 @@ class Context:
         key = self.store.start_run(kc, kind="measure")
         if arrays:
             self.store.save_arrays(key, "arrays", name, {k: np.asarray(v) for k, v in arrays.items()})
-        self.store.finish_run(key, "completed", result=_clean(out))
+        self.store.finish_run(key, "completed", result=clean(out))
         if arrays:
             out["arrays"] = {k: np.asarray(v) for k, v in arrays.items()}
         return out
@@ -580,13 +580,15 @@ def _short(cfg: dict) -> str:
     return ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
 
 
-def _clean(obj: Any) -> Any:
+def clean(obj: Any) -> Any:
+    """``obj`` with numpy values as Python numbers, tuples as lists, keys as str and non-finite floats as None;
+    anything else kept as it is, so the store rejects it with a clear error (``_util.jsonable`` would repr it)."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [clean(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
+        return clean(obj.tolist())
     if isinstance(obj, (np.floating, float)):
         f = float(obj)
         return f if math.isfinite(f) else None
