@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from .._util import pm
 from ..report import Figure, Finding, Section, Table, plot_curves
 from ..schedules import cosine
 from ._common import Context, PaperResult, mean_sd, verdict, with_finding_numbers
@@ -105,6 +106,7 @@ def sweep(ctx: Context) -> tuple[dict[int, list], dict[int, list]]:
 
 
 def run(ctx: Context) -> PaperResult:
+    """The study's stages: train the sweep, measure (numbers), tables and figure, findings, section."""
     seeds = list(ctx.seeds)
     bs = batch_sizes(ctx)
     ctl = control_batches(ctx)
@@ -113,8 +115,17 @@ def run(ctx: Context) -> PaperResult:
     k = ctx.dataset.num_classes
     acc = {b: [final_test_acc(t, k) for t in scaled[b]] for b in bs}
     acc_c = {b: [final_test_acc(t, k) for t in control[b]] for b in ctl}
-    base = np.asarray(acc[B0])
+    numbers, keeps, drops, diffs = _measure(ctx, bs, ctl, scaled, acc, acc_c)
+    tables = _tables(bs, ctl, scaled, control, acc, acc_c, keeps, drops)
+    fig = _figure(ctx, bs, acc, acc_c)
+    findings = _findings(ctx, bs, ctl, acc, acc_c, numbers, drops, diffs)
+    with_finding_numbers(numbers, findings)
+    return PaperResult(NAME, _section(ctx, bs, ctl, fig, tables, findings), findings, numbers)
 
+
+def _measure(ctx: Context, bs: list, ctl: list, scaled: dict, acc: dict, acc_c: dict) -> tuple:
+    """The numbers (accuracies, drops vs B0, scaled - control, B*, break batch) and keeps, drops, diffs."""
+    base = np.asarray(acc[B0])
     numbers: dict = {
         "batch_sizes": bs,
         "control_batches": ctl,
@@ -145,8 +156,11 @@ def run(ctx: Context) -> PaperResult:
     b_break = next((b for b in bs if not keeps[b]), None)
     numbers["b_star"], numbers["b_break"] = b_star, b_break
     numbers["b_star_over_b0"] = b_star / B0
+    return numbers, keeps, drops, diffs
 
-    # ---- tables
+
+def _tables(bs, ctl, scaled, control, acc, acc_c, keeps, drops) -> list[Table]:
+    """The summary table (accuracy against batch size) and every run and seed."""
     rows = [
         [
             label,
@@ -187,14 +201,17 @@ def run(ctx: Context) -> PaperResult:
         ],
         note=f"'keeps accuracy': drop <= max({TOL:.2f}, sd of the per-seed drop).",
     )
+    return [summary, per_seed]
 
-    # ---- figure: test accuracy vs batch size
+
+def _figure(ctx: Context, bs: list, acc: dict, acc_c: dict):
+    """Test accuracy against batch size, scaled and control, with the B0 - 1 point line."""
     x = np.asarray(bs, float)
     m_s = np.asarray([mean_sd(acc[b])[0] for b in bs])
     s_s = np.asarray([mean_sd(acc[b])[1] for b in bs])
     m_c = np.asarray([mean_sd(acc_c[b])[0] if b in acc_c else np.nan for b in bs])
     s_c = np.asarray([mean_sd(acc_c[b])[1] if b in acc_c else np.nan for b in bs])
-    fig = plot_curves(
+    return plot_curves(
         x,
         {
             "linear scaling + warmup": m_s,
@@ -208,19 +225,22 @@ def run(ctx: Context) -> PaperResult:
         title=f"Test accuracy after {epochs(ctx)} epochs against batch size",
     )
 
-    # ---- findings
-    d_s, d_c = drops[b_star], None
+
+def _findings(ctx: Context, bs, ctl, acc, acc_c, numbers: dict, drops: dict, diffs: dict) -> list[Finding]:
+    """B* >= 8 B0 (kept), the break batch, and scaled vs unscaled at the smallest control batch."""
+    b_star, b_break = numbers["b_star"], numbers["b_break"]
+    d_s = drops[b_star]
     ok1 = b_star >= 8 * B0
     first = min(ctl)
     d_c = diffs[first]
-    n = len(seeds)
+    n = len(list(ctx.seeds))
     ok3 = None if (d_c[0] > 0 and n > 1 and d_c[0] <= d_c[1]) else bool(d_c[0] > 0)
-    findings = [
+    return [
         Finding(
             "With the linear scaling rule and a gradual warmup, the base batch's test accuracy is kept up to a "
             "large batch (Goyal et al.: 32x their base batch; here the bar is 8x B0 = 256).",
-            f"Test accuracy at B0={B0}: {_pm(mean_sd(acc[B0]))}; the accuracy is kept up to B*={b_star} "
-            f"(k={b_star // B0}, drop {_pm(d_s)}), over batch sizes {bs} with a budget of {epochs(ctx)} epochs "
+            f"Test accuracy at B0={B0}: {pm(mean_sd(acc[B0]))}; the accuracy is kept up to B*={b_star} "
+            f"(k={b_star // B0}, drop {pm(d_s)}), over batch sizes {bs} with a budget of {epochs(ctx)} epochs "
             f"and {n} seed(s).",
             verdict(ok1),
             {"B*": b_star, "B0 test acc": mean_sd(acc[B0]), "drop at B*": d_s},
@@ -230,7 +250,7 @@ def run(ctx: Context) -> PaperResult:
             "Beyond some batch size the linear scaling rule breaks down (the accuracy drops).",
             (
                 f"First batch that loses more than the tolerance: {b_break} (test accuracy "
-                f"{_pm(mean_sd(acc[b_break]))}, drop {_pm(drops[b_break])}; "
+                f"{pm(mean_sd(acc[b_break]))}, drop {pm(drops[b_break])}; "
                 f"{numbers[f'diverged_B{b_break}']} of {n} run(s) diverged)."
                 if b_break is not None
                 else f"No batch up to {bs[-1]} lost accuracy: the break lies beyond the sweep."
@@ -245,11 +265,9 @@ def run(ctx: Context) -> PaperResult:
         Finding(
             f"Without scaling the LR, a large batch loses accuracy at a fixed epoch budget; the rule recovers it "
             f"(judged at B = {first}).",
-            f"At B={first}: linear + warmup {_pm(mean_sd(acc[first]))} vs no scaling {_pm(mean_sd(acc_c[first]))} "
-            f"(paired difference {_pm(d_c)}). Other control batches: "
-            + "; ".join(
-                f"B={b}: {_pm(mean_sd(acc[b]))} vs {_pm(mean_sd(acc_c[b]))}" for b in ctl if b != first
-            )
+            f"At B={first}: linear + warmup {pm(mean_sd(acc[first]))} vs no scaling {pm(mean_sd(acc_c[first]))} "
+            f"(paired difference {pm(d_c)}). Other control batches: "
+            + "; ".join(f"B={b}: {pm(mean_sd(acc[b]))} vs {pm(mean_sd(acc_c[b]))}" for b in ctl if b != first)
             + ".",
             verdict(ok3),
             {
@@ -260,9 +278,12 @@ def run(ctx: Context) -> PaperResult:
             section=NAME,
         ),
     ]
-    with_finding_numbers(numbers, findings)
+
+
+def _section(ctx: Context, bs: list, ctl: list, fig, tables: list, findings: list) -> Section:
+    """The report section: intro from the module docstring, the figure, the tables, findings and settings."""
     intro = (__doc__ or "").split("\n\n", 1)[1].strip()
-    section = Section(
+    return Section(
         NAME,
         TITLE,
         intro=intro,
@@ -274,7 +295,7 @@ def run(ctx: Context) -> PaperResult:
                 "keeps LR 0.05 at every batch.",
             )
         ],
-        tables=[summary, per_seed],
+        tables=tables,
         findings=findings,
         settings={
             "model": "cnn1d",
@@ -286,18 +307,12 @@ def run(ctx: Context) -> PaperResult:
             "decay": "cosine to 0",
             "batch_sizes": bs,
             "control_batches": ctl,
-            "seeds": seeds,
+            "seeds": list(ctx.seeds),
             "tolerance": TOL,
             "data_fingerprint": ctx.dataset.fingerprint,
         },
     )
-    return PaperResult(NAME, section, findings, numbers)
 
 
 def _peak_lr(b: int, scaled: bool) -> float:
     return LR0 * b / B0 if scaled else LR0
-
-
-def _pm(x) -> str:
-    m, s = x
-    return f"{m:.4g} ± {s:.2g}"
