@@ -22,6 +22,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -41,6 +42,7 @@ import torch
 
 from . import measures
 from ._util import jsonable
+from ._util import progress as _progress
 from .errors import (
     ConfigError,
     DependencyError,
@@ -513,8 +515,6 @@ def sweep(
         ConfigError: bad grid or options (before anything runs); DependencyError: Ray or a measure's module
         missing; LrbsError: the Ray cluster cannot be reached (nothing is written).
     """
-    from .store import Store, key_for
-
     cells = grid_configs(base_config, grid)
     measure = _check_measures(measure)
     check_choice("backend", backend, BACKENDS)
@@ -525,10 +525,74 @@ def sweep(
     max_retries = check_int("max_retries", max_retries, low=0)
     measure_samples = check_int("measure_samples", measure_samples, low=1)
     connect_timeout = check_number("connect_timeout", connect_timeout, low=0.0)
+    _check_places(backend, ray_address, store)
+    tasks = _tasks(cells, measure, measure_samples, measure_seed, threads, _fault)
+    t0 = time.perf_counter()
+    execute, started_ray = _executor(
+        backend, ray_address, max_concurrency, connect_timeout, threads, num_gpus_per_task, max_retries
+    )
+    try:
+        results, db_path = _run_tasks(tasks, execute, store, progress)
+    finally:
+        if started_ray is not None:
+            started_ray.shutdown()
+    settings = {
+        "backend": backend,
+        "measure": list(measure),
+        "measure_samples": measure_samples,
+        "measure_seed": measure_seed,
+        "num_cpus_per_task": num_cpus_per_task,
+        "num_gpus_per_task": num_gpus_per_task,
+        "max_concurrency": max_concurrency,
+        "store": db_path,
+        "wall_time": time.perf_counter() - t0,
+        "num_cached": sum(r.cached for r in results.values()),
+    }
+    runs = tuple(results[t["key"]] for t in tasks)
+    return SweepResult(runs, {k: list(v) for k, v in grid.items()}, dict(base_config), settings)
+
+
+def _executor(
+    backend: str,
+    ray_address: str | None,
+    max_concurrency: int | None,
+    connect_timeout: float,
+    cpus: float,
+    gpus: float,
+    retries: int,
+) -> tuple[Callable, Any]:
+    """``(execute(todo, collect, db), ray)``: the backend's task runner, and the Ray module when this call
+    started Ray (the caller shuts it down), else None. Ray is connected here, before any store is opened."""
+    if backend != "ray":
+        return functools.partial(_execute_local, workers=max_concurrency or 1), None
+    ray = _import_ray()
+    started = _connect_ray(ray, ray_address, max_concurrency, connect_timeout)
+    execute = functools.partial(
+        _execute_ray, ray, max_concurrency=max_concurrency, cpus=cpus, gpus=gpus, retries=retries
+    )
+    return execute, ray if started else None
+
+
+def _check_places(backend: str, ray_address: Any, store: Any) -> None:
+    """Reject a ``ray_address`` without the Ray backend and a ``store`` that is no Store or path."""
+    from .store import Store
+
     if ray_address is not None and (not isinstance(ray_address, str) or backend != "ray"):
         raise ConfigError(f"ray_address={ray_address!r} is not allowed: give a str, with backend='ray'")
     if store is not None and not isinstance(store, (Store, str, os.PathLike)):
         raise LrbsTypeError(f"store={store!r} is not allowed: must be a Store, a path or None")
+
+
+def _tasks(
+    cells: list[tuple[dict, dict]],
+    measure: tuple[str, ...],
+    measure_samples: int,
+    measure_seed: int,
+    threads: float,
+    fault: dict[str, str] | None,
+) -> list[dict[str, Any]]:
+    """One task per distinct cell, in grid order; its key is :func:`lrbs.store.key_for` of its store config."""
+    from .store import key_for
 
     tasks, seen = [], set()
     for params, cfg in cells:
@@ -552,18 +616,21 @@ def sweep(
                 "measure_samples": measure_samples,
                 "measure_seed": measure_seed,
                 "threads": max(1, int(threads)),
-                "fault": _fault,
+                "fault": fault,
             }
         )
+    return tasks
 
-    ray = None
-    started_ray = False
-    if backend == "ray":
-        ray = _import_ray()
-        started_ray = _connect_ray(ray, ray_address, max_concurrency, connect_timeout)
+
+def _run_tasks(
+    tasks: list[dict], execute: Callable, store: Any, progress: bool
+) -> tuple[dict[str, SweepRun], str | None]:
+    """Serve what the store holds, run the rest with ``execute(todo, collect, db)``; ``({key: run}, store
+    path)``. Each result is written to the store as it arrives (:func:`_finish`)."""
+    from .store import Store
+
     own_store = isinstance(store, (str, os.PathLike))
     db = Store(store) if own_store else store
-    t0 = time.perf_counter()
     results: dict[str, SweepRun] = {}
     try:
         todo = []
@@ -573,36 +640,30 @@ def sweep(
                 results[t["key"]] = _run_from_record(t, rec)
             else:
                 todo.append(t)
-        with _Progress(progress, len(tasks), len(tasks) - len(todo)) as bar:
+        done = len(tasks) - len(todo)
+        last = {"last": f"{done} from the store" if done else ""}
+        with _progress(
+            "sweep", len(tasks), enabled=progress, completed=done, transient=False, fields=last
+        ) as bar:
 
             def collect(task: dict, out: dict) -> None:
                 run = _finish(db, task, out)
                 results[task["key"]] = run
-                bar.advance(run)
+                if bar.enabled:
+                    bar.advance(last=_last(run))
 
-            if backend == "ray":
-                _execute_ray(ray, todo, collect, db, max_concurrency, threads, num_gpus_per_task, max_retries)
-            else:
-                _execute_local(todo, collect, db, max_concurrency or 1)
+            execute(todo, collect, db)
     finally:
         if own_store and db is not None:
             db.close()
-        if started_ray:
-            ray.shutdown()
-    settings = {
-        "backend": backend,
-        "measure": list(measure),
-        "measure_samples": measure_samples,
-        "measure_seed": measure_seed,
-        "num_cpus_per_task": num_cpus_per_task,
-        "num_gpus_per_task": num_gpus_per_task,
-        "max_concurrency": max_concurrency,
-        "store": None if db is None else str(db.path),
-        "wall_time": time.perf_counter() - t0,
-        "num_cached": sum(r.cached for r in results.values()),
-    }
-    runs = tuple(results[t["key"]] for t in tasks)
-    return SweepResult(runs, {k: list(v) for k, v in grid.items()}, dict(base_config), settings)
+    return results, None if db is None else str(db.path)
+
+
+def _last(run: SweepRun) -> str:
+    """The progress bar's text for a finished run: its grid values, status and test accuracy."""
+    p = ", ".join(f"{k}={v}" for k, v in run.params.items())
+    acc = run.final.get("test_acc")
+    return f"{p}: {run.status}" + (f" test_acc={acc:.3f}" if isinstance(acc, float) else "")
 
 
 def _start(db: Any, task: dict) -> None:
@@ -736,45 +797,6 @@ def _execute_ray(
             collect(t, out)
 
 
-class _Progress:
-    """A rich progress bar over the runs of a sweep (or nothing)."""
-
-    def __init__(self, enabled: bool, total: int, done: int):
-        self.enabled, self.total, self.done = enabled, total, done
-        self.bar = None
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(
-                TextColumn("[bold]sweep[/]"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[last]}"),
-                TimeElapsedColumn(),
-            )
-            self.bar.start()
-            self.task = self.bar.add_task(
-                "sweep",
-                total=self.total,
-                completed=self.done,
-                last=f"{self.done} from the store" if self.done else "",
-            )
-        return self
-
-    def advance(self, run: SweepRun) -> None:
-        if self.bar is not None:
-            p = ", ".join(f"{k}={v}" for k, v in run.params.items())
-            acc = run.final.get("test_acc")
-            last = f"{p}: {run.status}" + (f" test_acc={acc:.3f}" if isinstance(acc, float) else "")
-            self.bar.update(self.task, advance=1, last=last)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 # --------------------------------------------------------------------------------------------- landscape
 # shards
 def _grid_points(theta: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, ab: np.ndarray) -> torch.Tensor:
@@ -836,6 +858,27 @@ def evaluate_grid(
         ShapeError / ConfigError: directions of the wrong size, empty grids, bad backend; DependencyError: no
         Ray.
     """
+    check_choice("backend", backend, BACKENDS)
+    check_choice("method", method, ("sequential", "batched"))
+    shards = check_int("shards", shards, low=1)
+    obj, theta, dirs, alphas, betas = _grid_inputs(obj, d1, d2, alphas, betas)
+    ab = np.stack(np.meshgrid(alphas, betas, indexing="ij"), -1).reshape(-1, 2)
+    pieces = [p for p in np.array_split(ab, min(shards, len(ab))) if len(p)]
+    if backend == "local":
+        outs = [_eval_shard(obj, theta, dirs[0], dirs[1], p, method) for p in pieces]
+    else:
+        timeout = check_number("connect_timeout", connect_timeout, low=0.0)
+        outs = _ray_shards(obj, theta, dirs, pieces, method, ray_address, num_cpus_per_task, timeout)
+    shape = (len(alphas), len(betas))
+    loss = np.concatenate([o["loss"] for o in outs]).reshape(shape)
+    acc = np.concatenate([o["accuracy"] for o in outs]).reshape(shape)
+    settings = {**obj.settings(), "backend": backend, "shards": len(pieces), "method": method}
+    return {"loss": loss, "accuracy": acc, "alphas": alphas, "betas": betas, "settings": settings}
+
+
+def _grid_inputs(obj: Any, d1: Any, d2: Any, alphas: Any, betas: Any) -> tuple:
+    """``(objective, theta, [d1, d2], alphas, betas)`` checked: an Objective (or a ``(model, data)`` pair),
+    directions of the flat parameter shape in theta's dtype, non-empty float64 coordinate vectors."""
     from .errors import ShapeError
     from .objective import Objective
 
@@ -845,9 +888,6 @@ def evaluate_grid(
         raise LrbsTypeError(
             f"obj={type(obj).__name__} is not allowed: must be an Objective or a (model, data) pair"
         )
-    check_choice("backend", backend, BACKENDS)
-    check_choice("method", method, ("sequential", "batched"))
-    shards = check_int("shards", shards, low=1)
     theta = obj.theta()
     dirs = []
     for name, d in (("d1", d1), ("d2", d2)):
@@ -862,29 +902,31 @@ def evaluate_grid(
     betas = np.asarray(betas, dtype=np.float64).reshape(-1)
     if len(alphas) == 0 or len(betas) == 0:
         raise ConfigError(f"alphas and betas must be non-empty (got {len(alphas)} and {len(betas)} values)")
-    ab = np.stack(np.meshgrid(alphas, betas, indexing="ij"), -1).reshape(-1, 2)
-    pieces = [p for p in np.array_split(ab, min(shards, len(ab))) if len(p)]
-    if backend == "local":
-        outs = [_eval_shard(obj, theta, dirs[0], dirs[1], p, method) for p in pieces]
-    else:
-        ray = _import_ray()
-        started = _connect_ray(
-            ray, ray_address, None, check_number("connect_timeout", connect_timeout, low=0.0)
-        )
-        try:
-            shipped = _shippable(obj)
-            refs = [ray.put(x) for x in (shipped, theta, dirs[0], dirs[1])]
-            task = ray.remote(_eval_shard).options(num_cpus=num_cpus_per_task)
-            threads = max(1, int(num_cpus_per_task))
-            outs = ray.get([task.remote(*refs, p, method, threads) for p in pieces])
-        finally:
-            if started:
-                ray.shutdown()
-    shape = (len(alphas), len(betas))
-    loss = np.concatenate([o["loss"] for o in outs]).reshape(shape)
-    acc = np.concatenate([o["accuracy"] for o in outs]).reshape(shape)
-    settings = {**obj.settings(), "backend": backend, "shards": len(pieces), "method": method}
-    return {"loss": loss, "accuracy": acc, "alphas": alphas, "betas": betas, "settings": settings}
+    return obj, theta, dirs, alphas, betas
+
+
+def _ray_shards(
+    obj: Any,
+    theta: torch.Tensor,
+    dirs: list[torch.Tensor],
+    pieces: list[np.ndarray],
+    method: str,
+    ray_address: str | None,
+    num_cpus_per_task: float,
+    timeout: float,
+) -> list[dict[str, np.ndarray]]:
+    """The shards as Ray tasks; the objective, centre and directions go through the object store once."""
+    ray = _import_ray()
+    started = _connect_ray(ray, ray_address, None, timeout)
+    try:
+        shipped = _shippable(obj)
+        refs = [ray.put(x) for x in (shipped, theta, dirs[0], dirs[1])]
+        task = ray.remote(_eval_shard).options(num_cpus=num_cpus_per_task)
+        threads = max(1, int(num_cpus_per_task))
+        return ray.get([task.remote(*refs, p, method, threads) for p in pieces])
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def landscape_2d_ray(

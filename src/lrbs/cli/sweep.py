@@ -13,25 +13,34 @@ file.
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, LrbsTypeError, closest
 
 TABLES = ("base", "grid", "sweep")
-SWEEP_OPTIONS = (
-    "measure",
-    "backend",
-    "store",
-    "max_concurrency",
-    "ray_address",
-    "num_cpus_per_task",
-    "num_gpus_per_task",
-    "max_retries",
-    "measure_samples",
-    "measure_seed",
-    "connect_timeout",
-)
+
+
+@functools.cache
+def sweep_options() -> tuple[str, ...]:
+    """The ``[sweep]`` options: :func:`lrbs.sweep.sweep`'s public keyword-only parameters, in its order (all
+    but ``progress``, which the CLI sets). Read from the signature, so the two never drift apart."""
+    from ..sweep import sweep
+
+    return tuple(
+        n
+        for n, p in inspect.signature(sweep).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and not n.startswith("_") and n != "progress"
+    )
+
+
+def __getattr__(name: str) -> Any:
+    """``SWEEP_OPTIONS``, computed on first use (:func:`sweep_options`; importing lrbs.sweep imports torch)."""
+    if name == "SWEEP_OPTIONS":
+        return sweep_options()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _toml() -> Any:
@@ -70,11 +79,11 @@ def load_spec(path: str | Path) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"spec={str(path)!r} has no [grid] table: give at least one option = [values]")
     opts = dict(data.get("sweep", {}))
     for k in opts:
-        if k not in SWEEP_OPTIONS:
-            hint = closest(k, SWEEP_OPTIONS)
+        if k not in sweep_options():
+            hint = closest(k, sweep_options())
             did = f" Did you mean {hint!r}?" if hint else ""
             raise ConfigError(
-                f"spec={str(path)!r}: unknown [sweep] option {k!r}.{did} Allowed: {', '.join(SWEEP_OPTIONS)}"
+                f"spec={str(path)!r}: unknown [sweep] option {k!r}.{did} Allowed: {', '.join(sweep_options())}"
             )
     if isinstance(opts.get("store"), str) and not Path(opts["store"]).is_absolute():
         opts["store"] = str(path.parent / opts["store"])
