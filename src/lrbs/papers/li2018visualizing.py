@@ -23,10 +23,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._util import pm
 from ..report import Figure, Finding, Section, Table
 from . import keskar2017large as keskar
-from ._common import Context, PaperResult, intro, mean_sd, verdict
-from ._common import paired as _paired
+from ._common import Context, PaperResult, intro, mean_sd, paired, verdict
+
+# tests/test_papers_landscape.py::test_paired_verdict still reads ``li._paired``; drop this alias once it
+# imports ``lrbs.papers._common.paired``.
+_paired = paired
 
 NAME = "li2018visualizing"
 TITLE = "Visualizing the loss landscape: flat vs sharp minima, depth and skip connections (Li et al. 2018)"
@@ -132,20 +136,57 @@ def _start_all(ctx: Context, seeds: list[int]) -> None:
 
 
 def run(ctx: Context) -> PaperResult:
+    """The section: SB vs LB surfaces (the Keskar runs), then depth and skip connections (resnet1d)."""
     seeds = list(ctx.seeds)
     ctx.log(f"[{NAME}] SB/LB surfaces and resnet1d skip/depth, seeds {seeds}")
     numbers: dict = {}
-    findings = []
-    tables = []
-    figures = []
-
-    # ---------------------------------------------------------------- SB vs LB (the Keskar runs)
     _start_all(ctx, seeds)
+    runs, surf = _train_sb_lb(ctx, seeds)
+    stats, diffs = _sb_lb_numbers(surf, numbers)
+    tables = [_sb_lb_table(ctx, runs, surf)]
+    figures = [_sb_lb_figure(seeds, surf)]
+    findings = [_sb_lb_finding(stats, diffs, seeds)]
+    numbers["rise_diff"] = mean_sd(diffs)
+    numbers["SB_rise"], numbers["LB_rise"] = stats[("SB", "rise")], stats[("LB", "rise")]
+
+    deep, variants = _variants(ctx)
+    res, rsurf = _train_resnets(ctx, seeds, variants)
+    label = {"skip": f"ResNet-{deep} (skip)", "plain": f"plain-{deep} (no skip)", "plain_shallow": "plain-8"}
+    _resnet_numbers(variants, res, rsurf, stats, numbers)
+    tables.append(_resnet_table(ctx, variants, res, rsurf, label))
+    figures.append(
+        Figure(
+            f"Surfaces with and without skip connections (depth {deep}, seed {seeds[0]})",
+            _side_by_side([(label[tag], rsurf[tag][0]["arrays"]) for tag, _, _ in variants]),
+            "Same contour levels in every panel.",
+        )
+    )
+    findings.append(_skip_finding(rsurf, stats, deep, numbers))
+    findings.append(_depth_finding(res, rsurf, stats, deep, numbers))
+    section = Section(
+        NAME,
+        TITLE,
+        intro=intro(__doc__),
+        figures=figures,
+        tables=tables,
+        findings=findings,
+        settings=_settings(ctx, seeds, deep),
+    )
+    return PaperResult(NAME, section, findings, numbers)
+
+
+def _train_sb_lb(ctx: Context, seeds: list[int]) -> tuple[dict, dict]:
+    """The Keskar section's SB and LB MLP runs and their surfaces."""
     runs = {
         "SB": ctx.train_many(keskar.NAME, [keskar._config(ctx, keskar.SB, s) for s in seeds]),
         "LB": ctx.train_many(keskar.NAME, [keskar._config(ctx, keskar.LB, s) for s in seeds]),
     }
     surf = {k: [_surface(ctx, t, "mlp") for t in v] for k, v in runs.items()}
+    return runs, surf
+
+
+def _sb_lb_numbers(surf: dict, numbers: dict) -> tuple[dict, list[float]]:
+    """Mean and sd of rise / centre loss / non-convexity per arm (into ``numbers``) and the paired LB - SB rise."""
     stats = {}
     for k in surf:
         for q in ("rise", "center_loss", "nc_ratio"):
@@ -154,193 +195,188 @@ def run(ctx: Context) -> PaperResult:
         numbers[f"{k}_rise_per_seed"] = [m["rise"] for m in surf[k]]
     diffs = [lb["rise"] - sb["rise"] for sb, lb in zip(surf["SB"], surf["LB"])]
     numbers["rise_diff_mean"], numbers["rise_diff_sd"] = mean_sd(diffs)
-    rows = []
-    for k, b in (("SB", keskar.SB), ("LB", keskar.LB)):
-        for t, m in zip(runs[k], surf[k]):
-            rows.append(
-                [
-                    k,
-                    b,
-                    t.config["seed"],
-                    t.final.get("test_acc"),
-                    m["center_loss"],
-                    m["rise"],
-                    m["max_loss"],
-                    m["nc_ratio"],
-                ]
-            )
-    tables.append(
-        Table(
-            "Small- vs large-batch minima: every seed",
-            [
-                "run",
-                "batch",
-                "seed",
-                "test acc",
-                "loss at minimum",
-                f"mean rise (r <= {RADIUS})",
-                "max loss on grid",
-                "|lmin/lmax| (grid mean)",
-            ],
-            rows,
-            note=f"Train loss on a fixed {SUBSET}-sample subset; filter-normalized directions (seeds 1 "
-            f"and 2, ignore=biasbn); {len(_grid(ctx, 'mlp'))}^2 grid on [-1, 1]^2.",
-        )
-    )
-    sb0, lb0 = surf["SB"][0]["arrays"], surf["LB"][0]["arrays"]
-    figures.append(
-        Figure(
-            f"Filter-normalized surfaces of the SB and LB minima (seed {seeds[0]})",
-            _side_by_side([(f"SB, B={keskar.SB}", sb0), (f"LB, B={keskar.LB}", lb0)]),
-            "Same directions' construction and the same (log-spaced) contour levels in both panels "
-            "(Li et al. Fig. 3).",
-        )
-    )
-    findings.append(
-        Finding(
-            "Large-batch training finds a sharper minimum than small-batch training: with filter-normalized "
-            "directions its 2-D surface rises faster around the minimum.",
-            f"Mean training-loss rise within radius {RADIUS}: SB {_pm(stats[('SB', 'rise')])} vs LB "
-            f"{_pm(stats[('LB', 'rise')])}; paired LB - SB {_pm(mean_sd(diffs))} over {len(seeds)} seed(s).",
-            verdict(_paired(diffs)),
-            {"SB rise": stats[("SB", "rise")], "LB rise": stats[("LB", "rise")], "LB - SB": mean_sd(diffs)},
-            section=NAME,
-        )
-    )
-    numbers["rise_diff"] = mean_sd(diffs)
-    numbers["SB_rise"], numbers["LB_rise"] = stats[("SB", "rise")], stats[("LB", "rise")]
+    return stats, diffs
 
-    # ---------------------------------------------------------------- depth and skip connections
-    deep, variants = _variants(ctx)
+
+def _sb_lb_table(ctx: Context, runs: dict, surf: dict) -> Table:
+    """Every seed of the SB and LB minima."""
+    rows = [
+        [
+            k,
+            b,
+            t.config["seed"],
+            t.final.get("test_acc"),
+            m["center_loss"],
+            m["rise"],
+            m["max_loss"],
+            m["nc_ratio"],
+        ]
+        for k, b in (("SB", keskar.SB), ("LB", keskar.LB))
+        for t, m in zip(runs[k], surf[k])
+    ]
+    return Table(
+        "Small- vs large-batch minima: every seed",
+        [
+            "run",
+            "batch",
+            "seed",
+            "test acc",
+            "loss at minimum",
+            f"mean rise (r <= {RADIUS})",
+            "max loss on grid",
+            "|lmin/lmax| (grid mean)",
+        ],
+        rows,
+        note=f"Train loss on a fixed {SUBSET}-sample subset; filter-normalized directions (seeds 1 "
+        f"and 2, ignore=biasbn); {len(_grid(ctx, 'mlp'))}^2 grid on [-1, 1]^2.",
+    )
+
+
+def _sb_lb_figure(seeds: list[int], surf: dict) -> Figure:
+    """The first seed's SB and LB surfaces side by side."""
+    sb0, lb0 = surf["SB"][0]["arrays"], surf["LB"][0]["arrays"]
+    return Figure(
+        f"Filter-normalized surfaces of the SB and LB minima (seed {seeds[0]})",
+        _side_by_side([(f"SB, B={keskar.SB}", sb0), (f"LB, B={keskar.LB}", lb0)]),
+        "Same directions' construction and the same (log-spaced) contour levels in both panels "
+        "(Li et al. Fig. 3).",
+    )
+
+
+def _sb_lb_finding(stats: dict, diffs: list[float], seeds: list[int]) -> Finding:
+    """LB sharper than SB: the paired difference of the mean rise."""
+    return Finding(
+        "Large-batch training finds a sharper minimum than small-batch training: with filter-normalized "
+        "directions its 2-D surface rises faster around the minimum.",
+        f"Mean training-loss rise within radius {RADIUS}: SB {pm(stats[('SB', 'rise')])} vs LB "
+        f"{pm(stats[('LB', 'rise')])}; paired LB - SB {pm(mean_sd(diffs))} over {len(seeds)} seed(s).",
+        verdict(paired(diffs)),
+        {"SB rise": stats[("SB", "rise")], "LB rise": stats[("LB", "rise")], "LB - SB": mean_sd(diffs)},
+        section=NAME,
+    )
+
+
+def _train_resnets(ctx: Context, seeds: list[int], variants: list) -> tuple[dict, dict]:
+    """The resnet1d variants' runs (every seed) and their surfaces."""
     res = {}
     for tag, depth, skip in variants:
         res[tag] = ctx.train_many(NAME, [_resnet_config(ctx, depth, skip, s) for s in seeds])
     rsurf = {tag: [_surface(ctx, t, "resnet") for t in res[tag]] for tag in res}
-    label = {"skip": f"ResNet-{deep} (skip)", "plain": f"plain-{deep} (no skip)", "plain_shallow": "plain-8"}
-    rrows = []
-    for tag, depth, skip in variants:
-        for t, m in zip(res[tag], rsurf[tag]):
-            rrows.append(
-                [
-                    label[tag],
-                    depth,
-                    skip,
-                    t.config["seed"],
-                    t.final.get("train_acc"),
-                    t.final.get("test_acc"),
-                    m["center_loss"],
-                    m["nc_ratio"],
-                    m["nc_fraction"],
-                    m["nc_near_ratio"],
-                    m["rise"],
-                ]
-            )
+    return res, rsurf
+
+
+def _resnet_numbers(variants: list, res: dict, rsurf: dict, stats: dict, numbers: dict) -> None:
+    """Mean and sd of the non-convexity measures per variant (into ``stats`` and ``numbers``)."""
+    for tag, _, _ in variants:
         for q in ("nc_ratio", "nc_fraction", "nc_near_ratio", "rise", "center_loss"):
             stats[(tag, q)] = mean_sd([m[q] for m in rsurf[tag]])
             numbers[f"{tag}_{q}_mean"], numbers[f"{tag}_{q}_sd"] = stats[(tag, q)]
         numbers[f"{tag}_nc_ratio_per_seed"] = [m["nc_ratio"] for m in rsurf[tag]]
         numbers[f"{tag}_test_acc"] = mean_sd([t.final.get("test_acc", np.nan) for t in res[tag]])
-    tables.append(
-        Table(
-            "Depth and skip connections: non-convexity of the surfaces (every seed)",
-            [
-                "model",
-                "depth",
-                "skip",
-                "seed",
-                "train acc",
-                "test acc",
-                "loss at centre",
-                "|lmin/lmax| (grid)",
-                "fraction lmin<0 (grid)",
-                "|lmin/lmax| (rise<=1)",
-                f"mean rise (r <= {RADIUS})",
-            ],
-            rrows,
-            note=f"resnet1d width 16 with BatchNorm, Adam lr=1e-3, batch 128, {_resnet_config(ctx, 8, True, 0)['steps']} "
-            f"steps; {len(_grid(ctx, 'resnet'))}^2 grid on [-1, 1]^2; BN in eval mode. |lmin/lmax| is 0 where the "
-            "surface is locally convex; the primary measure is its mean over all interior grid points.",
-        )
+
+
+def _resnet_table(ctx: Context, variants: list, res: dict, rsurf: dict, label: dict) -> Table:
+    """Every seed of every resnet1d variant."""
+    rows = [
+        [
+            label[tag],
+            depth,
+            skip,
+            t.config["seed"],
+            t.final.get("train_acc"),
+            t.final.get("test_acc"),
+            m["center_loss"],
+            m["nc_ratio"],
+            m["nc_fraction"],
+            m["nc_near_ratio"],
+            m["rise"],
+        ]
+        for tag, depth, skip in variants
+        for t, m in zip(res[tag], rsurf[tag])
+    ]
+    return Table(
+        "Depth and skip connections: non-convexity of the surfaces (every seed)",
+        [
+            "model",
+            "depth",
+            "skip",
+            "seed",
+            "train acc",
+            "test acc",
+            "loss at centre",
+            "|lmin/lmax| (grid)",
+            "fraction lmin<0 (grid)",
+            "|lmin/lmax| (rise<=1)",
+            f"mean rise (r <= {RADIUS})",
+        ],
+        rows,
+        note=f"resnet1d width 16 with BatchNorm, Adam lr=1e-3, batch 128, {_resnet_config(ctx, 8, True, 0)['steps']} "
+        f"steps; {len(_grid(ctx, 'resnet'))}^2 grid on [-1, 1]^2; BN in eval mode. |lmin/lmax| is 0 where the "
+        "surface is locally convex; the primary measure is its mean over all interior grid points.",
     )
-    figures.append(
-        Figure(
-            f"Surfaces with and without skip connections (depth {deep}, seed {seeds[0]})",
-            _side_by_side([(label[tag], rsurf[tag][0]["arrays"]) for tag, _, _ in variants]),
-            "Same contour levels in every panel.",
-        )
-    )
+
+
+def _skip_finding(rsurf: dict, stats: dict, deep: int, numbers: dict) -> Finding:
+    """Skips smooth the surface: paired (plain - skip) non-convexity (``numbers["skip_effect"]``)."""
     d_skip = [p["nc_ratio"] - s["nc_ratio"] for s, p in zip(rsurf["skip"], rsurf["plain"])]
     numbers["skip_effect"] = mean_sd(d_skip)
-    findings.append(
-        Finding(
-            "Skip connections make the loss surface smoother: lower non-convexity than the same net without skips.",
-            f"Mean |lambda_min/lambda_max| over the grid, depth {deep}: with skips {_pm(stats[('skip', 'nc_ratio')])}, "
-            f"without {_pm(stats[('plain', 'nc_ratio')])}; paired (plain - skip) {_pm(mean_sd(d_skip))}; fraction of "
-            f"points with negative curvature {_pm(stats[('skip', 'nc_fraction')])} vs "
-            f"{_pm(stats[('plain', 'nc_fraction')])}.",
-            verdict(_paired(d_skip)),
-            {
-                "skip": stats[("skip", "nc_ratio")],
-                "no skip": stats[("plain", "nc_ratio")],
-                "no skip - skip": mean_sd(d_skip),
-            },
+    return Finding(
+        "Skip connections make the loss surface smoother: lower non-convexity than the same net without skips.",
+        f"Mean |lambda_min/lambda_max| over the grid, depth {deep}: with skips {pm(stats[('skip', 'nc_ratio')])}, "
+        f"without {pm(stats[('plain', 'nc_ratio')])}; paired (plain - skip) {pm(mean_sd(d_skip))}; fraction of "
+        f"points with negative curvature {pm(stats[('skip', 'nc_fraction')])} vs "
+        f"{pm(stats[('plain', 'nc_fraction')])}.",
+        verdict(paired(d_skip)),
+        {
+            "skip": stats[("skip", "nc_ratio")],
+            "no skip": stats[("plain", "nc_ratio")],
+            "no skip - skip": mean_sd(d_skip),
+        },
+        section=NAME,
+    )
+
+
+def _depth_finding(res: dict, rsurf: dict, stats: dict, deep: int, numbers: dict) -> Finding:
+    """Deeper plain nets are more non-convex (``numbers["depth_effect"]``); inconclusive in the quick run."""
+    claim = "Without skip connections, deeper networks have more chaotic (non-convex) surfaces."
+    if "plain_shallow" not in res:
+        return Finding(
+            claim,
+            "Not measured in the quick run (it needs the depth-20 plain net); run the full study.",
+            "inconclusive",
+            {},
             section=NAME,
         )
-    )
-    if "plain_shallow" in res:
-        d_depth = [p["nc_ratio"] - s["nc_ratio"] for s, p in zip(rsurf["plain_shallow"], rsurf["plain"])]
-        numbers["depth_effect"] = mean_sd(d_depth)
-        findings.append(
-            Finding(
-                "Without skip connections, deeper networks have more chaotic (non-convex) surfaces.",
-                f"Mean |lambda_min/lambda_max| over the grid without skips: depth 8 "
-                f"{_pm(stats[('plain_shallow', 'nc_ratio')])} vs depth {deep} {_pm(stats[('plain', 'nc_ratio')])}; "
-                f"paired (deep - shallow) {_pm(mean_sd(d_depth))}.",
-                verdict(_paired(d_depth)),
-                {
-                    "plain-8": stats[("plain_shallow", "nc_ratio")],
-                    f"plain-{deep}": stats[("plain", "nc_ratio")],
-                    "deep - shallow": mean_sd(d_depth),
-                },
-                section=NAME,
-            )
-        )
-    else:
-        findings.append(
-            Finding(
-                "Without skip connections, deeper networks have more chaotic (non-convex) surfaces.",
-                "Not measured in the quick run (it needs the depth-20 plain net); run the full study.",
-                "inconclusive",
-                {},
-                section=NAME,
-            )
-        )
-
-    section = Section(
-        NAME,
-        TITLE,
-        intro=intro(__doc__),
-        figures=figures,
-        tables=tables,
-        findings=findings,
-        settings={
-            "directions": "random Gaussian, filter-normalized, ignore=biasbn, seeds 1 and 2",
-            "subset": SUBSET,
-            "bn": "eval",
-            "mlp_grid": len(_grid(ctx, "mlp")),
-            "resnet_grid": len(_grid(ctx, "resnet")),
-            "radius": RADIUS,
-            "seeds": seeds,
-            "resnet": _resnet_config(ctx, deep, True, 0),
-            "data_fingerprint": ctx.dataset.fingerprint,
+    d_depth = [p["nc_ratio"] - s["nc_ratio"] for s, p in zip(rsurf["plain_shallow"], rsurf["plain"])]
+    numbers["depth_effect"] = mean_sd(d_depth)
+    return Finding(
+        claim,
+        f"Mean |lambda_min/lambda_max| over the grid without skips: depth 8 "
+        f"{pm(stats[('plain_shallow', 'nc_ratio')])} vs depth {deep} {pm(stats[('plain', 'nc_ratio')])}; "
+        f"paired (deep - shallow) {pm(mean_sd(d_depth))}.",
+        verdict(paired(d_depth)),
+        {
+            "plain-8": stats[("plain_shallow", "nc_ratio")],
+            f"plain-{deep}": stats[("plain", "nc_ratio")],
+            "deep - shallow": mean_sd(d_depth),
         },
+        section=NAME,
     )
-    return PaperResult(NAME, section, findings, numbers)
 
 
-def _pm(x) -> str:
-    m, s = x
-    return f"{m:.3g} ± {s:.2g}"
+def _settings(ctx: Context, seeds: list[int], deep: int) -> dict:
+    """The section's settings block."""
+    return {
+        "directions": "random Gaussian, filter-normalized, ignore=biasbn, seeds 1 and 2",
+        "subset": SUBSET,
+        "bn": "eval",
+        "mlp_grid": len(_grid(ctx, "mlp")),
+        "resnet_grid": len(_grid(ctx, "resnet")),
+        "radius": RADIUS,
+        "seeds": seeds,
+        "resnet": _resnet_config(ctx, deep, True, 0),
+        "data_fingerprint": ctx.dataset.fingerprint,
+    }
 
 
 def _side_by_side(panels: list[tuple[str, dict]]):
