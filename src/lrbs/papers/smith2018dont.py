@@ -22,6 +22,7 @@ import math
 
 import numpy as np
 
+from .._util import pm
 from ..report import Figure, Finding, Section, Table
 from ..schedules import batch_step, constant, grow_batch_instead, join, step
 from ._common import Context, PaperResult, intro, mean_sd, verdict, with_finding_numbers
@@ -83,12 +84,24 @@ def configs(ctx: Context, seed: int) -> dict[str, dict]:
 
 
 def run(ctx: Context) -> PaperResult:
+    """The study's stages: train (a), (b), (c) for every seed, measure, tables and figure, findings, section."""
     seeds = list(ctx.seeds)
     n = len(ctx.dataset.train)
     ctx.log(f"[{NAME}] LR decay vs batch growth, seeds {seeds}")
     cfgs = {s: configs(ctx, s) for s in seeds}
     started = {k: ctx.train_many(NAME, [cfgs[s][k] for s in seeds], wait=False) for k in LABELS}
     runs = {k: [p.result() for p in started[k]] for k in LABELS}
+    m = _measure(ctx, runs)
+    tables = _tables(ctx, cfgs, runs, m)
+    curves = {k: _mean_curve(runs[k], n) for k in LABELS}
+    fig = _plot_curves(curves)
+    findings = _findings(len(seeds), m)
+    with_finding_numbers(m["numbers"], findings)
+    return PaperResult(NAME, _section(ctx, cfgs, fig, tables, findings), findings, m["numbers"])
+
+
+def _measure(ctx: Context, runs: dict) -> dict:
+    """Test accuracies (a diverged run at chance), updates, samples, the paired differences and the numbers."""
     chance = 1.0 / ctx.dataset.num_classes
 
     def acc(t) -> float:
@@ -125,8 +138,25 @@ def run(ctx: Context) -> PaperResult:
     match_b = abs(diff_b[0]) <= max(TOL, diff_b[1]) + 1e-9  # 1e-9: float rounding of accuracies
     match_c = abs(diff_c[0]) <= max(TOL, diff_c[1]) + 1e-9
     numbers["b_matches_a"], numbers["c_matches_a"] = bool(match_b), bool(match_c)
+    return {
+        "accs": accs,
+        "updates": updates,
+        "samples": samples,
+        "numbers": numbers,
+        "diff_b": diff_b,
+        "diff_c": diff_c,
+        "ratio_b": ratio_b,
+        "ratio_c": ratio_c,
+        "match_b": match_b,
+        "match_c": match_c,
+    }
 
-    # ---- tables
+
+def _tables(ctx: Context, cfgs: dict, runs: dict, m: dict) -> list[Table]:
+    """The summary (accuracy and updates per schedule) and every run and seed."""
+    n = len(ctx.dataset.train)
+    accs, updates, samples = m["accs"], m["updates"], m["samples"]
+    seed0 = next(iter(cfgs))
     rows = []
     for k in LABELS:
         for t, a, u, sm in zip(runs[k], accs[k], updates[k], samples[k]):
@@ -142,8 +172,8 @@ def run(ctx: Context) -> PaperResult:
         [
             [
                 LABELS[k],
-                cfgs[seeds[0]][k]["lr"],
-                cfgs[seeds[0]][k]["batch_size"],
+                cfgs[seed0][k]["lr"],
+                cfgs[seed0][k]["batch_size"],
                 mean_sd(accs[k]),
                 mean_sd(accs[k] - accs["a"]),
                 updates[k][0],
@@ -152,20 +182,21 @@ def run(ctx: Context) -> PaperResult:
             for k in LABELS
         ],
     )
+    return [summary, per_seed]
 
-    # ---- figures: test accuracy against epochs and against updates (mean over seeds)
-    curves = {k: _mean_curve(runs[k], n) for k in LABELS}
-    fig = _plot_curves(curves)
 
-    n_seeds = len(seeds)
-    findings = [
+def _findings(n_seeds: int, m: dict) -> list[Finding]:
+    """(b) matches (a); (b) needs fewer updates; the hybrid (c) matches (a)."""
+    accs, updates, samples = m["accs"], m["updates"], m["samples"]
+    diff_b, diff_c, ratio_b, ratio_c = m["diff_b"], m["diff_c"], m["ratio_b"], m["ratio_c"]
+    return [
         Finding(
             "Growing the batch (x5 at 50% and 75% of the epochs, constant LR) reaches the same test accuracy as "
             "decaying the LR (/5 at the same epochs) over the same number of epochs.",
-            f"Final test accuracy (a) LR decay {_pm(mean_sd(accs['a']))}, (b) batch growth "
-            f"{_pm(mean_sd(accs['b']))}; paired difference (b) - (a) {_pm(diff_b)} over {n_seeds} seed(s) "
+            f"Final test accuracy (a) LR decay {pm(mean_sd(accs['a']))}, (b) batch growth "
+            f"{pm(mean_sd(accs['b']))}; paired difference (b) - (a) {pm(diff_b)} over {n_seeds} seed(s) "
             f"(tolerance max({TOL:.2f}, sd)).",
-            verdict(bool(match_b)),
+            verdict(bool(m["match_b"])),
             {"(a) test acc": mean_sd(accs["a"]), "(b) test acc": mean_sd(accs["b"]), "(b) - (a)": diff_b},
             section=NAME,
         ),
@@ -173,21 +204,25 @@ def run(ctx: Context) -> PaperResult:
             "Growing the batch instead reaches that accuracy with fewer parameter updates.",
             f"Updates: (a) {updates['a'][0]}, (b) {updates['b'][0]} ({ratio_b:.0%} of (a)), "
             f"(c) {updates['c'][0]} ({ratio_c:.0%}); every run saw the same {samples['a'][0]} samples.",
-            verdict(bool(ratio_b < 1 and match_b)),
+            verdict(bool(ratio_b < 1 and m["match_b"])),
             {"(a) updates": updates["a"][0], "(b) updates": updates["b"][0], "ratio": ratio_b},
             section=NAME,
         ),
         Finding(
             f"The hybrid (grow the batch up to {HYBRID_MAX}, then decay the LR) also matches the LR decay.",
-            f"(c) hybrid {_pm(mean_sd(accs['c']))}; paired difference (c) - (a) {_pm(diff_c)}, with "
+            f"(c) hybrid {pm(mean_sd(accs['c']))}; paired difference (c) - (a) {pm(diff_c)}, with "
             f"{updates['c'][0]} updates.",
-            verdict(bool(match_c)),
+            verdict(bool(m["match_c"])),
             {"(c) test acc": mean_sd(accs["c"]), "(c) - (a)": diff_c, "(c) updates": updates["c"][0]},
             section=NAME,
         ),
     ]
-    with_finding_numbers(numbers, findings)
-    section = Section(
+
+
+def _section(ctx: Context, cfgs: dict, fig, tables: list, findings: list) -> Section:
+    """The report section: intro, the figure, the tables, findings and settings."""
+    seeds = list(ctx.seeds)
+    return Section(
         NAME,
         TITLE,
         intro=intro(__doc__),
@@ -199,7 +234,7 @@ def run(ctx: Context) -> PaperResult:
                 "growth gets there in fewer updates.",
             )
         ],
-        tables=[summary, per_seed],
+        tables=tables,
         findings=findings,
         settings={
             "model": "cnn1d",
@@ -216,7 +251,6 @@ def run(ctx: Context) -> PaperResult:
             "data_fingerprint": ctx.dataset.fingerprint,
         },
     )
-    return PaperResult(NAME, section, findings, numbers)
 
 
 def _mean_curve(runs: list, n: int) -> dict[str, np.ndarray]:
@@ -252,8 +286,3 @@ def _plot_curves(curves: dict[str, dict]) -> object:
             ax.spines[side].set_visible(False)
     axes[0].legend(fontsize=8, frameon=False)
     return fig
-
-
-def _pm(x) -> str:
-    m, s = x
-    return f"{m:.4g} ± {s:.2g}"
