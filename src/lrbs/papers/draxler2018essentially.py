@@ -104,6 +104,7 @@ def _paths(ctx: Context, a, b, wait: bool = True):
 
 
 def run(ctx: Context) -> PaperResult:
+    """The study's stages: the minima (keskar's SB runs), the paths, measure, tables and figures, findings."""
     pairs = _pairs(ctx)
     ctx.log(f"[{NAME}] pairs {pairs} (fixed; independent of the study seeds)")
     seeds = sorted({s for p in pairs for s in p})
@@ -112,7 +113,40 @@ def run(ctx: Context) -> PaperResult:
     )
     started = {p: _paths(ctx, trained[p[0]], trained[p[1]], wait=False) for p in pairs}
     meas = {p: m.result() for p, m in started.items()}
+    numbers, rows, ratio_rows, ok_all, findings_numbers = _measure(meas, trained)
+    tables = _tables(seeds, trained, rows, ratio_rows)
+    figures = [
+        Figure(
+            f"Loss along the paths between the minima of seeds {p[0]} and {p[1]}",
+            _profile_figure(m["arrays"], p),
+            "Train (solid) and test (dashed) cross-entropy against the path parameter t "
+            "(AutoNEB: normalized arc length).",
+        )
+        for p, m in meas.items()
+    ]
+    findings = _findings(pairs, meas, numbers, ok_all, findings_numbers)
+    section = Section(
+        NAME,
+        TITLE,
+        intro=intro(__doc__),
+        figures=figures,
+        tables=tables,
+        findings=findings,
+        settings={
+            "model": "mlp (depth 3, width 100)",
+            "minima": f"keskar2017large SB runs (B={keskar.SB}, adam)",
+            "pairs": [list(p) for p in pairs],
+            "bezier": _curve_settings(ctx),
+            "autoneb": _neb_settings(ctx),
+            "claim_threshold": MAX_RATIO,
+            "data_fingerprint": ctx.dataset.fingerprint,
+        },
+    )
+    return PaperResult(NAME, section, findings, numbers)
 
+
+def _measure(meas: dict, trained: dict) -> tuple:
+    """The numbers of every pair (endpoints, barriers, lengths, curve / linear ratios) and the table rows."""
     numbers: dict = {}
     rows, ratio_rows = [], []
     ok_all = []
@@ -150,7 +184,11 @@ def run(ctx: Context) -> PaperResult:
             ]
         )
         findings_numbers[f"pair {p[0]}-{p[1]} linear barrier"] = lin
+    return numbers, rows, ratio_rows, ok_all, findings_numbers
 
+
+def _tables(seeds: list, trained: dict, rows: list, ratio_rows: list) -> list[Table]:
+    """Ratios to the linear barrier, every path's barriers, and the minima."""
     barrier_table = Table(
         "Barriers along each path (train loss; every pair)",
         [
@@ -184,18 +222,11 @@ def run(ctx: Context) -> PaperResult:
             for s in seeds
         ],
     )
+    return [ratio_table, barrier_table, endpoint_table]
 
-    figures = []
-    for p, m in meas.items():
-        figures.append(
-            Figure(
-                f"Loss along the paths between the minima of seeds {p[0]} and {p[1]}",
-                _profile_figure(m["arrays"], p),
-                "Train (solid) and test (dashed) cross-entropy against the path parameter t "
-                "(AutoNEB: normalized arc length).",
-            )
-        )
 
+def _findings(pairs: list, meas: dict, numbers: dict, ok_all: list, findings_numbers: dict) -> list[Finding]:
+    """A clear linear barrier; the Bezier curve and AutoNEB path below MAX_RATIO of it."""
     verdict_ok = all(ok_all)
     pair_text = "; ".join(
         f"seeds {p[0]}-{p[1]}: linear {meas[p]['linear_max_minus_mean']:.3g}, Bezier "
@@ -204,7 +235,7 @@ def run(ctx: Context) -> PaperResult:
         for p in pairs
     )
     lin_clear = all(meas[p]["linear_max_minus_mean"] > 0.1 for p in pairs)
-    findings = [
+    return [
         Finding(
             "Two minima from different initializations are separated by a clear barrier on the straight line.",
             "Linear-path barrier (max minus endpoint mean, train loss) "
@@ -228,24 +259,6 @@ def run(ctx: Context) -> PaperResult:
             section=NAME,
         ),
     ]
-    section = Section(
-        NAME,
-        TITLE,
-        intro=intro(__doc__),
-        figures=figures,
-        tables=[ratio_table, barrier_table, endpoint_table],
-        findings=findings,
-        settings={
-            "model": "mlp (depth 3, width 100)",
-            "minima": f"keskar2017large SB runs (B={keskar.SB}, adam)",
-            "pairs": [list(p) for p in pairs],
-            "bezier": _curve_settings(ctx),
-            "autoneb": _neb_settings(ctx),
-            "claim_threshold": MAX_RATIO,
-            "data_fingerprint": ctx.dataset.fingerprint,
-        },
-    )
-    return PaperResult(NAME, section, findings, numbers)
 
 
 def _profile_figure(arrays: dict, pair: tuple[int, int]):
