@@ -43,7 +43,7 @@ import numpy as np
 
 from .errors import ConfigError, LrbsTypeError, StoreError, check_choice, check_int, check_number
 
-__all__ = ["SCHEMA_VERSION", "ArtifactRecord", "RunRecord", "Store", "key_for"]
+__all__ = ["SCHEMA_VERSION", "ArtifactRecord", "Run", "RunRecord", "Store", "key_for"]
 
 SCHEMA_VERSION = 1
 STATUSES = ("running", "completed", "diverged", "failed")
@@ -410,6 +410,20 @@ class Store:
         return f"Store({str(self.path)!r}, {state})"
 
     # -- runs -------------------------------------------------------------------------------------
+    def run(self, config: Mapping[str, Any], kind: str = "fit", *, rerun: bool = False) -> Run:
+        """The lifecycle of one run: ``with store.run(config, kind) as run: ...; run.finish(status, ...)``.
+
+        Entering the block calls :meth:`start_run`; inside it, ``run.finish(status, result=..., metrics=...)``
+        (or ``run.fail(error)``) ends the run. An exception out of the block marks the run ``failed`` with the
+        error text (``"TypeName: message"``) and is re-raised. A block that ends with neither ``finish`` nor
+        ``fail`` marks the run ``failed`` ("ended without finish()"): a run is ``completed`` only when it says
+        so with a result, and no ``running`` row is left behind. A run that was already finished when the
+        block began (``start_run`` returns its key without resetting it) is left as it is.
+
+        For a run whose result arrives elsewhere (a worker's task), ``run = store.run(config, kind).start()``
+        and later ``run.finish(...)`` / ``run.fail(...)``.
+        """
+        return Run(self, config, kind, rerun)
 
     def start_run(self, config: Mapping[str, Any], kind: str = "fit", *, rerun: bool = False) -> str:
         """Record that the run of ``config`` starts (status ``running``) and return its key.
@@ -734,6 +748,59 @@ class Store:
 # --------------------------------------------------------------------------------------------- helpers
 
 _RUN_COLUMNS = "key, kind, config, status, started, finished, error, result, host, pid"
+
+
+class Run:
+    """One run being recorded (:meth:`Store.run`): a context manager; ``key`` once started."""
+
+    def __init__(self, store: Store, config: Mapping[str, Any], kind: str, rerun: bool):
+        self.store, self.config, self.kind, self.rerun = store, config, kind, rerun
+        self.key: str | None = None
+
+    def start(self) -> Run:
+        """:meth:`Store.start_run`; returns this run."""
+        self.key = self.store.start_run(self.config, self.kind, rerun=self.rerun)
+        return self
+
+    @property
+    def running(self) -> bool:
+        """Whether the store holds this run as ``running``."""
+        rec = None if self.key is None else self.store.get(self.key)
+        return rec is not None and rec.status == "running"
+
+    def finish(
+        self,
+        status: str,
+        result: Mapping[str, Any] | None = None,
+        metrics: Iterable[tuple[int, str, float]] | None = None,
+        error: str | None = None,
+    ) -> None:
+        """:meth:`Store.finish_run` of this run (one transaction)."""
+        self.store.finish_run(self._started_key(), status, result, metrics, error=error)
+
+    def fail(self, error: str) -> None:
+        """:meth:`Store.fail_run` of this run."""
+        self.store.fail_run(self._started_key(), error)
+
+    def log(self, rows: Iterable[tuple[int, str, float]]) -> int:
+        """:meth:`Store.log_metrics` of this run."""
+        return self.store.log_metrics(self._started_key(), rows)
+
+    def _started_key(self) -> str:
+        if self.key is None:
+            raise StoreError("the run is not started: use `with store.run(...) as run:` or run.start()")
+        return self.key
+
+    def __enter__(self) -> Run:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        if not self.running:  # finished or failed inside the block (or finished before it began)
+            return
+        if error is not None:
+            self.fail(f"{type(error).__name__}: {error}")
+        else:
+            self.fail("the run's block ended without finish() or fail()")
 
 
 def _run_record(row: tuple) -> RunRecord:

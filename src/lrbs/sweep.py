@@ -561,7 +561,7 @@ def _executor(
     gpus: float,
     retries: int,
 ) -> tuple[Callable, Any]:
-    """``(execute(todo, collect, db), ray)``: the backend's task runner, and the Ray module when this call
+    """``(execute(todo, collect, start), ray)``: the backend's task runner, and the Ray module when this call
     started Ray (the caller shuts it down), else None. Ray is connected here, before any store is opened."""
     if backend != "ray":
         return functools.partial(_execute_local, workers=max_concurrency or 1), None
@@ -625,13 +625,19 @@ def _tasks(
 def _run_tasks(
     tasks: list[dict], execute: Callable, store: Any, progress: bool
 ) -> tuple[dict[str, SweepRun], str | None]:
-    """Serve what the store holds, run the rest with ``execute(todo, collect, db)``; ``({key: run}, store
+    """Serve what the store holds, run the rest with ``execute(todo, collect, start)``; ``({key: run}, store
     path)``. Each result is written to the store as it arrives (:func:`_finish`)."""
     from .store import Store
 
     own_store = isinstance(store, (str, os.PathLike))
     db = Store(store) if own_store else store
     results: dict[str, SweepRun] = {}
+    records: dict[str, Any] = {}  # key -> its lrbs.store.Run, from submission to result
+
+    def start(task: dict) -> None:
+        if db is not None:
+            records[task["key"]] = db.run(task["store_config"], "sweep").start()
+
     try:
         todo = []
         for t in tasks:
@@ -647,13 +653,16 @@ def _run_tasks(
         ) as bar:
 
             def collect(task: dict, out: dict) -> None:
-                run = _finish(db, task, out)
+                run = _finish(records.pop(task["key"], None), task, out)
                 results[task["key"]] = run
                 if bar.enabled:
                     bar.advance(last=_last(run))
 
-            execute(todo, collect, db)
+            execute(todo, collect, start)
     finally:
+        for record in records.values():  # in flight when the sweep stopped: never left "running"
+            if record.running:
+                record.fail("the sweep stopped before this run's result arrived")
         if own_store and db is not None:
             db.close()
     return results, None if db is None else str(db.path)
@@ -666,13 +675,9 @@ def _last(run: SweepRun) -> str:
     return f"{p}: {run.status}" + (f" test_acc={acc:.3f}" if isinstance(acc, float) else "")
 
 
-def _start(db: Any, task: dict) -> None:
-    if db is not None:
-        db.start_run(task["store_config"], kind="sweep")
-
-
-def _finish(db: Any, task: dict, out: dict) -> SweepRun:
-    """Write one worker result to the store (one transaction) and build its row."""
+def _finish(record: Any, task: dict, out: dict) -> SweepRun:
+    """Write one worker result to its store run (``record``, a :class:`lrbs.store.Run`, or None: no store) in
+    one transaction and build its row."""
     final = dict(out.get("final") or {})
     if "test_loss" in final and "train_loss" in final:
         final["gap"] = _diff(final["test_loss"], final["train_loss"])
@@ -690,7 +695,7 @@ def _finish(db: Any, task: dict, out: dict) -> SweepRun:
         out.get("wall_time"),
         False,
     )
-    if db is not None:
+    if record is not None:
         result = {
             "params": task["params"],
             "status": status,
@@ -712,9 +717,9 @@ def _finish(db: Any, task: dict, out: dict) -> SweepRun:
                 if k != "step" and isinstance(v, (int, float)) and v is not None
             ]
         if status == "failed":
-            db.finish_run(task["key"], "failed", result, rows, error=out.get("error") or "failed")
+            record.finish("failed", result, rows, error=out.get("error") or "failed")
         else:
-            db.finish_run(task["key"], status, result, rows)
+            record.finish(status, result, rows)
     return run
 
 
@@ -739,13 +744,13 @@ def _run_from_record(task: dict, rec: Any) -> SweepRun:
     )
 
 
-def _execute_local(todo: list[dict], collect: Callable, db: Any, workers: int) -> None:
+def _execute_local(todo: list[dict], collect: Callable, start: Callable, workers: int) -> None:
     """Run the tasks here (one worker) or in the process-wide pool of warm workers (:func:`lrbs.pool.shared_pool`,
     started once and reused by later sweeps), at most ``workers`` in flight; results are recorded here, in the
     order they finish. A worker that dies fails only its own run (``status="failed"``)."""
     if workers == 1 or len(todo) <= 1:
         for t in todo:
-            _start(db, t)
+            start(t)
             collect(t, _run_task(t))
         return
     from .pool import shared_pool
@@ -756,7 +761,7 @@ def _execute_local(todo: list[dict], collect: Callable, db: Any, workers: int) -
     while waiting or in_flight:
         while waiting and in_flight < workers:
             t = waiting.pop(0)
-            _start(db, t)
+            start(t)
             job = pool.submit(_run_task, t, threads=None, describe=f"sweep run {t['params']}")
             job.add_done_callback(lambda j, t=t: finished.put((t, j)))
             in_flight += 1
@@ -773,7 +778,7 @@ def _execute_ray(
     ray: Any,
     todo: list[dict],
     collect: Callable,
-    db: Any,
+    start: Callable,
     max_concurrency: int | None,
     cpus: float,
     gpus: float,
@@ -785,7 +790,7 @@ def _execute_ray(
     while queue or pending:
         while queue and len(pending) < limit:
             t = queue.pop(0)
-            _start(db, t)
+            start(t)
             pending[remote.remote(t)] = t
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
