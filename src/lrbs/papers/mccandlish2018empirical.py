@@ -27,6 +27,7 @@ import math
 import numpy as np
 import torch
 
+from .._util import pm
 from ..errors import ConfigError
 from ..report import Figure, Finding, Section, Table
 from . import goyal2017accurate as goyal
@@ -86,18 +87,51 @@ def _track(ctx: Context, seeds: list[int]) -> tuple[dict, list[int]]:
 
 
 def run(ctx: Context) -> PaperResult:
-    from ..noise_scale import critical_batch, steps_to_target
-
+    """The section: B_simple at init / end, the critical-batch fit of the sweep, B_simple along one run."""
     seeds = list(ctx.seeds)
     target = target_loss(ctx)
     ctx.log(f"[{NAME}] noise scale and critical batch, seeds {seeds}, target train loss {target}")
     numbers: dict = {"target_train_loss": target, "small_batch": SMALL, "big_batch": BIG}
 
-    # ---- B_simple at initialization and at the end, every seed of the base-batch runs
     track_cfg, snap_steps = _track(ctx, seeds)
     tracking = ctx.train(NAME, track_cfg, snapshot_steps=snap_steps, noise_tracker=True, wait=False)
     scaled, control = goyal.sweep(ctx)
-    base_runs = scaled[goyal.B0]
+    init_end = _init_end(ctx, scaled[goyal.B0], numbers)
+    sweep = _sweep_steps(ctx, seeds, scaled, control, target)
+    fit = _fit_critical(ctx, seeds, sweep, numbers)
+    tr = tracking.result()
+    along = _along(ctx, tr, target, numbers)
+    ok_grow = _grows(init_end, along["rho"])
+    logs = tr.logs
+    if len(logs.get("ns_step", [])):
+        numbers["tracker_first"] = float(logs["ns_b_simple"][0])
+        numbers["tracker_last"] = float(logs["ns_b_simple"][-1])
+    cb = fit["cb"]
+    ratio = along["b_at"] / numbers["b_crit"] if cb and np.isfinite(along["b_at"]) else float("nan")
+    numbers["b_simple_over_b_crit"] = ratio
+
+    tables = _tables(ctx, seeds, target, init_end, sweep, along)
+    figures = _figures(along, logs, cb, target)
+    findings = [
+        _growth_finding(seeds, init_end, along, ok_grow),
+        _fit_finding(target, sweep, fit, numbers),
+        _agree_finding(target, along, ratio, init_end, numbers),
+    ]
+    with_finding_numbers(numbers, findings)
+    section = Section(
+        NAME,
+        TITLE,
+        intro=intro(__doc__),
+        figures=figures,
+        tables=tables,
+        findings=findings,
+        settings=_settings(ctx, seeds, target, track_cfg, snap_steps),
+    )
+    return PaperResult(NAME, section, findings, numbers)
+
+
+def _init_end(ctx: Context, base_runs: list, numbers: dict) -> list[tuple]:
+    """``(seed, init, end)`` noise-scale measurements of every base-batch run (their summaries into ``numbers``)."""
     started = [
         (
             t.config["seed"],
@@ -112,12 +146,16 @@ def run(ctx: Context) -> PaperResult:
     numbers["b_simple_init_mean"], numbers["b_simple_init_sd"] = mean_sd(bi)
     numbers["b_simple_end_mean"], numbers["b_simple_end_sd"] = mean_sd(be)
     numbers["b_simple_init"], numbers["b_simple_end"] = bi, be
-    n_inf = sum(not np.isfinite(v) for v in be)
-    numbers["b_simple_end_infinite"] = n_inf
+    numbers["b_simple_end_infinite"] = sum(not np.isfinite(v) for v in be)
     numbers["b_simple_init_ci"] = [[a["ci_low"], a["ci_high"]] for _, a, _ in init_end]
     numbers["b_simple_end_ci"] = [[b["ci_low"], b["ci_high"]] for _, _, b in init_end]
+    return init_end
 
-    # ---- critical batch from the sweep (steps to the target training loss)
+
+def _sweep_steps(ctx: Context, seeds: list[int], scaled: dict, control: dict, target: float) -> dict:
+    """Steps to the target training loss of every sweep run (the faster of the two LR rules where both ran)."""
+    from ..noise_scale import steps_to_target
+
     pairs, seed_of, skipped, s_rows = [], [], [], []
     for bsz in goyal.batch_sizes(ctx):
         for i, seed in enumerate(seeds):
@@ -138,8 +176,16 @@ def run(ctx: Context) -> PaperResult:
             else:
                 skipped.append((bsz, seed))
                 s_rows.append([bsz, seed, None, None, "not reached"])
+    return {"pairs": pairs, "seed_of": seed_of, "skipped": skipped, "rows": s_rows}
+
+
+def _fit_critical(ctx: Context, seeds: list[int], sweep: dict, numbers: dict) -> dict:
+    """``S = S_min + E_min / B`` fitted to all (B, S) pairs and per seed (into ``numbers``)."""
+    from ..noise_scale import critical_batch
+
+    pairs, seed_of = sweep["pairs"], sweep["seed_of"]
     numbers["sweep_pairs"] = [list(p) for p in pairs]
-    numbers["sweep_not_reached"] = [list(p) for p in skipped]
+    numbers["sweep_not_reached"] = [list(p) for p in sweep["skipped"]]
     cb = None
     try:
         cb = critical_batch(pairs)
@@ -160,14 +206,18 @@ def run(ctx: Context) -> PaperResult:
     numbers["b_crit_per_seed"] = per_seed_fit
     numbers["b_crit_seed_mean"], numbers["b_crit_seed_sd"] = mean_sd(per_seed_fit)
     numbers["fit_batch_sizes"] = n_b
+    return {"cb": cb, "per_seed_fit": per_seed_fit, "n_b": n_b}
 
-    # ---- B_simple along one run: snapshots + tracker
-    tr = tracking.result()
-    along = [
+
+def _along(ctx: Context, tr, target: float, numbers: dict) -> dict:
+    """B_simple at every snapshot of the tracked run, where it reaches the target, and its trend with the step."""
+    from ..noise_scale import steps_to_target
+
+    pending = [
         _ns_start(ctx, tr.model, "snapshot", {"run": tr.key, "step": int(st)}, params=theta)
         for st, theta in zip(tr.snapshot_steps, tr.snapshots)
     ]
-    along = [_ns_value(a) for a in along]
+    along = [_ns_value(a) for a in pending]
     sn_steps = np.asarray(tr.snapshot_steps, float)
     sn_b = np.asarray([a["b_simple"] for a in along], float)
     sn_lo = np.asarray([a["ci_low"] for a in along], float)
@@ -178,16 +228,6 @@ def run(ctx: Context) -> PaperResult:
     rho = _spearman(sn_steps, sn_b)
     i_min = int(np.nanargmin(np.where(np.isfinite(sn_b), sn_b, np.nan))) if np.isfinite(sn_b).any() else 0
     numbers["snapshot_min_b_simple"], numbers["snapshot_min_step"] = float(sn_b[i_min]), int(sn_steps[i_min])
-    # growth: the end interval above the initial one for every seed, and a positive rank correlation with the step
-    # along the tracked run; if the two tests disagree the verdict is inconclusive (criterion fixed in advance)
-    grows_all = all(b["ci_low"] > a["ci_high"] for _, a, b in init_end)
-    falls_all = all(b["ci_high"] < a["ci_low"] for _, a, b in init_end)
-    if grows_all and rho > 0:
-        ok_grow = True
-    elif falls_all and rho < 0:
-        ok_grow = False
-    else:
-        ok_grow = None
     numbers.update(
         {
             "snapshot_steps": sn_steps.tolist(),
@@ -200,14 +240,34 @@ def run(ctx: Context) -> PaperResult:
             "spearman_b_simple_vs_step": rho,
         }
     )
-    logs = tr.logs
-    if len(logs.get("ns_step", [])):
-        numbers["tracker_first"] = float(logs["ns_b_simple"][0])
-        numbers["tracker_last"] = float(logs["ns_b_simple"][-1])
-    ratio = b_at / numbers["b_crit"] if cb and np.isfinite(b_at) else float("nan")
-    numbers["b_simple_over_b_crit"] = ratio
+    return {
+        "steps": sn_steps,
+        "b": sn_b,
+        "lo": sn_lo,
+        "hi": sn_hi,
+        "loss": sn_loss,
+        "s_track": s_track,
+        "b_at": b_at,
+        "rho": rho,
+        "i_min": i_min,
+    }
 
-    # ---- tables
+
+def _grows(init_end: list[tuple], rho: float) -> bool | None:
+    """Growth: the end interval above the initial one for every seed, and a positive rank correlation with the
+    step along the tracked run; if the two tests disagree the verdict is inconclusive (criterion fixed in advance).
+    """
+    grows_all = all(b["ci_low"] > a["ci_high"] for _, a, b in init_end)
+    falls_all = all(b["ci_high"] < a["ci_low"] for _, a, b in init_end)
+    if grows_all and rho > 0:
+        return True
+    if falls_all and rho < 0:
+        return False
+    return None
+
+
+def _tables(ctx: Context, seeds: list[int], target: float, init_end: list, sweep: dict, along: dict) -> list:
+    """Init / end per seed, steps to target in the sweep, B_simple along the tracked run."""
     t_init = Table(
         "B_simple at initialization and at the end of training, every seed (B0 = 32 runs)",
         ["seed", "B_simple init", "95% CI init", "B_simple end", "95% CI end", "train loss end"],
@@ -227,22 +287,25 @@ def run(ctx: Context) -> PaperResult:
     t_sweep = Table(
         f"Steps to reach training loss {target} in the sweep",
         ["batch", "seed", "steps S", "examples E = B S", "LR used"],
-        s_rows,
+        sweep["rows"],
     )
     t_snap = Table(
         f"B_simple along training (batch {TRACK_BATCH}, seed {seeds[0]})",
         ["step", "train loss", "B_simple", "95% CI"],
         [
             [int(s), lo_, b, f"{lo:.3g} .. {hi:.3g}"]
-            for s, lo_, b, lo, hi in zip(sn_steps, sn_loss, sn_b, sn_lo, sn_hi)
+            for s, lo_, b, lo, hi in zip(along["steps"], along["loss"], along["b"], along["lo"], along["hi"])
         ],
     )
+    return [t_init, t_sweep, t_snap]
 
-    # ---- figures
+
+def _figures(along: dict, logs: dict, cb, target: float) -> list:
+    """B_simple along training and (where fitted) the steps / examples trade-off."""
     figures = [
         Figure(
             "B_simple along training",
-            _plot_along(sn_steps, sn_b, sn_lo, sn_hi, logs, s_track),
+            _plot_along(along["steps"], along["b"], along["lo"], along["hi"], logs, along["s_track"]),
             f"Snapshots of the batch-{TRACK_BATCH} run (95% bootstrap intervals), the in-training tracker "
             "(ratio of debiased EMAs), and the step where the training loss reaches the target.",
         )
@@ -257,84 +320,94 @@ def run(ctx: Context) -> PaperResult:
                 "Each point is one batch size and seed; the line is S = S_min + E_min / B.",
             )
         )
+    return figures
 
-    # ---- findings
-    fit_ok = None if cb is None or n_b < 3 else bool(cb.rms_log_residual <= 0.25)
-    agree = None if not np.isfinite(ratio) else bool(0.1 <= ratio <= 10)
-    findings = [
-        Finding(
-            "The gradient noise scale B_simple grows during training (as the loss falls).",
-            f"B_simple at initialization {_pm(mean_sd(bi))} and at the end {_pm(mean_sd(be))} (B0 = 32 runs, "
-            f"{n_inf} seed(s) with an infinite end value, i.e. estimated |G|² <= 0: the signal is below the "
-            "noise floor, left out of the mean; "
-            f"{len(seeds)} seed(s)); the end interval lies above the initial one for "
-            f"{sum(b['ci_low'] > a['ci_high'] for _, a, b in init_end)} of {len(seeds)} seed(s). Along the "
-            f"batch-{TRACK_BATCH} run, Spearman correlation of B_simple with the step: {rho:.2f}; B_simple is "
-            f"{sn_b[0]:.3g} at step 0 (loss plateau, tiny |G|²), lowest ({sn_b[i_min]:.3g}) at step "
-            f"{int(sn_steps[i_min])} and {sn_b[-1]:.3g} at the end.",
-            verdict(ok_grow),
-            {
-                "B_simple init": mean_sd(bi),
-                "B_simple end": mean_sd(be),
-                "spearman": rho,
-                "lowest B_simple along the run": float(sn_b[i_min]),
-            },
-            section=NAME,
-        ),
-        Finding(
-            "The steps / examples trade-off follows S = S_min (1 + B_crit / B).",
-            (
-                f"Fit over {len(pairs)} runs at {n_b} batch sizes: S_min = {numbers['s_min']:.4g}, "
-                f"E_min = {numbers['e_min']:.4g}, B_crit = {numbers['b_crit']:.4g} (per-seed fits "
-                f"{_pm(mean_sd(per_seed_fit))}); rms log residual {numbers['fit_rms_log_residual']:.3f}; "
-                f"{len(skipped)} run(s) never reached the target."
-                if cb is not None
-                else f"Fewer than 2 batch sizes reached training loss {target}: no fit."
-            ),
-            verdict(fit_ok),
-            {
-                "B_crit": numbers["b_crit"],
-                "rms log residual": numbers["fit_rms_log_residual"],
-                "batch sizes fitted": n_b,
-            },
-            section=NAME,
-        ),
-        Finding(
-            "The critical batch is predicted by the noise scale: B_crit ≈ B_simple (within an order of magnitude).",
-            f"B_simple where the batch-{TRACK_BATCH} run reaches training loss {target} (step {s_track}): "
-            f"{b_at:.4g}; B_crit from the sweep {numbers['b_crit']:.4g}; ratio {ratio:.3g} "
-            f"(B_simple at the end of training: {_pm(mean_sd(be))}).",
-            verdict(agree),
-            {"B_simple at target": b_at, "B_crit": numbers["b_crit"], "ratio": ratio},
-            section=NAME,
-        ),
-    ]
-    with_finding_numbers(numbers, findings)
-    section = Section(
-        NAME,
-        TITLE,
-        intro=intro(__doc__),
-        figures=figures,
-        tables=[t_init, t_sweep, t_snap],
-        findings=findings,
-        settings={
-            "model": "cnn1d",
-            "optimizer": "sgd momentum 0.9",
-            "noise_scale": {
-                "small_batch": SMALL,
-                "big_batch": BIG,
-                "num_estimates": ctx.pick(10, 20),
-                "bootstrap": 1000,
-            },
-            "target_train_loss": target,
-            "sweep": f"{goyal.NAME} (same runs)",
-            "track_config": track_cfg,
-            "snapshot_steps": snap_steps,
-            "seeds": seeds,
-            "data_fingerprint": ctx.dataset.fingerprint,
+
+def _growth_finding(seeds: list[int], init_end: list, along: dict, ok_grow: bool | None) -> Finding:
+    """B_simple grows during training."""
+    bi = [a["b_simple"] for _, a, _ in init_end]
+    be = [b["b_simple"] for _, _, b in init_end]
+    n_inf = sum(not np.isfinite(v) for v in be)
+    sn_b, sn_steps, i_min, rho = along["b"], along["steps"], along["i_min"], along["rho"]
+    return Finding(
+        "The gradient noise scale B_simple grows during training (as the loss falls).",
+        f"B_simple at initialization {pm(mean_sd(bi))} and at the end {pm(mean_sd(be))} (B0 = 32 runs, "
+        f"{n_inf} seed(s) with an infinite end value, i.e. estimated |G|² <= 0: the signal is below the "
+        "noise floor, left out of the mean; "
+        f"{len(seeds)} seed(s)); the end interval lies above the initial one for "
+        f"{sum(b['ci_low'] > a['ci_high'] for _, a, b in init_end)} of {len(seeds)} seed(s). Along the "
+        f"batch-{TRACK_BATCH} run, Spearman correlation of B_simple with the step: {rho:.2f}; B_simple is "
+        f"{sn_b[0]:.3g} at step 0 (loss plateau, tiny |G|²), lowest ({sn_b[i_min]:.3g}) at step "
+        f"{int(sn_steps[i_min])} and {sn_b[-1]:.3g} at the end.",
+        verdict(ok_grow),
+        {
+            "B_simple init": mean_sd(bi),
+            "B_simple end": mean_sd(be),
+            "spearman": rho,
+            "lowest B_simple along the run": float(sn_b[i_min]),
         },
+        section=NAME,
     )
-    return PaperResult(NAME, section, findings, numbers)
+
+
+def _fit_finding(target: float, sweep: dict, fit: dict, numbers: dict) -> Finding:
+    """The steps / examples trade-off follows the fitted hyperbola."""
+    cb, n_b = fit["cb"], fit["n_b"]
+    fit_ok = None if cb is None or n_b < 3 else bool(cb.rms_log_residual <= 0.25)
+    return Finding(
+        "The steps / examples trade-off follows S = S_min (1 + B_crit / B).",
+        (
+            f"Fit over {len(sweep['pairs'])} runs at {n_b} batch sizes: S_min = {numbers['s_min']:.4g}, "
+            f"E_min = {numbers['e_min']:.4g}, B_crit = {numbers['b_crit']:.4g} (per-seed fits "
+            f"{pm(mean_sd(fit['per_seed_fit']))}); rms log residual {numbers['fit_rms_log_residual']:.3f}; "
+            f"{len(sweep['skipped'])} run(s) never reached the target."
+            if cb is not None
+            else f"Fewer than 2 batch sizes reached training loss {target}: no fit."
+        ),
+        verdict(fit_ok),
+        {
+            "B_crit": numbers["b_crit"],
+            "rms log residual": numbers["fit_rms_log_residual"],
+            "batch sizes fitted": n_b,
+        },
+        section=NAME,
+    )
+
+
+def _agree_finding(target: float, along: dict, ratio: float, init_end: list, numbers: dict) -> Finding:
+    """B_crit agrees with B_simple at the target loss within an order of magnitude."""
+    be = [b["b_simple"] for _, _, b in init_end]
+    agree = None if not np.isfinite(ratio) else bool(0.1 <= ratio <= 10)
+    b_at = along["b_at"]
+    return Finding(
+        "The critical batch is predicted by the noise scale: B_crit ≈ B_simple (within an order of magnitude).",
+        f"B_simple where the batch-{TRACK_BATCH} run reaches training loss {target} (step {along['s_track']}): "
+        f"{b_at:.4g}; B_crit from the sweep {numbers['b_crit']:.4g}; ratio {ratio:.3g} "
+        f"(B_simple at the end of training: {pm(mean_sd(be))}).",
+        verdict(agree),
+        {"B_simple at target": b_at, "B_crit": numbers["b_crit"], "ratio": ratio},
+        section=NAME,
+    )
+
+
+def _settings(ctx: Context, seeds: list[int], target: float, track_cfg: dict, snap_steps) -> dict:
+    """The section's settings block."""
+    return {
+        "model": "cnn1d",
+        "optimizer": "sgd momentum 0.9",
+        "noise_scale": {
+            "small_batch": SMALL,
+            "big_batch": BIG,
+            "num_estimates": ctx.pick(10, 20),
+            "bootstrap": 1000,
+        },
+        "target_train_loss": target,
+        "sweep": f"{goyal.NAME} (same runs)",
+        "track_config": track_cfg,
+        "snapshot_steps": snap_steps,
+        "seeds": seeds,
+        "data_fingerprint": ctx.dataset.fingerprint,
+    }
 
 
 def _interp_geo(steps: np.ndarray, values: np.ndarray, at: float) -> float:
@@ -389,8 +462,3 @@ def _spearman(x, y) -> float:
     if ok.sum() < 3:
         return float("nan")
     return float(spearmanr(np.asarray(x, float)[ok], y[ok]).statistic)
-
-
-def _pm(x) -> str:
-    m, s = x
-    return f"{m:.4g} ± {s:.2g}"
