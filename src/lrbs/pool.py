@@ -26,6 +26,7 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -33,10 +34,11 @@ from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
-from .errors import LrbsError, check_int
+from .errors import ConfigError, DependencyError, LrbsError, check_int
 
 __all__ = [
     "Job",
+    "connect_ray",
     "RayPool",
     "TaskCancelled",
     "WorkerDied",
@@ -465,6 +467,70 @@ class WorkerPool:
 
 
 # --------------------------------------------------------------------------------------------- Ray
+RAY_HINT = "pip install lrbs[ray]"
+
+
+def connect_ray(
+    address: str | None = None, num_cpus: int | None = None, timeout: float = 30.0
+) -> tuple[Any, bool]:
+    """Import Ray and connect to a cluster, or start a local one: the one way lrbs starts Ray.
+
+    Uses the running Ray instance when there is one; else ``ray.init(num_cpus=num_cpus)`` (``address=None``) or
+    ``ray.init(address=address)`` (``"host:port"``, ``"ray://host:port"`` or ``"auto"``), the address checked
+    to be reachable first (``ray.init`` retries an unreachable one for minutes) and the connect given
+    ``timeout`` seconds. No dashboard, no worker logs on the driver, Ray's logging left alone.
+
+    Returns:
+        ``(ray, started)``: the ``ray`` module and whether this call started Ray (then the caller shuts it down).
+
+    Raises:
+        DependencyError: Ray is not installed; ConfigError: a malformed address; LrbsError: the cluster cannot
+        be reached within ``timeout``.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise DependencyError(f"backend='ray' needs Ray, which is not installed: {RAY_HINT}") from None
+    if ray.is_initialized():
+        return ray, False
+    kw = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if address is None:
+        ray.init(num_cpus=num_cpus, **kw)
+        return ray, True
+    if address != "auto":  # fail fast: ray.init() retries an unreachable address for minutes
+        _check_reachable(address, timeout)
+    box: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, **kw)
+        except BaseException as e:  # noqa: BLE001 - reported to the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise LrbsError(f"cannot connect to the Ray cluster at ray_address={address!r} within {timeout:g} s")
+    if "error" in box:
+        raise LrbsError(f"cannot connect to the Ray cluster at ray_address={address!r}: {box['error']}")
+    return ray, True
+
+
+def _check_reachable(address: str, timeout: float) -> None:
+    """Raise unless ``address`` is ``[ray://]host:port`` and a TCP connection to it opens within 5 s."""
+    hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(
+            f"ray_address={address!r} is not allowed: must be 'host:port', 'ray://host:port' or 'auto'"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=min(timeout, 5.0)).close()
+    except OSError as e:
+        raise LrbsError(f"cannot reach the Ray cluster at ray_address={address!r}: {e}") from None
+
+
 class RayPool:
     """The same ``submit`` / ``close`` as :class:`WorkerPool`, with every task a Ray task (``num_cpus=1``).
 
@@ -476,17 +542,9 @@ class RayPool:
     """
 
     def __init__(self, workers: int, *, max_retries: int = 3):
-        from .errors import DependencyError
-
         self.workers = check_int("workers", workers, low=1)
-        try:
-            import ray
-        except ImportError:
-            raise DependencyError("backend='ray' needs Ray: pip install 'lrbs[ray]'") from None
-        self._ray = ray
-        self._started = not ray.is_initialized()
-        if self._started:
-            ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False)
+        self._ray, self._started = connect_ray(None, self.workers)
+        ray = self._ray
         self._remote = ray.remote(_run_one).options(num_cpus=1, max_retries=max_retries)
         self._lock = threading.Lock()
         self._pending: dict[Any, Job] = {}

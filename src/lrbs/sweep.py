@@ -28,7 +28,6 @@ import math
 import os
 import queue
 import socket
-import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -46,7 +45,6 @@ from ._util import progress as _progress
 from .errors import (
     ConfigError,
     DependencyError,
-    LrbsError,
     LrbsTypeError,
     check_choice,
     check_int,
@@ -54,6 +52,7 @@ from .errors import (
     closest,
     unknown_name,
 )
+from .pool import connect_ray
 
 __all__ = [
     "MEASURES",
@@ -66,7 +65,6 @@ __all__ = [
 ]
 
 BACKENDS = ("local", "ray")
-RAY_HINT = "pip install lrbs[ray]"
 
 
 # --------------------------------------------------------------------------------------------- measures
@@ -418,51 +416,6 @@ def grid_configs(
 
 
 # --------------------------------------------------------------------------------------------- ray plumbing
-def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise DependencyError(f"backend='ray' needs Ray, which is not installed: {RAY_HINT}") from None
-    return ray
-
-
-def _connect_ray(ray: Any, address: str | None, num_cpus: int | None, timeout: float) -> bool:
-    """Connect to (or start) a Ray cluster; True when this call started it (and so must shut it down)."""
-    if ray.is_initialized():
-        return False
-    kw = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    if address is None:
-        ray.init(num_cpus=num_cpus, **kw)
-        return True
-    if address != "auto":  # fail fast: ray.init() retries an unreachable address for minutes
-        hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
-        host, _, port = hostport.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(
-                f"ray_address={address!r} is not allowed: must be 'host:port', 'ray://host:port' or 'auto'"
-            )
-        try:
-            socket.create_connection((host, int(port)), timeout=min(timeout, 5.0)).close()
-        except OSError as e:
-            raise LrbsError(f"cannot reach the Ray cluster at ray_address={address!r}: {e}") from None
-    box: dict[str, Any] = {}
-
-    def connect() -> None:
-        try:
-            ray.init(address=address, **kw)
-        except BaseException as e:  # noqa: BLE001 - reported to the caller
-            box["error"] = e
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise LrbsError(f"cannot connect to the Ray cluster at ray_address={address!r} within {timeout:g} s")
-    if "error" in box:
-        raise LrbsError(f"cannot connect to the Ray cluster at ray_address={address!r}: {box['error']}")
-    return True
-
-
 # --------------------------------------------------------------------------------------------- sweep
 def sweep(
     base_config: Mapping[str, Any],
@@ -565,8 +518,7 @@ def _executor(
     started Ray (the caller shuts it down), else None. Ray is connected here, before any store is opened."""
     if backend != "ray":
         return functools.partial(_execute_local, workers=max_concurrency or 1), None
-    ray = _import_ray()
-    started = _connect_ray(ray, ray_address, max_concurrency, connect_timeout)
+    ray, started = connect_ray(ray_address, max_concurrency, connect_timeout)
     execute = functools.partial(
         _execute_ray, ray, max_concurrency=max_concurrency, cpus=cpus, gpus=gpus, retries=retries
     )
@@ -921,8 +873,7 @@ def _ray_shards(
     timeout: float,
 ) -> list[dict[str, np.ndarray]]:
     """The shards as Ray tasks; the objective, centre and directions go through the object store once."""
-    ray = _import_ray()
-    started = _connect_ray(ray, ray_address, None, timeout)
+    ray, started = connect_ray(ray_address, None, timeout)
     try:
         shipped = _shippable(obj)
         refs = [ray.put(x) for x in (shipped, theta, dirs[0], dirs[1])]
