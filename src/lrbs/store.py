@@ -29,7 +29,6 @@ import re
 import shutil
 import socket
 import sqlite3
-import tempfile
 import time
 import urllib.parse
 import zipfile
@@ -41,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from ._util import atomic_write
 from .errors import ConfigError, LrbsTypeError, StoreError, check_choice, check_int, check_number
 
 __all__ = ["SCHEMA_VERSION", "ArtifactRecord", "Run", "RunRecord", "Store", "key_for"]
@@ -101,27 +101,13 @@ def _canonical(value: Any, where: str, allow_nonfinite: bool) -> Any:
     if isinstance(value, (int, np.integer)):
         return int(value)
     if isinstance(value, (float, np.floating)):
-        x = float(value)
-        if not math.isfinite(x) and not allow_nonfinite:
-            raise ConfigError(
-                f"{where}={value!r} is not allowed: must be a finite number (NaN and infinity have no "
-                "canonical JSON form)"
-            )
-        return x + 0.0  # -0.0 + 0.0 == +0.0, so both zeros hash alike
+        return _canonical_float(value, where, allow_nonfinite)
     if isinstance(value, np.ndarray):
         return _canonical(value.tolist(), where, allow_nonfinite)
     if isinstance(value, os.PathLike):
         return str(os.fspath(value))
     if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise LrbsTypeError(
-                    f"{where} has the key {k!r} ({type(k).__name__}): keys must be str so that the JSON "
-                    "form is unambiguous"
-                )
-            out[k] = _canonical(v, f"{where}[{k!r}]", allow_nonfinite)
-        return out
+        return _canonical_mapping(value, where, allow_nonfinite)
     if isinstance(value, (list, tuple)):
         return [_canonical(v, f"{where}[{i}]", allow_nonfinite) for i, v in enumerate(value)]
     raise LrbsTypeError(
@@ -129,6 +115,28 @@ def _canonical(value: Any, where: str, allow_nonfinite: bool) -> Any:
         "float, str, path, list, tuple, dict with str keys, numpy scalar or array); convert it, e.g. a "
         "dtype or a module to its name"
     )
+
+
+def _canonical_float(value: Any, where: str, allow_nonfinite: bool) -> float:
+    x = float(value)
+    if not math.isfinite(x) and not allow_nonfinite:
+        raise ConfigError(
+            f"{where}={value!r} is not allowed: must be a finite number (NaN and infinity have no "
+            "canonical JSON form)"
+        )
+    return x + 0.0  # -0.0 + 0.0 == +0.0, so both zeros hash alike
+
+
+def _canonical_mapping(value: Mapping, where: str, allow_nonfinite: bool) -> dict:
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise LrbsTypeError(
+                f"{where} has the key {k!r} ({type(k).__name__}): keys must be str so that the JSON "
+                "form is unambiguous"
+            )
+        out[k] = _canonical(v, f"{where}[{k!r}]", allow_nonfinite)
+    return out
 
 
 def _dumps(data: Any) -> str:
@@ -235,18 +243,9 @@ def _check_writable_location(path: Path, what: str) -> None:
 
 
 def _atomic_write(target: Path, write: Any) -> None:
-    """Write ``target`` through a temporary file in the same folder and ``os.replace`` (all or nothing)."""
+    """:func:`lrbs._util.atomic_write` (all or nothing, fsynced) of ``write(f)`` to ``target``, its folder made."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(target, write)
 
 
 def _pid_alive(pid: int | None) -> bool:
