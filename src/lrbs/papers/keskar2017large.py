@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .._util import pm
 from ..report import Figure, Finding, Section, Table, plot_bars, plot_curves
 from ._common import Context, PaperResult, intro, mean_sd, paired, verdict
 
@@ -136,60 +137,119 @@ def _start_all(ctx: Context, seeds: list[int]) -> None:
         _sharpness(ctx, p.result(), subspace=False, wait=False)
 
 
+#: The per-run quantities summarized over seeds (SB vs LB table and ``numbers``).
+KEYS = [
+    "train_acc",
+    "test_acc",
+    "gap",
+    "epochs",
+    "keskar",
+    "keskar_sub100",
+    "top_eig",
+    "trace",
+    "dist_from_init",
+]
+
+
 def run(ctx: Context) -> PaperResult:
+    """The section: SB vs LB (every seed), sharpness against batch size, interpolation, remedies, conv net."""
     seeds = list(ctx.seeds)
     ctx.log(f"[{NAME}] SB={SB} vs LB={LB}, seeds {seeds}")
     _start_all(ctx, seeds)
+    runs, meas = _train_sb_lb(ctx, seeds)
+    numbers: dict = {}
+    stats = _sb_lb_stats(ctx, runs, meas, numbers)
+    per_seed, summary = _sb_lb_tables(runs, meas, stats)
+    bs = _batch_size_sweep(ctx, seeds, numbers)
+    fig_int, fig_int_acc = _interpolation_figures(ctx, runs)
+    rem_meas, rem_table = _remedies(ctx, seeds, runs, numbers)
+    fig_fit, fig_bars = _fit_and_bars(runs, stats)
+    gap = _gap(ctx, runs, meas, numbers)
+    conv = _conv_net(ctx, seeds)
+    numbers.update(conv["numbers"])
+    findings = [
+        *_gap_findings(ctx, seeds, stats, gap),
+        *_sharpness_findings(stats, bs),
+        _remedy_finding(rem_meas),
+        *conv["findings"],
+    ]
+    figures = [
+        Figure("Accuracy of small- and large-batch training", fig_bars),
+        Figure(
+            "Sharpness against batch size",
+            bs["figure"],
+            "Keskar phi (eps=1e-3, full space) and the top Hessian eigenvalue at the end of training.",
+        ),
+        Figure(
+            "Parametric interpolation between the SB and LB solutions",
+            fig_int,
+            "Keskar et al.'s Figure 3 on MNIST-1D: train and test loss along the line through both "
+            "solutions; BatchNorm-free model.",
+        ),
+        Figure("Parametric interpolation: accuracy", fig_int_acc),
+    ]
+    if fig_fit is not None:
+        figures.insert(1, Figure(f"Training curves (seed {seeds[0]})", fig_fit))
+    section = Section(
+        NAME,
+        TITLE,
+        intro=intro(__doc__),
+        figures=figures,
+        tables=[summary, per_seed, conv["table"], rem_table],
+        findings=findings,
+        settings=_settings(ctx, seeds),
+    )
+    return PaperResult(NAME, section, findings, numbers)
+
+
+def _train_sb_lb(ctx: Context, seeds: list[int]) -> tuple[dict, dict]:
+    """The SB and LB MLP runs (every seed) and their sharpness measurements."""
     runs = {}
     for label, b in (("SB", SB), ("LB", LB)):
         runs[label] = ctx.train_many(NAME, [_config(ctx, b, s) for s in seeds])
     meas = {label: [_sharpness(ctx, t) for t in runs[label]] for label in runs}
+    return runs, meas
 
-    def col(label, key):
-        if key in ("train_acc", "test_acc", "train_loss", "test_loss"):
-            return [t.final.get(key, float("nan")) for t in runs[label]]
-        if key == "gap":
-            return [t.final.get("train_acc", np.nan) - t.final.get("test_acc", np.nan) for t in runs[label]]
-        if key == "epochs":
-            return [t.history["samples"][-1] / len(ctx.dataset.train) for t in runs[label]]
-        return [m[key] for m in meas[label]]
 
-    keys = [
-        "train_acc",
-        "test_acc",
-        "gap",
-        "epochs",
-        "keskar",
-        "keskar_sub100",
-        "top_eig",
-        "trace",
-        "dist_from_init",
-    ]
-    stats = {label: {k: mean_sd(col(label, k)) for k in keys} for label in runs}
-    numbers: dict = {}
+def _column(ctx: Context, runs: dict, meas: dict, label: str, key: str) -> list:
+    """One quantity of :data:`KEYS` for every seed of one arm."""
+    if key in ("train_acc", "test_acc", "train_loss", "test_loss"):
+        return [t.final.get(key, float("nan")) for t in runs[label]]
+    if key == "gap":
+        return [t.final.get("train_acc", np.nan) - t.final.get("test_acc", np.nan) for t in runs[label]]
+    if key == "epochs":
+        return [t.history["samples"][-1] / len(ctx.dataset.train) for t in runs[label]]
+    return [m[key] for m in meas[label]]
+
+
+def _sb_lb_stats(ctx: Context, runs: dict, meas: dict, numbers: dict) -> dict:
+    """Mean and sd over seeds of every quantity of :data:`KEYS`, per arm (into ``numbers``)."""
+    stats = {label: {k: mean_sd(_column(ctx, runs, meas, label, k)) for k in KEYS} for label in runs}
     for label in runs:
-        for k in keys:
+        for k in KEYS:
             numbers[f"{label}_{k}_mean"], numbers[f"{label}_{k}_sd"] = stats[label][k]
+    return stats
 
-    # ---- per-seed table
-    rows = []
-    for label in runs:
-        for t, m in zip(runs[label], meas[label]):
-            rows.append(
-                [
-                    label,
-                    t.config["batch_size"],
-                    t.config["seed"],
-                    t.final.get("train_acc"),
-                    t.final.get("test_acc"),
-                    t.final.get("train_acc", np.nan) - t.final.get("test_acc", np.nan),
-                    m["keskar"],
-                    m["keskar_sub100"],
-                    m["top_eig"],
-                    (m["trace"], m["trace_se"]),
-                    m["dist_from_init"],
-                ]
-            )
+
+def _sb_lb_tables(runs: dict, meas: dict, stats: dict) -> tuple[Table, Table]:
+    """The per-seed table and the SB vs LB summary."""
+    rows = [
+        [
+            label,
+            t.config["batch_size"],
+            t.config["seed"],
+            t.final.get("train_acc"),
+            t.final.get("test_acc"),
+            t.final.get("train_acc", np.nan) - t.final.get("test_acc", np.nan),
+            m["keskar"],
+            m["keskar_sub100"],
+            m["top_eig"],
+            (m["trace"], m["trace_se"]),
+            m["dist_from_init"],
+        ]
+        for label in runs
+        for t, m in zip(runs[label], meas[label])
+    ]
     per_seed = Table(
         "Every seed (none selected or dropped)",
         [
@@ -210,11 +270,14 @@ def run(ctx: Context) -> PaperResult:
     summary = Table(
         "SB vs LB (mean ± sd over seeds)",
         ["quantity", f"SB (B={SB})", f"LB (B={LB})"],
-        [[k, stats["SB"][k], stats["LB"][k]] for k in keys],
+        [[k, stats["SB"][k], stats["LB"][k]] for k in KEYS],
         note="Keskar phi: eps=1e-3, 10 L-BFGS-B iterations, full training loss; eigenvalue: Lanczos; trace: Hutch++.",
     )
+    return per_seed, summary
 
-    # ---- sharpness against batch size (seed 0)
+
+def _batch_size_sweep(ctx: Context, seeds: list[int], numbers: dict) -> dict:
+    """Sharpness against batch size (first seed): values and rank correlations (into ``numbers``) and the figure."""
     batch_sizes = _batch_sizes(ctx)
     bs_runs = ctx.train_many(NAME, [_config(ctx, b, seeds[0]) for b in batch_sizes])
     bs_meas = [_sharpness(ctx, t, subspace=False) for t in bs_runs]
@@ -242,8 +305,11 @@ def run(ctx: Context) -> PaperResult:
         logy=True,
         title=f"Sharpness against batch size (seed {seeds[0]})",
     )
+    return {"batch_sizes": batch_sizes, "rho_k": rho_k, "rho_e": rho_e, "figure": fig_bs}
 
-    # ---- parametric interpolation SB -> LB (seed 0)
+
+def _interpolation_figures(ctx: Context, runs: dict) -> tuple:
+    """Keskar's parametric plot between the first SB and LB solutions: loss and accuracy figures."""
     sb0, lb0 = runs["SB"][0], runs["LB"][0]
     alphas = np.linspace(-1, 2, 25)
     iv = _interpolation(ctx, sb0, lb0)["arrays"]
@@ -262,8 +328,11 @@ def run(ctx: Context) -> PaperResult:
         ylabel="accuracy",
         title="Parametric plot: accuracy",
     )
+    return fig_int, fig_int_acc
 
-    # ---- remedies at the large batch
+
+def _remedies(ctx: Context, seeds: list[int], runs: dict, numbers: dict) -> tuple[dict, Table]:
+    """SB warmup and SAM at the large batch (first seed): their sharpness (into ``numbers``) and table."""
     warm_epochs = ctx.pick(4, 10)
     remedy = _remedy_configs(ctx, seeds[0])
     remedies = {
@@ -288,8 +357,11 @@ def run(ctx: Context) -> PaperResult:
         numbers[f"remedy_{tag}_test_acc"] = remedies[k].final.get("test_acc")
         numbers[f"remedy_{tag}_keskar"] = rem_meas[k]["keskar"]
         numbers[f"remedy_{tag}_top_eig"] = rem_meas[k]["top_eig"]
+    return rem_meas, rem_table
 
-    # ---- training curves and bars
+
+def _fit_and_bars(runs: dict, stats: dict) -> tuple:
+    """Training curves of the first SB and LB runs (None where they are not fit-like) and the accuracy bars."""
     from ..report import plot_fit
 
     fig_fit = (
@@ -297,36 +369,36 @@ def run(ctx: Context) -> PaperResult:
         if _fit_like(runs["SB"][0])
         else None
     )
+    cells = [("SB", "test_acc"), ("LB", "test_acc"), ("SB", "train_acc"), ("LB", "train_acc")]
     fig_bars = plot_bars(
         ["SB test", "LB test", "SB train", "LB train"],
-        [
-            stats["SB"]["test_acc"][0],
-            stats["LB"]["test_acc"][0],
-            stats["SB"]["train_acc"][0],
-            stats["LB"]["train_acc"][0],
-        ],
-        [
-            stats["SB"]["test_acc"][1],
-            stats["LB"]["test_acc"][1],
-            stats["SB"]["train_acc"][1],
-            stats["LB"]["train_acc"][1],
-        ],
+        [stats[a][k][0] for a, k in cells],
+        [stats[a][k][1] for a, k in cells],
         ylabel="accuracy",
         title="Accuracy (mean ± sd over seeds)",
     )
+    return fig_fit, fig_bars
 
-    # ---- findings
-    d_test = np.asarray(col("SB", "test_acc")) - np.asarray(col("LB", "test_acc"))
+
+def _gap(ctx: Context, runs: dict, meas: dict, numbers: dict) -> tuple:
+    """Paired SB - LB test-accuracy drop: ``(mean, sd, verdict)`` (into ``numbers``)."""
+    d_test = np.asarray(_column(ctx, runs, meas, "SB", "test_acc")) - np.asarray(
+        _column(ctx, runs, meas, "LB", "test_acc")
+    )
     gap_mean, gap_sd = mean_sd(d_test)
     gap_ok = paired(d_test)
     numbers["test_acc_drop_mean"], numbers["test_acc_drop_sd"] = gap_mean, gap_sd
-    conv = _conv_net(ctx, seeds)
-    numbers.update(conv["numbers"])
-    findings = [
+    return gap_mean, gap_sd, gap_ok
+
+
+def _gap_findings(ctx: Context, seeds: list[int], stats: dict, gap: tuple) -> list[Finding]:
+    """The generalization gap, and that it is not under-training."""
+    gap_mean, gap_sd, gap_ok = gap
+    return [
         Finding(
             "Large-batch training reaches a lower test accuracy than small-batch training (the generalization gap).",
-            f"Test accuracy SB {_pm(stats['SB']['test_acc'])} vs LB {_pm(stats['LB']['test_acc'])}; drop "
-            f"{_pm((gap_mean, gap_sd))} over {len(seeds)} seed(s).",
+            f"Test accuracy SB {pm(stats['SB']['test_acc'])} vs LB {pm(stats['LB']['test_acc'])}; drop "
+            f"{pm((gap_mean, gap_sd))} over {len(seeds)} seed(s).",
             verdict(gap_ok),
             {
                 "SB test acc": stats["SB"]["test_acc"],
@@ -337,12 +409,19 @@ def run(ctx: Context) -> PaperResult:
         ),
         Finding(
             "The gap is not under-training: both reach a training accuracy near 100%.",
-            f"Training accuracy SB {_pm(stats['SB']['train_acc'])}, LB {_pm(stats['LB']['train_acc'])} "
+            f"Training accuracy SB {pm(stats['SB']['train_acc'])}, LB {pm(stats['LB']['train_acc'])} "
             f"(stop at 99% or {ctx.pick(40, 400)} epochs).",
             verdict(min(stats["SB"]["train_acc"][0], stats["LB"]["train_acc"][0]) >= 0.98),
             {"SB train acc": stats["SB"]["train_acc"], "LB train acc": stats["LB"]["train_acc"]},
             section=NAME,
         ),
+    ]
+
+
+def _sharpness_findings(stats: dict, bs: dict) -> list[Finding]:
+    """LB sharper than SB, sharpness growing with the batch size, LB closer to the initial weights."""
+    rho_k, rho_e, batch_sizes = bs["rho_k"], bs["rho_e"], bs["batch_sizes"]
+    return [
         _sharper_finding(
             "Large batches converge to sharper minima: higher Keskar sharpness and top Hessian eigenvalue.",
             stats,
@@ -357,71 +436,41 @@ def run(ctx: Context) -> PaperResult:
         ),
         Finding(
             "Large-batch solutions stay closer to the initial weights.",
-            f"||theta - theta0|| SB {_pm(stats['SB']['dist_from_init'])} vs LB {_pm(stats['LB']['dist_from_init'])}.",
+            f"||theta - theta0|| SB {pm(stats['SB']['dist_from_init'])} vs LB {pm(stats['LB']['dist_from_init'])}.",
             verdict(stats["LB"]["dist_from_init"][0] < stats["SB"]["dist_from_init"][0]),
             {"SB distance": stats["SB"]["dist_from_init"], "LB distance": stats["LB"]["dist_from_init"]},
             section=NAME,
         ),
-        Finding(
-            "Remedies: a small-batch warmup, or SAM, give the large batch a flatter minimum.",
-            "Keskar phi / top eigenvalue: LB {:.3g} / {:.3g}; SB-warmup {:.3g} / {:.3g}; SAM {:.3g} / {:.3g}.".format(
-                rem_meas["LB"]["keskar"],
-                rem_meas["LB"]["top_eig"],
-                rem_meas["SB warmup -> LB"]["keskar"],
-                rem_meas["SB warmup -> LB"]["top_eig"],
-                rem_meas["SAM at LB"]["keskar"],
-                rem_meas["SAM at LB"]["top_eig"],
-            ),
-            verdict(
-                rem_meas["SAM at LB"]["top_eig"] < rem_meas["LB"]["top_eig"]
-                and rem_meas["SB warmup -> LB"]["top_eig"] < rem_meas["LB"]["top_eig"]
-            ),
-            {
-                "LB top eig": rem_meas["LB"]["top_eig"],
-                "warmup top eig": rem_meas["SB warmup -> LB"]["top_eig"],
-                "SAM top eig": rem_meas["SAM at LB"]["top_eig"],
-            },
-            section=NAME,
-        ),
-        *conv["findings"],
     ]
-    figures = [
-        Figure("Accuracy of small- and large-batch training", fig_bars),
-        Figure(
-            "Sharpness against batch size",
-            fig_bs,
-            "Keskar phi (eps=1e-3, full space) and the top Hessian eigenvalue at the end of training.",
+
+
+def _remedy_finding(rem_meas: dict) -> Finding:
+    """SB warmup and SAM give the large batch a flatter minimum."""
+    lb, warm, sam = rem_meas["LB"], rem_meas["SB warmup -> LB"], rem_meas["SAM at LB"]
+    return Finding(
+        "Remedies: a small-batch warmup, or SAM, give the large batch a flatter minimum.",
+        "Keskar phi / top eigenvalue: LB {:.3g} / {:.3g}; SB-warmup {:.3g} / {:.3g}; SAM {:.3g} / {:.3g}.".format(
+            lb["keskar"], lb["top_eig"], warm["keskar"], warm["top_eig"], sam["keskar"], sam["top_eig"]
         ),
-        Figure(
-            "Parametric interpolation between the SB and LB solutions",
-            fig_int,
-            "Keskar et al.'s Figure 3 on MNIST-1D: train and test loss along the line through both "
-            "solutions; BatchNorm-free model.",
-        ),
-        Figure("Parametric interpolation: accuracy", fig_int_acc),
-    ]
-    if fig_fit is not None:
-        figures.insert(1, Figure(f"Training curves (seed {seeds[0]})", fig_fit))
-    section = Section(
-        NAME,
-        TITLE,
-        intro=intro(__doc__),
-        figures=figures,
-        tables=[summary, per_seed, conv["table"], rem_table],
-        findings=findings,
-        settings={
-            "model": "mlp (depth 3, width 100)",
-            "optimizer": "adam lr=1e-3",
-            "SB": SB,
-            "LB": LB,
-            "stop": "train acc >= 0.99 or max epochs",
-            "max_epochs": ctx.pick(40, 400),
-            "seeds": seeds,
-            "keskar_epsilon": EPSILON,
-            "data_fingerprint": ctx.dataset.fingerprint,
-        },
+        verdict(sam["top_eig"] < lb["top_eig"] and warm["top_eig"] < lb["top_eig"]),
+        {"LB top eig": lb["top_eig"], "warmup top eig": warm["top_eig"], "SAM top eig": sam["top_eig"]},
+        section=NAME,
     )
-    return PaperResult(NAME, section, findings, numbers)
+
+
+def _settings(ctx: Context, seeds: list[int]) -> dict:
+    """The section's settings block."""
+    return {
+        "model": "mlp (depth 3, width 100)",
+        "optimizer": "adam lr=1e-3",
+        "SB": SB,
+        "LB": LB,
+        "stop": "train acc >= 0.99 or max epochs",
+        "max_epochs": ctx.pick(40, 400),
+        "seeds": seeds,
+        "keskar_epsilon": EPSILON,
+        "data_fingerprint": ctx.dataset.fingerprint,
+    }
 
 
 def _conv_net(ctx: Context, seeds: list[int]) -> dict:
@@ -483,9 +532,9 @@ def _conv_net(ctx: Context, seeds: list[int]) -> dict:
     findings = [
         Finding(
             "Conv net: large-batch training reaches a lower test accuracy than small-batch training.",
-            f"cnn1d test accuracy SB {_pm(stat['SB']['test_acc'])} vs LB {_pm(stat['LB']['test_acc'])}; drop "
-            f"{_pm((d_mean, d_sd))}; training accuracy SB {_pm(stat['SB']['train_acc'])}, LB "
-            f"{_pm(stat['LB']['train_acc'])}"
+            f"cnn1d test accuracy SB {pm(stat['SB']['test_acc'])} vs LB {pm(stat['LB']['test_acc'])}; drop "
+            f"{pm((d_mean, d_sd))}; training accuracy SB {pm(stat['SB']['train_acc'])}, LB "
+            f"{pm(stat['LB']['train_acc'])}"
             + ("" if trained else " (LB short of the 99% plateau: the gap may be partly under-training)")
             + ".",
             gap_verdict,
@@ -506,8 +555,8 @@ def _sharper_finding(claim: str, stats: dict, prefix: str = "") -> Finding:
     sb, lb = stats["SB"], stats["LB"]
     return Finding(
         claim,
-        f"{prefix}Keskar phi SB {_pm(sb['keskar'])} vs LB {_pm(lb['keskar'])}; top eigenvalue SB "
-        f"{_pm(sb['top_eig'])} vs LB {_pm(lb['top_eig'])}.",
+        f"{prefix}Keskar phi SB {pm(sb['keskar'])} vs LB {pm(lb['keskar'])}; top eigenvalue SB "
+        f"{pm(sb['top_eig'])} vs LB {pm(lb['top_eig'])}.",
         verdict(lb["keskar"][0] > sb["keskar"][0] and lb["top_eig"][0] > sb["top_eig"][0]),
         {
             f"{prefix}SB keskar": sb["keskar"],
@@ -523,12 +572,9 @@ def _fit_like(t) -> bool:
     return bool(t.evals) and len(t.history.get("loss", [])) > 0
 
 
-def _pm(x) -> str:
-    m, s = x
-    return f"{m:.4g} ± {s:.2g}"
-
-
 def _spearman(x, y) -> float:
+    """``scipy.stats.spearmanr(x, y).statistic``; NaN with fewer than 3 points, and NaN (propagated) where any
+    value is NaN: a diverged run's sharpness makes the trend unmeasured, not dropped."""
     from scipy.stats import spearmanr
 
     if len(x) < 3:

@@ -455,6 +455,8 @@ def _plot_along(steps, b, lo, hi, logs, s_target) -> object:
 
 
 def _spearman(x, y) -> float:
+    """``scipy.stats.spearmanr`` over the points where ``y`` is finite (an infinite B_simple — signal below the
+    noise floor — is left out, as in the means); NaN with fewer than 3 such points."""
     from scipy.stats import spearmanr
 
     y = np.asarray(y, float)
