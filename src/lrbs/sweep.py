@@ -31,7 +31,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from . import measures
-from ._util import jsonable
+from ._util import fmt, jsonable
 from ._util import progress as _progress
 from .errors import (
     ConfigError,
@@ -71,7 +71,7 @@ BACKENDS = ("local", "ray")
 #: The measures a sweep can run after training (on the trained model and a fixed seeded subset of the training
 #: data, ``measure_samples`` samples, BatchNorm in eval mode): THE registry, :data:`lrbs.measures.MEASURES`
 #: (old names such as ``top_eigenvalue`` are its aliases).
-#: This mapping holds every registry spelling (canonical names and aliases) -> :class:`~lrbs.measures.Measure`.
+#: This mapping holds every registry spelling (canonical names and aliases) -> its Measure.
 MEASURES: Mapping[str, measures.Measure] = MappingProxyType(
     {**measures.MEASURES, **{old: measures.MEASURES[new] for old, new in measures.ALIASES.items()}}
 )
@@ -208,17 +208,8 @@ class SweepRun:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "params": self.params,
-            "config": self.config,
-            "status": self.status,
-            "final": self.final,
-            "measures": self.measures,
-            "error": self.error,
-            "wall_time": self.wall_time,
-            "cached": self.cached,
-        }
+        """All fields, in their order (``dataclasses.asdict``)."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -368,8 +359,9 @@ def _edges(centres: np.ndarray) -> np.ndarray:
 
 
 def _fmt(v: Any) -> str:
+    """A table cell: floats in the one number format (:func:`lrbs._util.fmt`), None blank, the rest as text."""
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return fmt(v)
     return "" if v is None else str(v)
 
 
@@ -387,7 +379,7 @@ def grid_configs(
             list of values, or an invalid base config.
         LrbsTypeError: the grid is not a dict of lists.
     """
-    from .train import CONFIG_DEFAULTS, normalize_config
+    from .train import TrainConfig, normalize_config
 
     if not isinstance(base_config, Mapping):
         raise LrbsTypeError(f"base_config={base_config!r} is not allowed: must be a dict of training options")
@@ -395,12 +387,12 @@ def grid_configs(
         raise LrbsTypeError(f"grid={grid!r} is not allowed: must be a dict of option -> list of values")
     values: dict[str, list] = {}
     for k, v in grid.items():
-        if k not in CONFIG_DEFAULTS:
-            hint = closest(str(k), CONFIG_DEFAULTS)
+        if k not in TrainConfig.names():
+            hint = closest(str(k), TrainConfig.names())
             did = f" Did you mean {hint!r}?" if hint else ""
             raise ConfigError(
                 f"grid key {k!r} is not a training option.{did} "
-                f"Valid options: {', '.join(sorted(CONFIG_DEFAULTS))}"
+                f"Valid options: {', '.join(sorted(TrainConfig.names()))}"
             )
         if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, (list, tuple, np.ndarray, range)):
             raise LrbsTypeError(f"grid[{k!r}]={v!r} is not allowed: must be a list of values")
