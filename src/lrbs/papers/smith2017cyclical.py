@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._util import pm
 from ..report import Figure, Finding, Section, Table, plot_bars, plot_curves, plot_fit
 from ..schedules import constant, cosine, cyclic, one_cycle, sgdr, step, warmup
 from ._common import Context, PaperResult, intro, mean_sd, verdict
@@ -176,12 +177,47 @@ def _range_test_figure(rt: dict, lr: float, base: float, peak: float):
 
 
 def run(ctx: Context) -> PaperResult:
+    """The study's stages: range test, train and measure every schedule, numbers, figures, tables, findings."""
     seeds = list(ctx.seeds)
     rt = _range_test(ctx)
     lr, base, peak = rt["recommended"], rt["base_lr"], rt["max_lr"]
     ctx.log(f"[{NAME}] range test: recommended {lr:.3g} ({rt['why']}); bounds [{base:.3g}, {peak:.3g}]")
     scheds = _schedules(ctx, lr)
     T = ctx.pick(500, 2000)
+    runs, sharp, saddle = _train_and_measure(ctx, scheds, T)
+    acc = {name: mean_sd([t.final.get("test_acc", np.nan) for t in runs[name]]) for name in runs}
+    eig = {name: mean_sd([m["top_eig"] for m in sharp[name]]) for name in runs}
+    kes = {name: mean_sd([m["keskar"] for m in sharp[name]]) for name in runs}
+    numbers = _numbers(rt, runs, acc, eig, kes, saddle)
+    figures = _figures(rt, scheds, T, runs, acc, saddle, seeds)
+    tables = _tables(rt, runs, sharp)
+    findings = _findings(ctx, rt, acc, eig, saddle)
+    neg_c = saddle["constant"]["negative_mass"]
+    neg_y = saddle["cyclical (triangular2)"]["negative_mass"]
+    numbers["negative_mass_constant_mean"] = float(np.mean(neg_c))
+    numbers["negative_mass_cyclical_mean"] = float(np.mean(neg_y))
+    section = Section(
+        NAME,
+        TITLE,
+        intro=intro(__doc__),
+        figures=figures,
+        tables=tables,
+        findings=findings,
+        settings={
+            "model": "cnn1d",
+            "optimizer": "sgd momentum 0.9",
+            "batch_size": BATCH,
+            "steps": T,
+            "seeds": seeds,
+            "schedules": scheds,
+        },
+    )
+    return PaperResult(NAME, section, findings, numbers)
+
+
+def _train_and_measure(ctx: Context, scheds: dict, T: int) -> tuple[dict, dict, dict]:
+    """Train every schedule and seed, then sharpness of each run and saddle-ness along constant and cyclical."""
+    seeds = list(ctx.seeds)
     snap_steps = [T // 8, T // 4, T // 2, 3 * T // 4, T]
     # every run starts at once (in parallel with jobs > 1); each one's measurements start when it is done
     started: dict[str, list] = {}
@@ -200,11 +236,13 @@ def run(ctx: Context) -> PaperResult:
         if name in ("constant", "cyclical (triangular2)"):
             saddling[name] = _saddle(ctx, runs[name][0], name, wait=False)
     sharp = {name: [p.result() for p in measuring[name]] for name in runs}
-    acc = {name: mean_sd([t.final.get("test_acc", np.nan) for t in runs[name]]) for name in runs}
-    eig = {name: mean_sd([m["top_eig"] for m in sharp[name]]) for name in runs}
-    kes = {name: mean_sd([m["keskar"] for m in sharp[name]]) for name in runs}
     saddle = {label: saddling[label].result() for label in ("constant", "cyclical (triangular2)")}
+    return runs, sharp, saddle
 
+
+def _numbers(rt: dict, runs: dict, acc: dict, eig: dict, kes: dict, saddle: dict) -> dict:
+    """Range-test suggestions, accuracy / top eigenvalue / Keskar per schedule, negative mass along training."""
+    lr, base, peak = rt["recommended"], rt["base_lr"], rt["max_lr"]
     numbers: dict = {
         "recommended_lr": lr,
         "base_lr": base,
@@ -220,11 +258,19 @@ def run(ctx: Context) -> PaperResult:
     neg_y = saddle["cyclical (triangular2)"]["negative_mass"]
     numbers["negative_mass_constant"] = neg_c
     numbers["negative_mass_cyclical"] = neg_y
+    return numbers
 
-    # ---- figures
-    fig_rt = _range_test_figure(rt, lr, base, peak)
+
+def _figures(
+    rt: dict, scheds: dict, T: int, runs: dict, acc: dict, saddle: dict, seeds: list
+) -> list[Figure]:
+    """Range test, the schedules, training curves, final accuracy and saddle-ness along training."""
     from ..schedules import parse
 
+    lr, base, peak = rt["recommended"], rt["base_lr"], rt["max_lr"]
+    neg_c = saddle["constant"]["negative_mass"]
+    neg_y = saddle["cyclical (triangular2)"]["negative_mass"]
+    fig_rt = _range_test_figure(rt, lr, base, peak)
     fig_s = plot_curves(
         np.arange(T),
         {k: parse(v).values(T) for k, v in scheds.items()},
@@ -247,7 +293,22 @@ def run(ctx: Context) -> PaperResult:
         ylabel="negative spectral mass",
         title="Saddle-ness along training (mass of negative Hessian eigenvalues)",
     )
+    return [
+        Figure("LR range test", fig_rt),
+        Figure("Schedules", fig_s),
+        Figure("Training curves", fig_fit),
+        Figure("Final test accuracy", fig_acc),
+        Figure(
+            "Saddle-ness along training",
+            fig_saddle,
+            "Fraction of the Hessian's spectral mass below zero (stochastic Lanczos quadrature).",
+        ),
+    ]
 
+
+def _tables(rt: dict, runs: dict, sharp: dict) -> list[Table]:
+    """The range-test suggestions and every run (all seeds) with its sharpness."""
+    lr, base, peak = rt["recommended"], rt["base_lr"], rt["max_lr"]
     rows = [
         [
             k,
@@ -282,16 +343,23 @@ def run(ctx: Context) -> PaperResult:
         + [["recommended", lr], ["base_lr", base], ["max_lr", peak]],
         note=rt["why"],
     )
+    return [sugg_table, table]
 
-    # ---- findings
+
+def _findings(ctx: Context, rt: dict, acc: dict, eig: dict, saddle: dict) -> list[Finding]:
+    """The range test's LR works; cyclical beats constant; hypotheses 1 (sharpness) and 2 (saddles)."""
+    seeds = list(ctx.seeds)
+    lr = rt["recommended"]
+    neg_c = saddle["constant"]["negative_mass"]
+    neg_y = saddle["cyclical (triangular2)"]["negative_mass"]
     cyc = ["cyclical (triangular2)", "SGDR, decaying peak", "one-cycle"]
     best_cyc = max(cyc, key=lambda k: acc[k][0])
     const_acc = acc["constant"]
-    findings = [
+    return [
         Finding(
             "An LR range test finds a usable learning rate: training at it works, and it lies below divergence.",
             f"Recommended {lr:.3g} (divergence at {_div_text(rt['diverged_at'])}); constant "
-            f"LR at it reaches {_pm(const_acc)} test accuracy.",
+            f"LR at it reaches {pm(const_acc)} test accuracy.",
             verdict(
                 const_acc[0] > ctx.pick(0.6, 0.85) and (rt["diverged_at"] is None or lr < rt["diverged_at"])
             ),
@@ -300,14 +368,14 @@ def run(ctx: Context) -> PaperResult:
         ),
         Finding(
             "Schedules that raise the LR again (cyclical, SGDR, one-cycle) end at a better solution than a constant LR.",
-            f"Best of them ({best_cyc}) {_pm(acc[best_cyc])} vs constant {_pm(const_acc)}.",
+            f"Best of them ({best_cyc}) {pm(acc[best_cyc])} vs constant {pm(const_acc)}.",
             verdict(acc[best_cyc][0] > const_acc[0]),
             {"best cyclical test acc": acc[best_cyc], "constant test acc": const_acc},
             section=NAME,
         ),
         Finding(
             "Hypothesis 1: raising the LR steers away from sharp minima (lower top Hessian eigenvalue than constant).",
-            "Top eigenvalue: " + "; ".join(f"{k} {_pm(eig[k])}" for k in ["constant", *cyc]) + ".",
+            "Top eigenvalue: " + "; ".join(f"{k} {pm(eig[k])}" for k in ["constant", *cyc]) + ".",
             verdict(min(eig[k][0] for k in cyc) < eig["constant"][0]),
             {"constant top eig": eig["constant"], **{f"{k} top eig": eig[k] for k in cyc}},
             section=NAME,
@@ -324,40 +392,7 @@ def run(ctx: Context) -> PaperResult:
             section=NAME,
         ),
     ]
-    numbers["negative_mass_constant_mean"] = float(np.mean(neg_c))
-    numbers["negative_mass_cyclical_mean"] = float(np.mean(neg_y))
-    section = Section(
-        NAME,
-        TITLE,
-        intro=intro(__doc__),
-        figures=[
-            Figure("LR range test", fig_rt),
-            Figure("Schedules", fig_s),
-            Figure("Training curves", fig_fit),
-            Figure("Final test accuracy", fig_acc),
-            Figure(
-                "Saddle-ness along training",
-                fig_saddle,
-                "Fraction of the Hessian's spectral mass below zero (stochastic Lanczos quadrature).",
-            ),
-        ],
-        tables=[sugg_table, table],
-        findings=findings,
-        settings={
-            "model": "cnn1d",
-            "optimizer": "sgd momentum 0.9",
-            "batch_size": BATCH,
-            "steps": T,
-            "seeds": seeds,
-            "schedules": scheds,
-        },
-    )
-    return PaperResult(NAME, section, findings, numbers)
 
 
 def _div_text(lr) -> str:
     return "none" if lr is None else f"{lr:.3g}"
-
-
-def _pm(x) -> str:
-    return f"{x[0]:.4g} ± {x[1]:.2g}"
