@@ -73,25 +73,9 @@ def run_study(
             in the store, and running the same command again completes the study without recomputing it.
     """
     from .data import load_dataset
-    from .pool import available_cpus
     from .store import Store
 
-    names = list(PAPERS) if not papers else list(papers)
-    for n in names:
-        check_choice("papers", n, PAPERS)
-    check_choice("backend", backend, ("local", "ray"))
-    n_seeds = check_int("seeds", seeds if seeds is not None else (1 if quick else 3), low=1, high=10)
-    cpus = available_cpus()
-    n_jobs = check_int("jobs", cpus if jobs is None else jobs, low=1)
-    if threads is not None:
-        threads = check_int("threads", threads, low=1)
-    if n_jobs * (threads or 1) > cpus:
-        log(
-            f"note: jobs={n_jobs} x threads={threads or 1} is more than the {cpus} CPU(s) this process may use: "
-            "runs share cores (slower each, same numbers)"
-        )
-    if not quick and n_seeds < 2:
-        log("note: one seed gives no spread; use --seeds 2 or more for uncertainties")
+    names, n_seeds, n_jobs, threads = _study_args(papers, backend, seeds, quick, jobs, threads, log)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -116,13 +100,7 @@ def run_study(
             threads=threads,
             executor=executor,
         )
-        try:
-            results = _run_papers(names, ctx)
-        except Exception:  # what was started still finishes and is stored (Ctrl-C cancels it: finally below)
-            executor.close()
-            raise
-        executor.close()
-        path = _write_report(results, ctx, names, time.perf_counter() - t0, quick)
+        results, path = _run_and_report(names, ctx, executor, t0, quick)
     finally:
         executor.close(cancel=True)
         store.close()
@@ -134,6 +112,49 @@ def run_study(
         results,
         time.perf_counter() - t0,
     )
+
+
+def _study_args(
+    papers: Sequence[str] | None,
+    backend: str,
+    seeds: int | None,
+    quick: bool,
+    jobs: int | None,
+    threads: int | None,
+    log: Any,
+) -> tuple[list[str], int, int, int | None]:
+    """:func:`run_study`'s arguments checked: paper names, seed count, jobs, threads (notes through ``log``)."""
+    from .pool import available_cpus
+
+    names = list(PAPERS) if not papers else list(papers)
+    for n in names:
+        check_choice("papers", n, PAPERS)
+    check_choice("backend", backend, ("local", "ray"))
+    n_seeds = check_int("seeds", seeds if seeds is not None else (1 if quick else 3), low=1, high=10)
+    cpus = available_cpus()
+    n_jobs = check_int("jobs", cpus if jobs is None else jobs, low=1)
+    if threads is not None:
+        threads = check_int("threads", threads, low=1)
+    if n_jobs * (threads or 1) > cpus:
+        log(
+            f"note: jobs={n_jobs} x threads={threads or 1} is more than the {cpus} CPU(s) this process may use: "
+            "runs share cores (slower each, same numbers)"
+        )
+    if not quick and n_seeds < 2:
+        log("note: one seed gives no spread; use --seeds 2 or more for uncertainties")
+    return names, n_seeds, n_jobs, threads
+
+
+def _run_and_report(names: list[str], ctx: Context, executor: Executor, t0: float, quick: bool) -> tuple:
+    """Every paper, then (the workers closed) the report; what was started still finishes and is stored on an
+    error (Ctrl-C cancels it: the caller's ``finally``)."""
+    try:
+        results = _run_papers(names, ctx)
+    except Exception:
+        executor.close()
+        raise
+    executor.close()
+    return results, _write_report(results, ctx, names, time.perf_counter() - t0, quick)
 
 
 def _run_paper(name: str, ctx: Context) -> PaperResult:
