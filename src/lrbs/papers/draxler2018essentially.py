@@ -262,13 +262,13 @@ def _findings(pairs: list, meas: dict, numbers: dict, ok_all: list, findings_num
 
 
 def _profile_figure(arrays: dict, pair: tuple[int, int]):
-    from ..report.figures import PALETTE, _new_axes, _style
+    from ..report.figures import PALETTE, new_axes, style_axes
 
-    fig, (ax,) = _new_axes(None, figsize=(6.4, 3.6))
+    fig, (ax,) = new_axes(None, figsize=(6.4, 3.6))
     for i, (k, label) in enumerate((("linear", "linear"), ("bezier", "Bezier curve"), ("neb", "AutoNEB"))):
         ax.plot(arrays[f"{k}_t"], arrays[f"{k}_loss"], "-", color=PALETTE[i], label=f"{label} (train)")
         ax.plot(arrays[f"{k}_t"], arrays[f"{k}_test_loss"], "--", color=PALETTE[i], label=f"{label} (test)")
     ax.set_yscale("log")
-    _style(ax, f"Seeds {pair[0]} -> {pair[1]}", "t", "cross-entropy")
+    style_axes(ax, f"Seeds {pair[0]} -> {pair[1]}", "t", "cross-entropy")
     ax.legend(fontsize=7, frameon=False, ncol=2)
     return fig

@@ -42,7 +42,7 @@ _SIZE = (6.4, 3.6)
 
 
 # --------------------------------------------------------------------------- helpers
-def _new_axes(ax: Any, figsize: tuple[float, float] = _SIZE, ncols: int = 1) -> tuple[Any, list[Any]]:
+def new_axes(ax: Any, figsize: tuple[float, float] = _SIZE, ncols: int = 1) -> tuple[Any, list[Any]]:
     """``(figure, [axes...])``: a fresh constrained-layout figure, or the figure of the given ``ax``."""
     if ax is None:
         from matplotlib.figure import Figure
@@ -59,7 +59,7 @@ def _new_axes(ax: Any, figsize: tuple[float, float] = _SIZE, ncols: int = 1) -> 
     return axes[0].figure, axes
 
 
-def _style(ax: Any, title: str = "", xlabel: str = "", ylabel: str = "", grid: bool = True) -> None:
+def style_axes(ax: Any, title: str = "", xlabel: str = "", ylabel: str = "", grid: bool = True) -> None:
     if title:
         ax.set_title(title, fontsize=_FONT["title"])
     if xlabel:
@@ -178,7 +178,7 @@ def plot_fit(
     check_choice("x", x, ("step", "samples"))
     smooth = check_number("smooth", smooth, low=0.0, high=1.0, low_inclusive=True, high_inclusive=False)
 
-    fig, axes = _new_axes(ax, figsize=(9.0, 3.4), ncols=2)
+    fig, axes = new_axes(ax, figsize=(9.0, 3.4), ncols=2)
     ax_loss = axes[0]
     ax_acc = axes[1] if len(axes) > 1 else ax_loss.twinx()
     for i, ((hist, evals), label) in enumerate(zip(parts, labels)):
@@ -186,8 +186,8 @@ def plot_fit(
     if logy:
         ax_loss.set_yscale("log")
     xlabel = "step" if x == "step" else "training examples seen"
-    _style(ax_loss, "training loss" + (" (smoothed)" if smooth > 0 else ""), xlabel, "loss")
-    _style(
+    style_axes(ax_loss, "training loss" + (" (smoothed)" if smooth > 0 else ""), xlabel, "loss")
+    style_axes(
         ax_acc, "test accuracy" if ax_acc is not ax_loss else "", xlabel, "test accuracy", grid=ax_acc in axes
     )
     _legend(ax_loss)
@@ -261,7 +261,7 @@ def plot_curves(
             raise ConfigError(f"sds has the key {k!r}, which is not a curve; curves: {list(curves)}")
     if logx and not np.any(xv > 0):
         raise ConfigError(f"logx=True is not allowed with x={xv.tolist()[:5]}...: it has no positive value")
-    fig, (axis,) = _new_axes(ax)
+    fig, (axis,) = new_axes(ax)
     for i, (label, y) in enumerate(curves.items()):
         yv = _array1d(f"ys[{label!r}]", y)
         if yv.shape != xv.shape:
@@ -276,7 +276,7 @@ def plot_curves(
         axis.set_xscale("log")
     if logy:
         axis.set_yscale("log")
-    _style(axis, title, xlabel, ylabel)
+    style_axes(axis, title, xlabel, ylabel)
     _legend(axis)
     return fig
 
@@ -312,7 +312,7 @@ def plot_bars(
     s = None if sds is None else _array1d("sds", sds)
     if s is not None and s.size != m.size:
         raise ShapeError(f"sds has {s.size} values but means has {m.size}: they must match")
-    fig, (axis,) = _new_axes(ax, figsize=(max(3.2, 0.7 * len(labels) + 1.5), 3.4))
+    fig, (axis,) = new_axes(ax, figsize=(max(3.2, 0.7 * len(labels) + 1.5), 3.4))
     pos = np.arange(len(labels))
     colors = [_color(i) for i in range(len(labels))]
     axis.bar(pos, np.nan_to_num(m, nan=0.0), color=colors, width=0.65, alpha=0.9)
@@ -321,7 +321,7 @@ def plot_bars(
     for p in pos[np.isnan(m)]:
         axis.text(p, 0, "n/a", ha="center", va="bottom", fontsize=_FONT["annot"], color="#59636e")
     axis.set_xticks(pos, labels, rotation=30 if max(map(len, labels), default=0) > 8 else 0, ha="right")
-    _style(axis, title, "", ylabel)
+    style_axes(axis, title, "", ylabel)
     axis.grid(False, axis="x")
     return fig
 
@@ -373,7 +373,7 @@ def plot_heatmap(
 
     z, xv, yv = _grid(Z, xs, ys)
     zm = np.ma.masked_invalid(np.where(z > 0, z, np.nan) if log else z)
-    fig, (axis,) = _new_axes(ax, figsize=(max(4.0, 0.6 * xv.size + 2.2), max(3.0, 0.45 * yv.size + 1.4)))
+    fig, (axis,) = new_axes(ax, figsize=(max(4.0, 0.6 * xv.size + 2.2), max(3.0, 0.45 * yv.size + 1.4)))
     norm = None
     if zm.count():
         lo, hi = float(zm.min()), float(zm.max())
@@ -402,7 +402,7 @@ def plot_heatmap(
     cb.ax.tick_params(labelsize=_FONT["tick"])
     if cbar_label:
         cb.set_label(cbar_label, fontsize=_FONT["label"])
-    _style(axis, title, xlabel, ylabel, grid=False)
+    style_axes(axis, title, xlabel, ylabel, grid=False)
     return fig
 
 
@@ -496,7 +496,7 @@ def plot_contour(
     z, xv, yv = _grid(Z, xs, ys)
     lv = _contour_levels(z, levels, log)
     zm = np.ma.masked_invalid(np.where(z > 0, z, np.nan) if log else z)
-    fig, (axis,) = _new_axes(ax, figsize=(4.8, 4.0))
+    fig, (axis,) = new_axes(ax, figsize=(4.8, 4.0))
     norm = LogNorm(lv[0], lv[-1]) if log else None
     if zm.count() == 0:
         axis.text(0.5, 0.5, "no finite values", transform=axis.transAxes, ha="center", va="center")
@@ -513,7 +513,7 @@ def plot_contour(
         axis.plot(
             [px], [py], marker="o", markersize=6, color=_color(i + 1), markeredgecolor="white", label=label
         )
-    _style(axis, title, xlabel, ylabel, grid=False)
+    style_axes(axis, title, xlabel, ylabel, grid=False)
     _legend(axis)
     return fig
 
@@ -547,7 +547,7 @@ def plot_schedule(
     if not isinstance(schedules, Mapping):
         raise LrbsTypeError(f"schedules={schedules!r} is not allowed: must be a dict {{label: schedule}}")
     n = check_int("n", n, low=1)
-    fig, (axis,) = _new_axes(ax)
+    fig, (axis,) = new_axes(ax)
     steps = np.arange(n)
     for i, (label, s) in enumerate(schedules.items()):
         values, integer = _schedule_values(label, s, n)
@@ -562,7 +562,7 @@ def plot_schedule(
         )
     if logy:
         axis.set_yscale("log")
-    _style(axis, title, "step", ylabel)
+    style_axes(axis, title, "step", ylabel)
     _legend(axis)
     return fig
 
@@ -607,9 +607,9 @@ def plot_range_test(result: Any, *, title: str = "", ax: Any = None) -> Any:
     """
     if not callable(getattr(result, "plot", None)) or not hasattr(result, "smoothed"):
         raise LrbsTypeError(f"result={result!r} is not allowed: must be a lrbs RangeTestResult")
-    fig, (axis,) = _new_axes(ax, figsize=(6.4, 4.0))
+    fig, (axis,) = new_axes(ax, figsize=(6.4, 4.0))
     result.plot(ax=axis)
-    _style(axis, title)
+    style_axes(axis, title)
     return fig
 
 
@@ -633,7 +633,7 @@ def plot_throughput(
     Returns:
         The matplotlib ``Figure``.
     """
-    fig, (axis,) = _new_axes(ax)
+    fig, (axis,) = new_axes(ax)
     ok = [r for r in ladder if r.get("samples_per_s") is not None]
     bs = np.array([r["batch_size"] for r in ok], dtype=float)
     rate = np.array([r["samples_per_s"] for r in ok], dtype=float)
@@ -651,7 +651,7 @@ def plot_throughput(
     ticks = [r["batch_size"] for r in ladder]
     axis.set_xticks(ticks, [str(b) for b in ticks])
     axis.minorticks_off()
-    _style(axis, title, "batch size", "training samples / s")
+    style_axes(axis, title, "batch size", "training samples / s")
     _legend(axis)
     return fig
 
@@ -683,7 +683,7 @@ def plot_tradeoff(
         ConfigError: If ``b_crit`` is not a finite number > 0.
     """
     b_crit = check_number("b_crit", b_crit, low=0.0)
-    fig, (axis,) = _new_axes(ax)
+    fig, (axis,) = new_axes(ax)
     sizes = _array1d("batch_sizes", batch_sizes)
     lo = min(float(sizes.min()), b_crit) / 8
     hi = max(float(sizes.max()), b_crit) * 8
@@ -705,7 +705,7 @@ def plot_tradeoff(
     if chosen is not None:
         axis.loglog([1 + chosen / b_crit], [1 + b_crit / chosen], "*", color=_color(1), markersize=12,
                     label=f"chosen B = {chosen:g}")  # fmt: skip
-    _style(axis, title, "examples E / E_min", "steps S / S_min")
+    style_axes(axis, title, "examples E / E_min", "steps S / S_min")
     _legend(axis)
     return fig
 
