@@ -17,7 +17,7 @@ import torch
 from lrbs.papers import draxler2018essentially as drax
 from lrbs.papers import keskar2017large as keskar
 from lrbs.papers import li2018visualizing as li
-from lrbs.papers._common import Context
+from lrbs.papers._common import Context, paired
 from lrbs.report import Figure, Section, Table
 from lrbs.store import Store
 
@@ -28,8 +28,8 @@ VERDICTS = {"reproduced", "not reproduced", "inconclusive"}
 def shortened():
     """Shorter than the quick study: keskar 4 epochs, resnet1d 40 steps, 9x9 grids, short curve and NEB."""
     mp = pytest.MonkeyPatch()
-    orig_k, orig_r = keskar._config, li._resnet_config
-    mp.setattr(keskar, "_config", lambda ctx, b, s, **kw: {**orig_k(ctx, b, s, **kw), "epochs": 4})
+    orig_k, orig_r = keskar.config, li._resnet_config
+    mp.setattr(keskar, "config", lambda ctx, b, s, **kw: {**orig_k(ctx, b, s, **kw), "epochs": 4})
     mp.setattr(
         li,
         "_resnet_config",
@@ -120,7 +120,7 @@ def test_draxler_numbers_against_naive(results):
             num[f"pair01_{k}_max_minus_mean"] / num["pair01_linear_max_minus_mean"], rel=1e-12
         )
     # the linear path's endpoints: plain float64 cross-entropy of each model on the full training set
-    (a, b) = ctx.train_many(keskar.NAME, [keskar._config(ctx, keskar.SB, s) for s in (0, 1)])
+    (a, b) = ctx.train_many(keskar.NAME, [keskar.config(ctx, keskar.SB, s) for s in (0, 1)])
     x, y = ctx.dataset.train.x.double(), ctx.dataset.train.y.long()
     with torch.no_grad():
         la = torch.nn.functional.cross_entropy(copy.deepcopy(a.model).double().eval()(x), y).item()
@@ -140,7 +140,7 @@ def test_draxler_numbers_against_naive(results):
 
 def test_li_numbers_against_naive(results):
     ctx, num = results["ctx"], results["first"]["li"].numbers
-    (sb,) = ctx.train_many(keskar.NAME, [keskar._config(ctx, keskar.SB, 0)])
+    (sb,) = ctx.train_many(keskar.NAME, [keskar.config(ctx, keskar.SB, 0)])
     m = li._surface(ctx, sb, "mlp")
     z, g = np.asarray(m["arrays"]["loss"], float), np.asarray(m["arrays"]["alphas"], float)
     c = len(g) // 2
@@ -167,12 +167,12 @@ def test_li_numbers_against_naive(results):
 
 
 def test_paired_verdict():
-    assert li._paired([0.5]) is True
-    assert li._paired([-0.1]) is False
-    assert li._paired([0.0, 0.0]) is False
-    assert li._paired([1.0, 1.1, 0.9]) is True
-    assert li._paired([1.0, -0.9]) is None  # positive mean within noise
-    assert li._paired([float("nan")]) is None
+    assert paired([0.5]) is True
+    assert paired([-0.1]) is False
+    assert paired([0.0, 0.0]) is False
+    assert paired([1.0, 1.1, 0.9]) is True
+    assert paired([1.0, -0.9]) is None  # positive mean within noise
+    assert paired([float("nan")]) is None
 
 
 def test_side_by_side_shares_levels():

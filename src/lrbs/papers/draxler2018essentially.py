@@ -108,9 +108,7 @@ def run(ctx: Context) -> PaperResult:
     pairs = _pairs(ctx)
     ctx.log(f"[{NAME}] pairs {pairs} (fixed; independent of the study seeds)")
     seeds = sorted({s for p in pairs for s in p})
-    trained = dict(
-        zip(seeds, ctx.train_many(keskar.NAME, [keskar._config(ctx, keskar.SB, s) for s in seeds]))
-    )
+    trained = dict(zip(seeds, ctx.train_many(keskar.NAME, [keskar.config(ctx, keskar.SB, s) for s in seeds])))
     started = {p: _paths(ctx, trained[p[0]], trained[p[1]], wait=False) for p in pairs}
     meas = {p: m.result() for p, m in started.items()}
     numbers, rows, ratio_rows, ok_all, findings_numbers = _measure(meas, trained)

@@ -29,7 +29,7 @@ SB, LB = 64, 1024
 EPSILON = 1e-3
 
 
-def _config(ctx: Context, batch_size: int, seed: int, **extra) -> dict:
+def config(ctx: Context, batch_size: int, seed: int, **extra) -> dict:
     """The training config; ``extra`` overrides entries (e.g. a batch-size schedule spec)."""
     n = len(ctx.dataset.train)
     max_epochs = ctx.pick(40, 400) if extra.get("model", "mlp") == "mlp" else ctx.pick(40, 1000)
@@ -110,10 +110,10 @@ def _remedy_configs(ctx: Context, seed: int) -> dict[str, dict]:
     warm_steps = ctx.pick(4, 10) * len(ctx.dataset.train) // SB
     return {
         "SB warmup -> LB": {
-            **_config(ctx, LB, seed),
+            **config(ctx, LB, seed),
             "batch_size": f"batch_step(sizes=[{SB}, {LB}], milestones=[{warm_steps}])",
         },
-        "SAM at LB": _config(ctx, LB, seed, optimizer="sam", rho=0.05, optimizer_opts={"base": "adam"}),
+        "SAM at LB": config(ctx, LB, seed, optimizer="sam", rho=0.05, optimizer_opts={"base": "adam"}),
     }
 
 
@@ -124,10 +124,10 @@ def _start_all(ctx: Context, seeds: list[int]) -> None:
     what it started), so with ``jobs > 1`` they all run in parallel; with ``jobs = 1`` only the order changes.
     """
     conv = ctx.train_many(
-        NAME, [_config(ctx, b, s, model="cnn1d") for b in (SB, LB) for s in seeds], wait=False
+        NAME, [config(ctx, b, s, model="cnn1d") for b in (SB, LB) for s in seeds], wait=False
     )
-    mlp = ctx.train_many(NAME, [_config(ctx, b, s) for b in (SB, LB) for s in seeds], wait=False)
-    rest = ctx.train_many(NAME, [_config(ctx, b, seeds[0]) for b in _batch_sizes(ctx)], wait=False)
+    mlp = ctx.train_many(NAME, [config(ctx, b, s) for b in (SB, LB) for s in seeds], wait=False)
+    rest = ctx.train_many(NAME, [config(ctx, b, seeds[0]) for b in _batch_sizes(ctx)], wait=False)
     rest += ctx.train_many(NAME, list(_remedy_configs(ctx, seeds[0]).values()), wait=False)
     trained = [p.result() for p in mlp]
     for t in trained:
@@ -206,7 +206,7 @@ def _train_sb_lb(ctx: Context, seeds: list[int]) -> tuple[dict, dict]:
     """The SB and LB MLP runs (every seed) and their sharpness measurements."""
     runs = {}
     for label, b in (("SB", SB), ("LB", LB)):
-        runs[label] = ctx.train_many(NAME, [_config(ctx, b, s) for s in seeds])
+        runs[label] = ctx.train_many(NAME, [config(ctx, b, s) for s in seeds])
     meas = {label: [_sharpness(ctx, t) for t in runs[label]] for label in runs}
     return runs, meas
 
@@ -279,7 +279,7 @@ def _sb_lb_tables(runs: dict, meas: dict, stats: dict) -> tuple[Table, Table]:
 def _batch_size_sweep(ctx: Context, seeds: list[int], numbers: dict) -> dict:
     """Sharpness against batch size (first seed): values and rank correlations (into ``numbers``) and the figure."""
     batch_sizes = _batch_sizes(ctx)
-    bs_runs = ctx.train_many(NAME, [_config(ctx, b, seeds[0]) for b in batch_sizes])
+    bs_runs = ctx.train_many(NAME, [config(ctx, b, seeds[0]) for b in batch_sizes])
     bs_meas = [_sharpness(ctx, t, subspace=False) for t in bs_runs]
     bs_keskar = [m["keskar"] for m in bs_meas]
     bs_eig = [m["top_eig"] for m in bs_meas]
@@ -481,7 +481,7 @@ def _conv_net(ctx: Context, seeds: list[int]) -> dict:
     at batch 1024 it trains more slowly than the MLP.
     """
     runs = {
-        label: ctx.train_many(NAME, [_config(ctx, b, s, model="cnn1d") for s in seeds])
+        label: ctx.train_many(NAME, [config(ctx, b, s, model="cnn1d") for s in seeds])
         for label, b in (("SB", SB), ("LB", LB))
     }
     meas = {label: [_sharpness(ctx, t, subspace=False) for t in runs[label]] for label in runs}

@@ -28,10 +28,6 @@ from ..report import Figure, Finding, Section, Table
 from . import keskar2017large as keskar
 from ._common import Context, PaperResult, intro, mean_sd, paired, verdict
 
-# tests/test_papers_landscape.py::test_paired_verdict still reads ``li._paired``; drop this alias once it
-# imports ``lrbs.papers._common.paired``.
-_paired = paired
-
 NAME = "li2018visualizing"
 TITLE = "Visualizing the loss landscape: flat vs sharp minima, depth and skip connections (Li et al. 2018)"
 
@@ -126,7 +122,7 @@ def _start_all(ctx: Context, seeds: list[int]) -> None:
         for _, depth, skip in variants
     ]
     mlps = [
-        ctx.train_many(keskar.NAME, [keskar._config(ctx, b, s) for s in seeds], wait=False)
+        ctx.train_many(keskar.NAME, [keskar.config(ctx, b, s) for s in seeds], wait=False)
         for b in (keskar.SB, keskar.LB)
     ]
     for p in (p for group in mlps for p in group):
@@ -178,8 +174,8 @@ def run(ctx: Context) -> PaperResult:
 def _train_sb_lb(ctx: Context, seeds: list[int]) -> tuple[dict, dict]:
     """The Keskar section's SB and LB MLP runs and their surfaces."""
     runs = {
-        "SB": ctx.train_many(keskar.NAME, [keskar._config(ctx, keskar.SB, s) for s in seeds]),
-        "LB": ctx.train_many(keskar.NAME, [keskar._config(ctx, keskar.LB, s) for s in seeds]),
+        "SB": ctx.train_many(keskar.NAME, [keskar.config(ctx, keskar.SB, s) for s in seeds]),
+        "LB": ctx.train_many(keskar.NAME, [keskar.config(ctx, keskar.LB, s) for s in seeds]),
     }
     surf = {k: [_surface(ctx, t, "mlp") for t in v] for k, v in runs.items()}
     return runs, surf
