@@ -917,9 +917,6 @@ def _store_result(store: Any, run_key: str, result: FitResult) -> None:
     store.finish_run(run_key, result.status, result=jsonable(result.to_dict()), metrics=rows)
 
 
-_jsonable = jsonable  # kept for sweep.py until it imports lrbs._util.jsonable (the one JSON rule)
-
-
 # --------------------------------------------------------------------------- config-driven training
 def _opt(default: Any, cli: str | None, help: str, *, factory: Callable | None = None) -> Any:
     """A :class:`TrainConfig` field: its default, the kind of its CLI flag (None: no flag) and its help text."""

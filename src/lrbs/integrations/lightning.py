@@ -127,6 +127,8 @@ class LrbsCallback(_L.pytorch.Callback):
         DependencyError: lightning missing or older than :data:`MIN_LIGHTNING`.
     """
 
+    # The keywords mirror Monitor's on purpose: each framework's callback shows its full signature (help,
+    # IDEs) and forwards it unchanged; the shared logic lives in monitor.Monitor.
     def __init__(
         self,
         noise_scale: bool = True,
