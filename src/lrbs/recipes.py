@@ -98,7 +98,18 @@ class BatchCoupledLR(Schedule):
         return sorted(set(self.base._breaks(horizon)) | set(self.batch_size._breaks(horizon)))
 
 
-def _as_schedule(name: str, value: Any) -> Schedule:
+def _schedule_object(name: str, value: Any) -> Schedule:
+    """``value`` as a :class:`~lrbs.schedules.Schedule` object: a Schedule unchanged, a number ``>= 0`` as
+    :func:`~lrbs.schedules.constant`.
+
+    Unlike :func:`lrbs.train.as_schedule`, which gives ``fit`` a plain ``step -> value`` callable and accepts any
+    callable, the recipes need a Schedule object (its algebra ``k * base``, :func:`~lrbs.schedules.warmup`, its
+    break points), so a plain callable is refused here.
+
+    Raises:
+        LrbsTypeError: ``value`` is neither a number nor a Schedule (a bool or a plain callable included).
+        ConfigError: a negative number.
+    """
     if isinstance(value, Schedule):
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -164,7 +175,7 @@ def linear_scaling(
         decay = check_choice("decay", decay, DECAYS)
     if total_steps is not None:
         total_steps = check_int("total_steps", total_steps, low=1)
-    base = _as_schedule("lr", lr)
+    base = _schedule_object("lr", lr)
     if isinstance(batch_size, Schedule):
         return _batch_coupled(base, batch_size, base_batch_size, rule, warmup_steps, decay)
     batch_size = check_int("batch_size", batch_size, low=1)
