@@ -732,31 +732,28 @@ class _FitLoop:
         return row
 
     def run(self, dataset, test_data, callbacks, store, checkpoint, progress, extra) -> FitResult:
+        """Train (in the store's run of the config, when a store is given) and write the result to the store."""
         cfg = self.config(dataset, extra)
         sets = self.eval_sets(test_data)
-        run_key = store.start_run(cfg, kind="fit") if store is not None else None
+        if store is None:
+            return self.fit(cfg, sets, callbacks, checkpoint, progress, None)
+        with store.run(cfg, "fit") as run:  # an exception marks the run failed and is re-raised
+            result = self.fit(cfg, sets, callbacks, checkpoint, progress, run.key)
+            run.finish(result.status, result=jsonable(result.to_dict()), metrics=metric_rows(result))
+        return result
+
+    def fit(self, cfg, sets, callbacks, checkpoint, progress, run_key: str | None) -> FitResult:
+        """The timed training, the final metrics and the checkpoint of a completed run."""
         t_start = time.perf_counter()
-        try:
-            with progress_bar(
-                "fit", self.total_steps_est, enabled=progress, fields={"loss": "loss nan"}
-            ) as bar:
-                status, diverged_at, rows, evals = self.train(sets, callbacks, bar)
-        except BaseException as e:
-            if store is not None and run_key is not None:
-                store.fail_run(run_key, f"{type(e).__name__}: {e}")
-            raise
+        with progress_bar("fit", self.total_steps_est, enabled=progress, fields={"loss": "loss nan"}) as bar:
+            status, diverged_at, rows, evals = self.train(sets, callbacks, bar)
         wall = time.perf_counter() - t_start
-        final = {k: v for k, v in (evals[-1] if evals else {}).items() if isinstance(v, (int, float))}
-        if status == "diverged":
-            final = {"train_loss": float("nan"), "diverged_at": diverged_at, "step": diverged_at}
+        final = final_metrics(status, diverged_at, evals)
         if checkpoint is not None and status == "completed":
             save_checkpoint(self.model, checkpoint, meta={"lrbs": "fit"})
-        result = FitResult(
+        return FitResult(
             status, history_of(rows, self.precision), evals, final, wall, cfg, diverged_at, run_key
         )
-        if store is not None and run_key is not None:
-            _store_result(store, run_key, result)
-        return result
 
     def train(self, sets, callbacks, bar) -> tuple[str, int | None, list[tuple], list[dict]]:
         """The loop (in a forked RNG seeded by ``seed``); returns status, diverged_at, history rows, evals."""
@@ -903,18 +900,28 @@ def _xy(batch: Any) -> tuple[Any, Any]:
     return None, None
 
 
-def _store_result(store: Any, run_key: str, result: FitResult) -> None:
-    history = result.history
-    rows = [(int(s), "batch_loss", float(v)) for s, v in zip(history["step"], history["loss"])]
-    rows += [(int(s), "lr", float(v)) for s, v in zip(history["step"], history["lr"])]
-    rows += [(int(s), "batch_size", float(v)) for s, v in zip(history["step"], history["batch_size"])]
+def final_metrics(status: str, diverged_at: int | None, evals: list[dict]) -> dict[str, Any]:
+    """A fit's ``final``: the last evaluation's numbers; for a diverged run NaN loss and the step it diverged."""
+    if status == "diverged":
+        return {"train_loss": float("nan"), "diverged_at": diverged_at, "step": diverged_at}
+    return {k: v for k, v in (evals[-1] if evals else {}).items() if isinstance(v, (int, float))}
+
+
+def metric_rows(result: FitResult, series: tuple[str, ...] = ()) -> list[tuple[int, str, float]]:
+    """A fit's metric rows ``(step, name, value)`` for the store: the per-step history as ``batch_loss``, ``lr``,
+    ``batch_size`` (and the history columns ``series``), then every number of each evaluation.
+
+    The per-step mini-batch loss has its own name: evaluation rows (``train_loss``, ...) at the same steps must
+    not overwrite it.
+    """
+    history, steps = result.history, result.history["step"]
+    names = (("batch_loss", "loss"), ("lr", "lr"), ("batch_size", "batch_size"), *((s, s) for s in series))
+    rows = [(int(s), name, float(v)) for name, col in names for s, v in zip(steps, history[col])]
     for e in result.evals:
         rows += [
-            (int(e["step"]), k, float(v))
-            for k, v in e.items()
-            if k not in ("step",) and isinstance(v, (int, float))
+            (int(e["step"]), k, float(v)) for k, v in e.items() if k != "step" and isinstance(v, (int, float))
         ]
-    store.finish_run(run_key, result.status, result=jsonable(result.to_dict()), metrics=rows)
+    return rows
 
 
 # --------------------------------------------------------------------------- config-driven training
