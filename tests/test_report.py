@@ -514,7 +514,7 @@ def test_plot_fit_single_axes_and_fitresult_plot():
     fig = plot_fit(fake_fit(0.1, 32), ax=ax, smooth=0.0)
     assert fig is ax.figure and len(fig.axes) == 2  # accuracy on a twin axis
     np.testing.assert_array_equal(_lines(ax)[0].get_ydata(), fake_fit(0.1, 32).history["loss"])
-    assert fake_fit(0.1, 32).plot().axes[0].get_legend().get_texts()[0].get_text() == "lr=0.1, B=32"
+    assert fake_fit(0.1, 32).plot().get_legend().get_texts()[0].get_text() == "lr=0.1, B=32"
 
 
 def test_plot_curves_bars_heatmap():

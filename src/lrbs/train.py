@@ -142,6 +142,7 @@ class FitResult:
     run_key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        # the fields a store keeps (not the arrays); like landscape.Direction.settings, a plain field list
         return {
             "status": self.status,
             "final": self.final,
@@ -151,11 +152,22 @@ class FitResult:
             "evals": self.evals,
         }
 
-    def plot(self, ax=None):
-        """Training loss per step and test accuracy per evaluation."""
+    def plot(self, ax: Any = None) -> Any:
+        """Training loss per step and test accuracy per evaluation (:func:`lrbs.report.figures.plot_fit`).
+
+        Args:
+            ax: None (a new figure: loss and accuracy panels), a pair of Axes, or one Axes (accuracy on a twin
+                y axis).
+
+        Returns:
+            The loss Axes, like every result's ``.plot()`` (its ``.figure`` holds the accuracy panel too).
+        """
         from .report.figures import plot_fit
 
-        return plot_fit(self, ax=ax)
+        fig = plot_fit(self, ax=ax)
+        if ax is None:
+            return fig.axes[0]  # the new figure's panels: [loss, accuracy]
+        return ax[0] if isinstance(ax, (list, tuple, np.ndarray)) else ax
 
 
 # --------------------------------------------------------------------------- checkpoints
