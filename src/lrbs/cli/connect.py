@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .._util import atomic_write, dumps
+    from .._util import atomic_write, dumps, fmt
     from ..connectivity import auto_neb, fit_curve, linear_path
     from ..errors import check_choice
     from ..objective import Objective
@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
         if bars is not None:
             table.add_row(
                 split,
-                *(f"{bars[k]:.4g}" for k in ("max_loss", "max_minus_mean", "max_above_chord")),
-                f"{path.length:.4g}",
+                *(fmt(bars[k]) for k in ("max_loss", "max_minus_mean", "max_above_chord")),
+                fmt(path.length),
             )
     Console().print(table)
     Console().print(f"bn={path.settings['bn']}  samples={path.settings['num_samples']}  points={len(path.t)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .._util import fmt
 from ._common import add_zoo_data_options
 
 #: The flags recorded in the run's config under the same name.
@@ -106,9 +107,7 @@ def _metric_rows(res: Any) -> list[tuple[int, str, float]]:
 
 def _stop_text(res: Any) -> str:
     if res.stopped_early:
-        return (
-            f"stopped at lr={res.lrs[res.diverged_at]:.3g} ({res.stop_reason}, iteration {res.diverged_at})"
-        )
+        return f"stopped at lr={fmt(res.lrs[res.diverged_at], digits=3)} ({res.stop_reason}, iteration {res.diverged_at})"
     return f"ran all {len(res.lrs)} iterations"
 
 
@@ -125,16 +124,16 @@ def _print_suggestions(console: Any, sug: Any, repeats: int) -> None:
         for col in ("min", "max", "geo sd"):
             table.add_column(col, justify="right")
     for m in SUGGESTION_METHODS:
-        row = [m, f"{sug.lrs[m]:.3g}"]
+        row = [m, fmt(sug.lrs[m], digits=3)]
         if repeats > 1:
             sp = sug.spread[m]
             geo_sd = "-" if sp["geo_sd"] is None else f"{sp['geo_sd']:.2f}"
-            row += [f"{sp['min']:.3g}", f"{sp['max']:.3g}", geo_sd]
+            row += [fmt(sp["min"], digits=3), fmt(sp["max"], digits=3), geo_sd]
         table.add_row(*row)
     console.print(table)
     agree = "agree" if sug.agree else "disagree"
     console.print(f"the suggestions {agree} (max/min = {sug.ratio:.2f}; they agree when <= 3)")
-    console.print(f"[bold]recommended lr: {sug.recommended:.3g}[/]  because {sug.reason}")
+    console.print(f"[bold]recommended lr: {fmt(sug.recommended, digits=3)}[/]  because {sug.reason}")
 
 
 def _print_bounds(console: Any, res: Any) -> None:
@@ -142,6 +141,8 @@ def _print_bounds(console: Any, res: Any) -> None:
 
     try:
         base, top = res.lr_bounds()
-        console.print(f"cyclic / one-cycle bounds: base_lr={base:.3g}, max_lr={top:.3g}")
+        console.print(
+            f"cyclic / one-cycle bounds: base_lr={fmt(base, digits=3)}, max_lr={fmt(top, digits=3)}"
+        )
     except ConfigError as e:
         console.print(f"no cyclic bounds: {e}")

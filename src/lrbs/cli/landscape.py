@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from .._util import fmt
     from ..errors import ConfigError, check_int, check_positive
     from ..landscape import landscape_2d, nonconvexity, random_direction
     from ..objective import Objective
@@ -61,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
     table.add_column("value", justify="right")
     centre = land.loss[int(np.argmin(np.abs(coords))), int(np.argmin(np.abs(coords)))]
     table.add_row("grid", f"{grid} x {grid} on [-{rng:g}, {rng:g}]")
-    table.add_row("centre loss", f"{centre:.4g}")
-    table.add_row("min / max loss", f"{np.nanmin(land.loss):.4g} / {np.nanmax(land.loss):.4g}")
+    table.add_row("centre loss", fmt(centre))
+    table.add_row("min / max loss", f"{fmt(np.nanmin(land.loss))} / {fmt(np.nanmax(land.loss))}")
     if grid >= 3:
         nc = nonconvexity(land)
         table.add_row("non-convex fraction (low-loss region)", f"{nc.fraction_negative:.3f}")

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from .._util import fmt
     from ..noise_scale import noise_scale
     from ._common import batch_size_for, load_data, load_model
 
@@ -74,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
     table = Table(title=f"lrbs noise-scale: {args.model} on {data.name}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    table.add_row("B_simple = tr(Sigma)/|G|^2", f"{res.b_simple:.4g}")
-    table.add_row(f"{res.confidence:.0%} CI (bootstrap)", f"{res.ci_low:.4g} .. {res.ci_high:.4g}")
-    table.add_row("|G|^2", f"{res.grad_sq:.4g}")
-    table.add_row("tr(Sigma)", f"{res.trace_sigma:.4g}")
+    table.add_row("B_simple = tr(Sigma)/|G|^2", fmt(res.b_simple))
+    table.add_row(f"{res.confidence:.0%} CI (bootstrap)", f"{fmt(res.ci_low)} .. {fmt(res.ci_high)}")
+    table.add_row("|G|^2", fmt(res.grad_sq))
+    table.add_row("tr(Sigma)", fmt(res.trace_sigma))
     table.add_row("B_s / B_b / estimates", f"{res.small_batch} / {res.big_batch} / {res.num_estimates}")
     table.add_row("bn / samples", f"{res.settings['bn']} / {res.settings['num_samples']}")
     console.print(table)

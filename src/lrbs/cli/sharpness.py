@@ -4,7 +4,6 @@ models and datasets or the user's own (``--model pkg.module:factory``, ``--data 
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Any
 
 from ._common import add_train_options, config_from_args, json_dict
@@ -48,12 +47,6 @@ def _measures(args: argparse.Namespace) -> list[str]:
         if name not in MEASURES:
             raise unknown_name("measure", name, MEASURES)
     return names
-
-
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,6 +122,8 @@ def _table(report: Any, model: str, data_name: str, key: str | None) -> Any:
     """The measures of ``report`` as one table (value, stderr, options, seconds)."""
     from rich.table import Table
 
+    from .._util import fmt
+
     s = report.settings
     table = Table(
         title=f"lrbs sharpness: {model} on {data_name} ({s['num_samples']} samples, "
@@ -144,7 +139,7 @@ def _table(report: Any, model: str, data_name: str, key: str | None) -> Any:
         table.add_column(col, justify=justify)
     for row in report.rows():
         opts = ", ".join(f"{k}={v}" for k, v in row["options"].items() if k != "seed")
-        table.add_row(row["measure"], _fmt(row["value"]), _fmt(row["stderr"]), opts, _fmt(row["seconds"]))
+        table.add_row(row["measure"], fmt(row["value"]), fmt(row["stderr"]), opts, fmt(row["seconds"]))
     if key:
         table.caption = f"store key {key[:16]}"
     return table

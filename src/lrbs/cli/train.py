@@ -85,11 +85,13 @@ def _table(result, model: str, data_name: str):
     """The final metrics, the wall time and the store key as one table."""
     from rich.table import Table
 
+    from .._util import fmt
+
     table = Table(title=f"lrbs train: {model} on {data_name} ({result.status})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in result.final.items():
-        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+        table.add_row(k, fmt(v))
     table.add_row("wall time (s)", f"{result.wall_time:.1f}")
     if result.run_key:
         table.add_row("store key", result.run_key[:16])
