@@ -44,6 +44,30 @@ and restored. With ``restore=False`` the model and optimizer are left where the 
 an accelerator, up to 15 steps past the stop point, since divergence is checked every 16 steps there); the
 random states are restored either way.
 
+**Data.** ``data`` is anything :func:`lrbs.batches.as_source` takes. Indexable data (an lrbs ``Dataset`` (its
+train split), a ``Split``, ``(x, y)`` / ``(x1, ..., xk, y)`` tensors or a dict of tensors (moved to the model's
+device once), a ``TensorDataset``, a map-style ``Dataset``) is sampled in seeded batches of ``batch_size``
+without replacement; a DataLoader, a list of batches or an ``IterableDataset`` (batched by ``batch_size``) gives
+its own batches, cycled if it has fewer than ``num_iter x accumulation_steps``. ``val_data`` costs a pass over
+it per iteration (torch-lr-finder's validation mode).
+
+**Precision.** ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (CUDA): autocast, and for ``16-mixed`` a
+GradScaler; a step it skips (non-finite gradients) is not an lr step: the same lr is tried again, and after 10
+skips in a row the sweep stops as ``"non-finite"``. The training step is :class:`lrbs.step.TrainStep`, the one
+``fit`` uses.
+
+**Example.**
+
+    >>> from lrbs.data import load_dataset
+    >>> from lrbs.models import build_model
+    >>> ds = load_dataset("blobs", n_train=256, n_test=64, num_features=4, num_classes=3)
+    >>> model = build_model("mlp", dataset=ds, depth=2, width=16)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    >>> res = lr_range_test(model, opt, data=ds, start_lr=1e-4, end_lr=10, num_iter=50)
+    >>> lr, why = res.recommended()
+    >>> 1e-4 < lr < 10
+    True
+
 References:
     Smith. Cyclical Learning Rates for Training Neural Networks. WACV 2017 (arXiv 1506.01186).
     Smith. A disciplined approach to neural network hyper-parameters: Part 1. 2018 (arXiv 1803.09820).
@@ -272,15 +296,19 @@ class RangeTestSweep:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able (non-finite losses become None)."""
-        return {
-            "lrs": [float(x) for x in self.lrs],
-            "losses": _finite_or_none(self.losses),
-            "smoothed": _finite_or_none(self.smoothed),
-            "stopped_early": self.stopped_early,
-            "diverged_at": self.diverged_at,
-            "stop_reason": self.stop_reason,
-            "seed": self.seed,
-        }
+        return {**_curve_dict(self), "seed": self.seed}
+
+
+def _curve_dict(sw: RangeTestSweep | RangeTestResult) -> dict[str, Any]:
+    """The curve fields a sweep and a result share, JSON-able (non-finite losses become None)."""
+    return {
+        "lrs": [float(x) for x in sw.lrs],
+        "losses": _finite_or_none(sw.losses),
+        "smoothed": _finite_or_none(sw.smoothed),
+        "stopped_early": sw.stopped_early,
+        "diverged_at": sw.diverged_at,
+        "stop_reason": sw.stop_reason,
+    }
 
 
 @dataclass(frozen=True)
@@ -541,12 +569,7 @@ class RangeTestResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: the curves, the settings, and the suggestions (or why there are none)."""
         out: dict[str, Any] = {
-            "lrs": [float(x) for x in self.lrs],
-            "losses": _finite_or_none(self.losses),
-            "smoothed": _finite_or_none(self.smoothed),
-            "stopped_early": self.stopped_early,
-            "diverged_at": self.diverged_at,
-            "stop_reason": self.stop_reason,
+            **_curve_dict(self),
             "settings": copy.deepcopy(self.settings),
             "sweeps": [sw.to_dict() for sw in self.sweeps[1:]],
             "wall_time": self.wall_time,
@@ -815,8 +838,8 @@ def lr_range_test(
 ) -> RangeTestResult:
     r"""Run the LR range test (Smith 2017): train briefly while the learning rate grows, and record the loss.
 
-    The lr schedule, the smoothing, the stop rule and what ``restore`` puts back are in the module docstring
-    (**The sweep**).
+    The lr schedule, the smoothing, the stop rule, what ``restore`` puts back, the data kinds, the precisions
+    and an example are in the module docstring (**The sweep**, **Data**, **Precision**, **Example**).
 
     Args:
         model: the model to train (in train mode during the sweep).
@@ -824,38 +847,27 @@ def lr_range_test(
             too); its own lr only sets the ratios between param groups.
         loss_fn: ``loss_fn(output, y)`` for tuple batches / ``loss_fn(output, batch)`` for mappings, mean
             reduction; default cross-entropy (tuples) or the model's own loss (mappings, e.g. HF ``output.loss``).
-        data: anything :func:`lrbs.batches.as_source` takes. Indexable data (an lrbs ``Dataset`` (its train
-            split), a ``Split``, ``(x, y)`` / ``(x1, ..., xk, y)`` tensors or a dict of tensors (moved to the model's
-            device once), a ``TensorDataset``, a map-style ``Dataset``) is sampled in seeded batches of
-            ``batch_size`` without replacement; a DataLoader, a list of batches or an ``IterableDataset`` (batched
-            by ``batch_size``) gives its own batches, cycled if it has fewer than ``num_iter x accumulation_steps``.
+        data: anything :func:`lrbs.batches.as_source` takes (module docstring, **Data**).
         start_lr, end_lr: the range, ``0 < start_lr < end_lr``.
         num_iter: the number of iterations N, >= 10.
         mode: ``"exp"`` (geometric) or ``"linear"``.
         smoothing: the EMA's :math:`\beta` in ``[0, 1)``; 0 turns smoothing off.
         diverge_factor: stop when the smoothed loss exceeds this multiple of its minimum (> 1); None stops
             only on a non-finite loss.
-        val_data: if given, the loss recorded after each step is the full loss on this data, in eval mode
-            (costs a pass over it per iteration; torch-lr-finder's validation mode).
+        val_data: if given, the loss recorded after each step is the full loss on this data, in eval mode.
         accumulation_steps: batches per iteration and one optimizer step, so the lr changes once per optimizer
             step; each loss is divided by this (with ``batch_weight``: weighted by ``w_b / sum w``).
-        batch_size: batch size for indexable data and a bare ``IterableDataset`` (default 64); with a DataLoader,
-            its own (another value is an error).
-        repeats: sweeps from the same starting point over different data orders (seeds ``seed + r``);
-            suggestions become medians with a spread.
-        restore: put everything back afterwards (see above).
+        batch_size: for indexable data and a bare ``IterableDataset`` (default 64); a DataLoader's own.
+        repeats: sweeps from the same start over data orders ``seed + r``; suggestions become medians.
+        restore: put everything back afterwards (module docstring).
         seed: seeds the data order and any randomness in the model (dropout) of the first sweep.
         compute_loss: ``compute_loss(model, batch) -> scalar tensor`` for any batch (HF Trainer's name).
         batch_weight: ``batch_weight(batch) -> float``, a batch's weight under accumulation and in the
             validation mean (default: its number of samples).
-        precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (CUDA): autocast, and for ``16-mixed`` a
-            GradScaler; a step it skips (non-finite gradients) is not an lr step: the same lr is tried again, and
-            after 10 skips in a row the sweep stops as ``"non-finite"``. The training step is
-            :class:`lrbs.step.TrainStep`, the one ``fit`` uses.
+        precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (CUDA; module docstring, **Precision**).
 
     Returns:
-        A :class:`RangeTestResult`: ``suggest()``, ``suggestions()``, ``recommended()``, ``lr_bounds()``,
-        ``plot()``, ``to_dict()``.
+        A :class:`RangeTestResult`: ``suggest()``, ``suggestions()``, ``recommended()``, ``lr_bounds()``, ``plot()``.
 
     Raises:
         LrbsTypeError: ``model`` is not a module, ``optimizer`` not an optimizer, ``data`` of an unknown kind.
@@ -863,20 +875,68 @@ def lr_range_test(
             mode, ``smoothing`` outside ``[0, 1)``, ``diverge_factor <= 1``, ``accumulation_steps < 1``,
             ``repeats < 1``, empty data, a precision outside the three names or ``16-mixed`` without CUDA, a
             batch size larger than the data, or an optimizer holding parameters that are not the model's.
-
-    Example:
-        >>> from lrbs.data import load_dataset
-        >>> from lrbs.models import build_model
-        >>> ds = load_dataset("blobs", n_train=256, n_test=64, num_features=4, num_classes=3)
-        >>> model = build_model("mlp", dataset=ds, depth=2, width=16)
-        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        >>> res = lr_range_test(model, opt, data=ds, start_lr=1e-4, end_lr=10, num_iter=50)
-        >>> lr, why = res.recommended()
-        >>> 1e-4 < lr < 10
-        True
     """
     t0 = time.perf_counter()
     _check_model_optimizer(model, optimizer)
+    lr_range = (start_lr, end_lr, num_iter, mode)
+    opts = _check_options(
+        lr_range, smoothing, diverge_factor, accumulation_steps, repeats, seed, batch_size, restore
+    )
+    device = model_device(model)
+    precision = check_precision(precision, device)
+    batch_loss = BatchLoss(loss_fn, compute_loss, batch_weight)
+    sweep = _build_sweep(model, optimizer, batch_loss, data, val_data, opts, device, precision)
+    sweeps = _run_sweeps(sweep, opts.repeats, opts.restore, opts.seed)
+    settings = _settings(opts, sweep, data, (_loss_name(loss_fn, compute_loss), batch_weight))
+    return _result(sweeps, settings, t0)
+
+
+def _result(sweeps: list[RangeTestSweep], settings: dict[str, Any], t0: float) -> RangeTestResult:
+    """The result: the first sweep's curves, all sweeps, the settings and the seconds since ``t0``."""
+    first = sweeps[0]
+    return RangeTestResult(
+        lrs=first.lrs,
+        losses=first.losses,
+        smoothed=first.smoothed,
+        stopped_early=first.stopped_early,
+        diverged_at=first.diverged_at,
+        stop_reason=first.stop_reason,
+        settings=settings,
+        sweeps=tuple(sweeps),
+        wall_time=time.perf_counter() - t0,
+    )
+
+
+@dataclass(frozen=True)
+class _Options:
+    """lr_range_test's checked numeric options (``beta``: smoothing, ``factor``: diverge_factor)."""
+
+    start_lr: float
+    end_lr: float
+    num_iter: int
+    mode: str
+    beta: float
+    factor: float | None
+    accum: int
+    repeats: int
+    seed: int
+    batch_size: int | None
+    restore: bool
+
+
+def _check_options(
+    lr_range: tuple[Any, Any, Any, Any],
+    smoothing: Any,
+    diverge_factor: Any,
+    accumulation_steps: Any,
+    repeats: Any,
+    seed: Any,
+    batch_size: Any,
+    restore: Any,
+) -> _Options:
+    """Check lr_range_test's options (``lr_range``: start_lr, end_lr, num_iter, mode), in the order of its
+    signature (the first bad one is named)."""
+    start_lr, end_lr, num_iter, mode = lr_range
     start_lr = check_positive("start_lr", start_lr)
     end_lr = check_positive("end_lr", end_lr)
     if start_lr >= end_lr:
@@ -894,20 +954,31 @@ def lr_range_test(
         batch_size = check_int("batch_size", batch_size, low=1)
     if not isinstance(restore, bool):
         raise LrbsTypeError(f"restore={restore!r} is not allowed: must be True or False")
-    device = model_device(model)
-    precision = check_precision(precision, device)
-    batch_loss = BatchLoss(loss_fn, compute_loss, batch_weight)
-    source, b = _source(data, batch_size, device)
+    return _Options(start_lr, end_lr, num_iter, mode, beta, factor, accum, repeats, seed, batch_size, restore)
+
+
+def _build_sweep(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch_loss: BatchLoss,
+    data: Any,
+    val_data: Any,
+    opts: _Options,
+    device: torch.device,
+    precision: str,
+) -> _Sweep:
+    """The data source, the validation set, the group ratios and the lr of each iteration, in one _Sweep."""
+    source, b = _source(data, opts.batch_size, device)
     val = None
     if val_data is not None:
-        val = EvalSet(val_data, 1024, device, name="val_data", seed=seed)
+        val = EvalSet(val_data, 1024, device, name="val_data", seed=opts.seed)
     base = float(optimizer.param_groups[0]["lr"])
     ratios = [
         float(g["lr"]) / base if base > 0 and math.isfinite(base) else 1.0 for g in optimizer.param_groups
     ]
-    lrs = _sweep_lrs(start_lr, end_lr, num_iter, mode)
+    lrs = _sweep_lrs(opts.start_lr, opts.end_lr, opts.num_iter, opts.mode)
     sync_every = 1 if device.type == "cpu" or val is not None else 16
-    sweep = _Sweep(
+    return _Sweep(
         model,
         optimizer,
         batch_loss,
@@ -917,66 +988,40 @@ def lr_range_test(
         precision,
         lrs,
         ratios,
-        beta,
-        factor,
-        accum,
+        opts.beta,
+        opts.factor,
+        opts.accum,
         val,
         sync_every,
     )
-    sweeps = _run_sweeps(sweep, repeats, restore, seed)
-    settings = _settings(locals(), b, beta, factor, accum, val, ratios, device, precision)
-    first = sweeps[0]
-    return RangeTestResult(
-        lrs=first.lrs,
-        losses=first.losses,
-        smoothed=first.smoothed,
-        stopped_early=first.stopped_early,
-        diverged_at=first.diverged_at,
-        stop_reason=first.stop_reason,
-        settings=settings,
-        sweeps=tuple(sweeps),
-        wall_time=time.perf_counter() - t0,
-    )
 
 
-def _settings(
-    kw: dict[str, Any],
-    b: int | None,
-    beta: float,
-    factor: float | None,
-    accum: int,
-    val: Any,
-    ratios: list[float],
-    device: torch.device,
-    precision: str,
-) -> dict[str, Any]:
-    """The range test's recorded settings (``kw``: lr_range_test's checked arguments)."""
-    start_lr, end_lr, num_iter, mode = kw["start_lr"], kw["end_lr"], kw["num_iter"], kw["mode"]
-    repeats, restore, seed, data = kw["repeats"], kw["restore"], kw["seed"], kw["data"]
-    optimizer, model, loss_fn, compute_loss = kw["optimizer"], kw["model"], kw["loss_fn"], kw["compute_loss"]
-    batch_weight = kw["batch_weight"]
+def _settings(opts: _Options, sweep: _Sweep, data: Any, names: tuple[str, Callable | None]) -> dict[str, Any]:
+    """The range test's recorded settings (``names``: the loss's name and the batch_weight callable)."""
+    loss_name, batch_weight = names
+    b = sweep.batch_size
     settings = {
-        "start_lr": start_lr,
-        "end_lr": end_lr,
-        "num_iter": num_iter,
-        "mode": mode,
-        "smoothing": beta,
-        "diverge_factor": factor,
-        "accumulation_steps": accum,
+        "start_lr": opts.start_lr,
+        "end_lr": opts.end_lr,
+        "num_iter": opts.num_iter,
+        "mode": opts.mode,
+        "smoothing": opts.beta,
+        "diverge_factor": opts.factor,
+        "accumulation_steps": opts.accum,
         "batch_size": b if b is not None else getattr(data, "batch_size", None),
-        "repeats": repeats,
-        "restore": restore,
-        "seed": seed,
-        "validation": val is not None,
-        "optimizer": type(optimizer).__name__,
-        "group_ratios": ratios,
-        "loss_fn": _loss_name(loss_fn, compute_loss),
+        "repeats": opts.repeats,
+        "restore": opts.restore,
+        "seed": opts.seed,
+        "validation": sweep.val is not None,
+        "optimizer": type(sweep.opt).__name__,
+        "group_ratios": sweep.ratios,
+        "loss_fn": loss_name,
         "data": _describe_data(data),
-        "model": getattr(model, "lrbs_spec", {"name": type(model).__name__}),
-        "device": str(device),
+        "model": getattr(sweep.model, "lrbs_spec", {"name": type(sweep.model).__name__}),
+        "device": str(sweep.device),
     }
-    if precision != "32":
-        settings["precision"] = precision
+    if sweep.precision != "32":
+        settings["precision"] = sweep.precision
     if batch_weight is not None:
         settings["batch_weight"] = getattr(batch_weight, "__name__", type(batch_weight).__name__)
     return settings
