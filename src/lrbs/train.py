@@ -7,6 +7,10 @@ checkpoints and logging to a :class:`~lrbs.store.Store`. Forward, loss, backward
 passes, mixed precision and the optimizer step are the one training step, :class:`lrbs.step.TrainStep`.
 On CPU the same seed gives the same history, bit for bit. The caller's global random state is left untouched
 (the loop runs in a forked RNG).
+
+Indexable data is sampled by a seeded sampler (consecutive ``torch.randperm`` epochs; a batch may span two), so
+the batch size may change between steps; a loader yields its own batches, cycled, with its generators reseeded
+by ``seed`` and restored afterwards.
 """
 
 from __future__ import annotations
@@ -552,24 +556,19 @@ def fit(
 
     Args:
         model: the model to train (it is trained in place, like any training loop).
-        dataset: anything :func:`lrbs.batches.as_source` takes: an lrbs ``Dataset`` (train + test splits), a
-            ``Split``, ``(x, y)`` or ``(x1, ..., xk, y)`` tensors, a dict of tensors, a ``TensorDataset``, any
-            map-style ``Dataset`` (e.g. with transforms), an ``IterableDataset``, a ``DataLoader`` or a list of
-            batches. Indexable data is sampled by a seeded sampler (consecutive ``torch.randperm`` epochs; a batch
-            may span two), so the batch size may change between steps; a loader yields its own batches, cycled,
-            with its generators reseeded by ``seed`` and restored afterwards.
+        dataset: anything :func:`lrbs.batches.as_source` takes (sampling: the module docstring): an lrbs
+            ``Dataset`` (train + test splits), a ``Split``, ``(x, y)`` / ``(x1, ..., xk, y)`` / a dict of tensors,
+            a ``TensorDataset``, any map-style ``Dataset``, an ``IterableDataset``, a ``DataLoader``, batches.
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"sam"``, ``"asam"``, ``"lars"``, ``"lamb"``, an optimizer
             instance, or a callable ``params -> optimizer``.
         lr: a float or a schedule ``update -> lr`` (update 0 is the first optimizer step). With several param
             groups the schedule sets the first group and the others keep their ratio to it.
-        batch_size: an int or a schedule ``update -> int`` for indexable data (default 128); a bare
-            ``IterableDataset`` is batched by it; with a DataLoader or a list of batches leave it None (the
-            loader's batches are used; a different value is an error).
+        batch_size: an int or a schedule ``update -> int`` (default 128; also batches a bare ``IterableDataset``);
+            None with a DataLoader or a list of batches (theirs are used; another value is an error).
         steps, epochs: the length of training; exactly one of them. ``steps`` counts iterations (batches
             drawn); ``epochs`` stops once ``epochs * len(train)`` samples were seen (needs data of known size).
-        momentum, weight_decay, rho: SGD momentum (or Adam's beta1; a float or a schedule), L2 weight decay,
-            SAM's neighbourhood size (``"sam"`` / ``"asam"``).
-        optimizer_opts: extra options of a named optimizer (e.g. ``{"base": "adam"}`` for SAM on Adam).
+        momentum, weight_decay, rho, optimizer_opts: SGD momentum (or Adam's beta1; a float or a schedule), L2
+            weight decay, SAM's neighbourhood size; extra options of a named optimizer (``{"base": "adam"}``).
         seed: seeds the data order (and dropout, inside a forked RNG).
         eval_every, eval_batch_size, eval_max_samples: evaluate every this many steps (default: about 20 per
             run) and at the end, in batches of this size, on a fixed seeded subset of this many samples (default:
@@ -579,19 +578,18 @@ def fit(
         loss_fn: ``loss_fn(output, y)`` for tuple batches / ``loss_fn(output, batch)`` for mappings, mean
             reduction; default cross-entropy (tuples) or the model's own loss (mappings).
         compute_loss: ``compute_loss(model, batch) -> scalar tensor`` for any batch (HF Trainer's name).
-        batch_weight: ``batch_weight(batch) -> float``: a batch's weight in means and micro-batch scales
+        batch_weight: ``batch_weight(batch) -> float``, a batch's weight in means and micro-batch scales
             (default: its number of samples).
         precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (CUDA; a GradScaler whose skipped steps are not
             LR steps: the schedules index applied updates; the history gets an ``applied`` column).
         clip_grad_norm: clip the gradient's global 2-norm to this before each step.
         test_data, callbacks: evaluation data when ``dataset`` has no test split; :class:`Callback` objects.
-        store, checkpoint: a :class:`~lrbs.store.Store` (the run, its metrics and its final result are written to
-            it); a path for the final weights (safetensors).
+        store, checkpoint: a :class:`~lrbs.store.Store` (run, metrics, result); final weights (safetensors).
         progress, config: show a progress bar; extra JSON-able entries for the result's config.
 
     Returns:
-        A :class:`FitResult`; a non-finite loss ends the run with ``status="diverged"`` (it never raises).
-        Evaluation rows hold ``train_acc`` / ``test_acc`` only where accuracy is defined.
+        A :class:`FitResult` (``status="diverged"`` after a non-finite loss: it never raises); evaluation rows
+        hold ``train_acc`` / ``test_acc`` only where accuracy is defined.
 
     Raises:
         ConfigError / LrbsTypeError: invalid arguments (checked before anything is trained).
