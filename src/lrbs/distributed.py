@@ -403,9 +403,10 @@ class _DDPRun:
         """Wrap the model in DDP, run the loop and write the result (rank 0) to the store and the checkpoint."""
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        from ._util import jsonable
         from .batches import BatchLoss
         from .step import TrainStep
-        from .train import FitResult, make_optimizer, save_checkpoint
+        from .train import make_optimizer, metric_rows
 
         cfg, device = self.cfg, self.device
         self.ddp = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -426,31 +427,31 @@ class _DDPRun:
         self.batch_loss = BatchLoss()
         self.train_step = TrainStep(self.ddp, opt, self.batch_loss, precision=self.precision, device=device)
         record = self.record(info)
-        db, own_db, run_key = _open_store(store, self.rank)
-        if db is not None:
-            run_key = db.start_run(record, kind="fit")
-        t_start = time.perf_counter()
+        db, own_db = _open_store(store, self.rank)
+        if db is None:
+            return self.fit(record, checkpoint, None)
         try:
-            status, diverged_at, hist, evals = self.loop()
-        except BaseException as e:
-            if db is not None:
-                db.fail_run(run_key, f"{type(e).__name__}: {e}")
-                if own_db:
-                    db.close()
-            raise
-        wall = time.perf_counter() - t_start
-        final = {k: v for k, v in (evals[-1] if evals else {}).items() if isinstance(v, (int, float))}
-        if status == "diverged":
-            final = {"train_loss": float("nan"), "diverged_at": diverged_at, "step": diverged_at}
-        history = {k: np.asarray(v) for k, v in hist.items()}
-        if checkpoint is not None and status == "completed" and self.rank == 0:
-            save_checkpoint(self.model, checkpoint, meta={"lrbs": "ddp_train"})
-        result = FitResult(status, history, evals, final, wall, record, diverged_at, run_key)
-        if db is not None:
-            _finish(db, run_key, result)
+            with db.run(record, "fit") as run:  # an exception marks the run failed and is re-raised
+                result = self.fit(record, checkpoint, run.key)
+                rows = metric_rows(result, series=("gns_b_simple",))
+                run.finish(result.status, result=jsonable(result.to_dict()), metrics=rows)
+        finally:
             if own_db:
                 db.close()
         return result
+
+    def fit(self, record: dict[str, Any], checkpoint: Any, run_key: str | None) -> Any:
+        """The timed loop, the final metrics and (rank 0) the checkpoint of a completed run: the FitResult."""
+        from .train import FitResult, final_metrics, save_checkpoint
+
+        t_start = time.perf_counter()
+        status, diverged_at, hist, evals = self.loop()
+        wall = time.perf_counter() - t_start
+        final = final_metrics(status, diverged_at, evals)
+        history = {k: np.asarray(v) for k, v in hist.items()}
+        if checkpoint is not None and status == "completed" and self.rank == 0:
+            save_checkpoint(self.model, checkpoint, meta={"lrbs": "ddp_train"})
+        return FitResult(status, history, evals, final, wall, record, diverged_at, run_key)
 
     def evaluate(self, step: int, samples: int, evals: list[dict]) -> None:
         from .train import evaluate
@@ -535,22 +536,6 @@ class _DDPRun:
         return float(_all_reduce_mean(local, None, self.device, self.world)[0]), mbs, scales
 
 
-def _finish(db: Any, run_key: str, result: Any) -> None:
-    """Write a finished run's result and metrics to the store (rank 0)."""
-    from ._util import jsonable
-
-    history = result.history
-    # per-step mini-batch losses under their own name, as fit() writes them: evaluation rows
-    # (train_loss, ...) at the same steps must not overwrite them
-    rows = [(int(s), "batch_loss", float(v)) for s, v in zip(history["step"], history["loss"])]
-    rows += [(int(s), "lr", float(v)) for s, v in zip(history["step"], history["lr"])]
-    rows += [(int(s), "batch_size", float(v)) for s, v in zip(history["step"], history["batch_size"])]
-    rows += [(int(s), "gns_b_simple", float(v)) for s, v in zip(history["step"], history["gns_b_simple"])]
-    for e in result.evals:
-        rows += [(int(e["step"]), k, float(v)) for k, v in e.items() if k != "step"]
-    db.finish_run(run_key, result.status, result=jsonable(result.to_dict()), metrics=rows)
-
-
 def _check_global_batch(B: int, world: int, n_train: int, step: int) -> None:
     if isinstance(B, bool) or B < 1 or n_train < B:
         raise ConfigError(
@@ -563,11 +548,12 @@ def _check_global_batch(B: int, world: int, n_train: int, step: int) -> None:
         )
 
 
-def _open_store(store: Any, rank: int) -> tuple[Any, bool, None]:
+def _open_store(store: Any, rank: int) -> tuple[Any, bool]:
+    """Rank 0's store and whether this opened it (a path); ``(None, False)`` on the other ranks or without one."""
     if store is None or rank != 0:
-        return None, False, None
+        return None, False
     from .store import Store
 
     if isinstance(store, Store):
-        return store, False, None
-    return Store(store), True, None
+        return store, False
+    return Store(store), True
