@@ -402,13 +402,9 @@ def _cached(ctx: _Ctx, step: str, extra: dict[str, Any], compute: Callable[[], d
     if rec is not None and rec.result is not None:
         ctx.resumed.append(step)
         return dict(rec.result)
-    key = ctx.store.start_run(cfg, kind="tune")
-    try:
+    with ctx.store.run(cfg, "tune") as run:  # an exception marks the step's run failed and is re-raised
         out = jsonable(compute())
-    except BaseException as e:
-        ctx.store.fail_run(key, f"{type(e).__name__}: {e}")
-        raise
-    ctx.store.finish_run(key, "completed", result=out)
+        run.finish("completed", result=out)
     return out
 
 
