@@ -134,14 +134,13 @@ def test_heatmap_and_table(tmp_path):
         [r.final["test_loss"] for r in res.runs if r.params["lr"] == 0.1 and r.params["batch_size"] == 16]
     )
     assert v[1, 0] == pytest.approx(ref, rel=1e-12)
-    fig = res.heatmap("gap")
-    ax = fig.axes[0]
+    ax = res.heatmap("gap")
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
     assert len(ax.lines) >= 3  # lines of constant lr/B
     for line in ax.lines:
         x, y = line.get_data()
         assert y[1] / x[1] == pytest.approx(y[0] / x[0])
-    fig.savefig(tmp_path / "h.png")
+    ax.figure.savefig(tmp_path / "h.png")
     from rich.console import Console
 
     console = Console(record=True, width=200)

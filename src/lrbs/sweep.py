@@ -307,7 +307,8 @@ class SweepResult:
         """Draw ``metric`` over batch size (x) and learning rate (y), log axes, mean over seeds.
 
         The dashed lines are lines of constant ``lr / B`` (Smith & Le 2018's noise "temperature"; Goyal et al.
-        2017's linear scaling rule keeps a run on one of them), through the grid's lr/B ratios (at most 9).
+        2017's linear scaling rule keeps a run on one of them), through the grid's lr/B ratios (at most 9). The
+        drawing is :func:`lrbs.report.figures.draw_sweep_heatmap`.
 
         Args:
             metric: ``test_acc``, ``test_loss``, ``train_loss``, ``gap``, ``acc_gap`` or a measure name.
@@ -315,47 +316,12 @@ class SweepResult:
             temperature_lines: overlay the iso-``lr/B`` lines.
 
         Returns:
-            The matplotlib Figure.
+            The matplotlib Axes (its figure is ``ax.figure``), as every result's ``.plot()`` returns.
         """
-        from matplotlib.figure import Figure
+        from .report.figures import draw_sweep_heatmap
 
         b_axis, lr_axis, values = self.pivot(metric)
-        if ax is None:
-            fig = Figure(figsize=(5.5, 4.2))
-            ax = fig.add_subplot(1, 1, 1)
-        else:
-            fig = ax.figure
-        bx, ly = _edges(b_axis), _edges(lr_axis)
-        mesh = ax.pcolormesh(bx, ly, np.ma.masked_invalid(values), shading="flat", cmap="viridis")
-        fig.colorbar(mesh, ax=ax, label=metric)
-        for i, lr in enumerate(lr_axis):
-            for j, b in enumerate(b_axis):
-                if math.isfinite(values[i, j]):
-                    ax.text(b, lr, f"{values[i, j]:.3g}", ha="center", va="center", fontsize=7, color="w")
-        if temperature_lines and len(b_axis) and len(lr_axis):
-            ratios = sorted({float(f"{lr / b:.6g}") for lr in lr_axis for b in b_axis})
-            if len(ratios) > 9:  # keep the picture readable: 9 log-spaced lines
-                ratios = [ratios[int(i)] for i in np.linspace(0, len(ratios) - 1, 9)]
-            xs = np.array([bx[0], bx[-1]])
-            for c in ratios:
-                ax.plot(xs, c * xs, "w--", lw=0.8, alpha=0.7)
-            ax.set_xlim(bx[0], bx[-1])
-            ax.set_ylim(ly[0], ly[-1])
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size B")
-        ax.set_ylabel("learning rate")
-        ax.set_title(f"{metric} (dashed: constant lr/B)")
-        return fig
-
-
-def _edges(centres: np.ndarray) -> np.ndarray:
-    """Cell edges on a log axis: geometric midpoints, the outer edges mirrored."""
-    c = np.asarray(centres, dtype=float)
-    if len(c) == 1:
-        return np.array([c[0] / 1.5, c[0] * 1.5])
-    mid = np.sqrt(c[:-1] * c[1:])
-    return np.concatenate([[c[0] ** 2 / mid[0]], mid, [c[-1] ** 2 / mid[-1]]])
+        return draw_sweep_heatmap(b_axis, lr_axis, values, metric, ax=ax, temperature_lines=temperature_lines)
 
 
 def _fmt(v: Any) -> str:
@@ -473,14 +439,8 @@ def sweep(
     _check_places(backend, ray_address, store)
     tasks = _tasks(cells, measure, measure_samples, measure_seed, threads, _fault)
     t0 = time.perf_counter()
-    execute, started_ray = _executor(
-        backend, ray_address, max_concurrency, connect_timeout, threads, num_gpus_per_task, max_retries
-    )
-    try:
-        results, db_path = _run_tasks(tasks, execute, store, progress)
-    finally:
-        if started_ray is not None:
-            started_ray.shutdown()
+    where = (backend, ray_address, max_concurrency, connect_timeout, threads, num_gpus_per_task, max_retries)
+    results, db_path = _execute(tasks, where, store, progress)
     settings = {
         "backend": backend,
         "measure": list(measure),
@@ -489,6 +449,33 @@ def sweep(
         "num_cpus_per_task": num_cpus_per_task,
         "num_gpus_per_task": num_gpus_per_task,
         "max_concurrency": max_concurrency,
+    }
+    return _result(tasks, results, grid, base_config, settings, db_path, t0)
+
+
+def _execute(tasks: list[dict], where: tuple, store: Any, progress: bool) -> tuple[dict, Any]:
+    """Run the tasks on the executor that ``where`` (:func:`_executor`'s arguments) names; a Ray instance this
+    sweep started is shut down afterwards, also when a run raises."""
+    execute, started_ray = _executor(*where)
+    try:
+        return _run_tasks(tasks, execute, store, progress)
+    finally:
+        if started_ray is not None:
+            started_ray.shutdown()
+
+
+def _result(
+    tasks: list[dict],
+    results: dict,
+    grid: Mapping,
+    base_config: Mapping,
+    settings: dict,
+    db_path: Any,
+    t0: float,
+) -> SweepResult:
+    """The runs in grid order; ``settings`` (the sweep's options) gain the store, the wall time and the cache hits."""
+    settings = {
+        **settings,
         "store": db_path,
         "wall_time": time.perf_counter() - t0,
         "num_cached": sum(r.cached for r in results.values()),
@@ -896,5 +883,5 @@ def _shippable(obj: Any) -> Any:
     import copy
 
     other = copy.copy(obj)
-    other._graph_cache = None
+    other.clear_cache()
     return other

@@ -839,6 +839,52 @@ def draw_schedule(schedule: Any, n: int, *, ax: Any = None) -> Any:
     return ax
 
 
+def _log_edges(centres: np.ndarray) -> np.ndarray:
+    """Cell edges on a log axis: geometric midpoints, the outer edges mirrored."""
+    c = np.asarray(centres, dtype=float)
+    if len(c) == 1:
+        return np.array([c[0] / 1.5, c[0] * 1.5])
+    mid = np.sqrt(c[:-1] * c[1:])
+    return np.concatenate([[c[0] ** 2 / mid[0]], mid, [c[-1] ** 2 / mid[-1]]])
+
+
+def draw_sweep_heatmap(
+    b_axis: np.ndarray,
+    lr_axis: np.ndarray,
+    values: np.ndarray,
+    metric: str,
+    *,
+    ax: Any = None,
+    temperature_lines: bool = True,
+) -> Any:
+    """A sweep's ``metric`` (``values[i, j]`` at ``lr_axis[i]``, ``b_axis[j]``, e.g. ``SweepResult.pivot``) over
+    batch size (x) and learning rate (y) on log axes, each cell annotated, with dashed lines of constant
+    ``lr / B`` through the grid's ratios (at most 9, log-spaced) when ``temperature_lines``; returns the Axes."""
+    ax = _result_axes(ax, (5.5, 4.2))
+    bx, ly = _log_edges(b_axis), _log_edges(lr_axis)
+    mesh = ax.pcolormesh(bx, ly, np.ma.masked_invalid(values), shading="flat", cmap="viridis")
+    ax.figure.colorbar(mesh, ax=ax, label=metric)
+    for i, lr in enumerate(lr_axis):
+        for j, b in enumerate(b_axis):
+            if np.isfinite(values[i, j]):
+                ax.text(b, lr, f"{values[i, j]:.3g}", ha="center", va="center", fontsize=7, color="w")
+    if temperature_lines and len(b_axis) and len(lr_axis):
+        ratios = sorted({float(f"{lr / b:.6g}") for lr in lr_axis for b in b_axis})
+        if len(ratios) > 9:  # keep the picture readable: 9 log-spaced lines
+            ratios = [ratios[int(i)] for i in np.linspace(0, len(ratios) - 1, 9)]
+        xs = np.array([bx[0], bx[-1]])
+        for c in ratios:
+            ax.plot(xs, c * xs, "w--", lw=0.8, alpha=0.7)
+        ax.set_xlim(bx[0], bx[-1])
+        ax.set_ylim(ly[0], ly[-1])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel("learning rate")
+    ax.set_title(f"{metric} (dashed: constant lr/B)")
+    return ax
+
+
 def draw_density(density: Any, *, ax: Any = None, log: bool = True) -> Any:
     """A Hessian ``SpectralDensity`` against the eigenvalue (log y axis by default, floored at ``1e-12`` of the
     peak, as in Ghorbani et al. 2019); returns the Axes."""
