@@ -363,6 +363,8 @@ class NoiseScale:
         settings: the Objective's settings (bn, dtype, num_samples, data fingerprint, ...).
     """
 
+    # the first seven fields are lrbs.integrations.measure.NoiseSummary's too, on purpose: the same quantities
+    # under one name each (duplicates pairs the two field lists; they are data, not logic to share)
     b_simple: float
     grad_sq: float
     trace_sigma: float
@@ -689,10 +691,9 @@ def noise_scale(
 ) -> NoiseScale:
     r"""The simple gradient noise scale ``B_simple = tr(Σ)/|G|²`` with the two-batch-size estimator.
 
-    For each of ``num_estimates`` draws, a big batch of ``B_b`` samples is drawn without replacement (seeded) and
-    split into ``B_b / B_s`` disjoint sub-batches of ``B_s``. All gradients are taken at the *same* weights. With
-    ``|G_b|²`` the squared norm of the big-batch mean gradient and ``|G_s|²`` the mean squared norm of the
-    sub-batch gradients (McCandlish et al. 2018, App. A):
+    Each of ``num_estimates`` big batches of ``B_b`` samples (seeded, without replacement) is split into ``B_b / B_s``
+    disjoint sub-batches, all gradients at the *same* weights; with ``|G_b|²`` the big-batch mean gradient's squared
+    norm and ``|G_s|²`` the sub-batches' mean squared norm (McCandlish et al. 2018, App. A):
 
     .. math::
 
@@ -700,9 +701,8 @@ def noise_scale(
         \operatorname{tr}\Sigma \approx \frac{|G_s|^2 - |G_b|^2}{1/B_s - 1/B_b}, \qquad
         B_\text{simple} = \frac{\overline{\operatorname{tr}\Sigma}}{\overline{|G|^2}}.
 
-    ``B_simple`` is the ratio of the averaged estimates, never the mean of per-draw ratios (each draw is noisy
-    and can be negative); the interval is a percentile bootstrap over the draws. The finite-data correction,
-    the data, precision and BatchNorm: see the module docstring (its example too).
+    ``B_simple`` is the ratio of the averaged estimates, never the mean of per-draw ratios (a draw can be negative);
+    the interval is a percentile bootstrap over the draws. Finite data, BatchNorm, an example: module docstring.
 
     Args:
         obj_or_model: an :class:`~lrbs.objective.Objective` (its fixed data are sampled) or a model (then ``data``
