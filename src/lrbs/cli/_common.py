@@ -444,34 +444,33 @@ def fit_from_config(
 
 # --------------------------------------------------------------------------------------------- recording a run
 class RunRecord:
-    """The run of :func:`recorded_run`: its store key (None without ``--store``) and :meth:`finish`."""
+    """The run of :func:`recorded_run`: its store key (None without ``--store``) and :meth:`finish`; a thin
+    wrapper of :class:`lrbs.store.Run` that does nothing without a store."""
 
-    def __init__(self, store: Any, key: str | None):
-        self.store, self.key = store, key
+    def __init__(self, run: Any = None):
+        self.run = run
+
+    @property
+    def key(self) -> str | None:
+        """The run's store key; None without ``--store``."""
+        return None if self.run is None else self.run.key
 
     def finish(self, result: Mapping[str, Any], metrics: list[tuple[int, str, float]]) -> None:
         """Record the run as completed with its result and metric rows (nothing without a store)."""
-        if self.store is not None:
-            self.store.finish_run(self.key, "completed", result=result, metrics=metrics)
+        if self.run is not None:
+            self.run.finish("completed", result=result, metrics=metrics)
 
 
 @contextlib.contextmanager
 def recorded_run(path: str | None, config: Mapping[str, Any], kind: str) -> Iterator[RunRecord]:
-    """A CLI measurement's run in the ``--store`` at ``path`` (nothing when ``path`` is None): ``start_run`` (rerun
-    allowed) on entry, ``fail_run`` with the exception's one line if the body raises, the store closed on exit. The
-    body calls :meth:`RunRecord.finish` with what it measured."""
+    """A CLI measurement's run in the ``--store`` at ``path`` (nothing when ``path`` is None):
+    ``with store.run(config, kind, rerun=True)`` around the body (an exception marks the run failed with its one
+    line and is re-raised), the store closed on exit. The body calls :meth:`RunRecord.finish` with what it
+    measured."""
     if path is None:
-        yield RunRecord(None, None)
+        yield RunRecord()
         return
     from ..store import Store
 
-    store = Store(path)
-    try:
-        run = RunRecord(store, store.start_run(config, kind=kind, rerun=True))
-        try:
-            yield run
-        except BaseException as e:
-            store.fail_run(run.key, f"{type(e).__name__}: {e}")
-            raise
-    finally:
-        store.close()
+    with Store(path) as store, store.run(config, kind, rerun=True) as run:
+        yield RunRecord(run)
