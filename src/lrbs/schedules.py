@@ -40,6 +40,7 @@ References:
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -103,6 +104,26 @@ def _increasing(name: str, values: Any, *, low: int = 1) -> tuple[int, ...]:
     if any(b <= a for a, b in zip(out, out[1:])):
         raise ConfigError(f"{name}={list(out)} is not allowed: must be strictly increasing integers >= {low}")
     return out
+
+
+def _checked_pieces(kind: str, pieces: tuple, cuts_name: str, cuts: Any) -> tuple[tuple, tuple[int, ...]]:
+    """The pieces of a piecewise schedule, each checked, and the strictly increasing cuts between them (one
+    fewer): the rule ``join`` (schedules, boundaries) and ``batch_step`` (sizes, milestones) share.
+
+    ``pieces`` is ``(name, values, check, what, reject)``: ``check(f"{name}[i]", value)`` checks one piece,
+    ``what`` names them in the error, and a value of a type in ``reject`` is not a list of pieces.
+    """
+    name, values, check, what, reject = pieces
+    if isinstance(values, reject) or not isinstance(values, Sequence) or not values:
+        raise LrbsTypeError(f"{name}={values!r} is not allowed: must be a non-empty list of {what}")
+    values = tuple(check(f"{name}[{i}]", v) for i, v in enumerate(values))
+    cuts = _increasing(cuts_name, cuts)
+    if len(cuts) != len(values) - 1:
+        raise ConfigError(
+            f"{kind} got {len(values)} {name} and {cuts_name}={list(cuts)}: "
+            f"len({cuts_name}) must be len({name}) - 1 = {len(values) - 1}"
+        )
+    return values, cuts
 
 
 def _check_schedule(name: str, value: Any) -> Schedule:
@@ -554,16 +575,9 @@ class Join(Schedule):
     _name = "join"
 
     def __post_init__(self) -> None:
-        scheds = self.schedules
-        if isinstance(scheds, Schedule) or not isinstance(scheds, Sequence) or not scheds:
-            raise LrbsTypeError(f"schedules={scheds!r} is not allowed: must be a non-empty list of Schedules")
-        _set(self, schedules=tuple(_check_schedule(f"schedules[{i}]", s) for i, s in enumerate(scheds)))
-        _set(self, boundaries=_increasing("boundaries", self.boundaries))
-        if len(self.boundaries) != len(self.schedules) - 1:
-            raise ConfigError(
-                f"join got {len(self.schedules)} schedules and boundaries={list(self.boundaries)}: "
-                f"len(boundaries) must be len(schedules) - 1 = {len(self.schedules) - 1}"
-            )
+        pieces = ("schedules", self.schedules, _check_schedule, "Schedules", (Schedule,))
+        scheds, bounds = _checked_pieces("join", pieces, "boundaries", self.boundaries)
+        _set(self, schedules=scheds, boundaries=bounds)
 
     @property
     def integer(self) -> bool:
@@ -1129,6 +1143,8 @@ def batch_ramp(start: int, end: int, steps: int, increment: int | None = None) -
     return BatchRamp(start, end, steps, increment)
 
 
+# Join's shape (duplicates pairs the two): pieces and the cuts between them, checked by the one _checked_pieces;
+# what stays alike is the Schedule protocol every subclass spells out (integer, total_steps, _at, _breaks).
 @dataclass(frozen=True, repr=False)
 class BatchStep(Schedule):
     sizes: tuple[int, ...]
@@ -1136,15 +1152,9 @@ class BatchStep(Schedule):
     _name = "batch_step"
 
     def __post_init__(self) -> None:
-        if isinstance(self.sizes, (str, bytes)) or not isinstance(self.sizes, Sequence) or not self.sizes:
-            raise LrbsTypeError(f"sizes={self.sizes!r} is not allowed: must be a non-empty list of integers")
-        _set(self, sizes=tuple(check_int(f"sizes[{i}]", s, low=1) for i, s in enumerate(self.sizes)))
-        _set(self, milestones=_increasing("milestones", self.milestones))
-        if len(self.milestones) != len(self.sizes) - 1:
-            raise ConfigError(
-                f"batch_step got {len(self.sizes)} sizes and milestones={list(self.milestones)}: "
-                f"len(milestones) must be len(sizes) - 1 = {len(self.sizes) - 1}"
-            )
+        pieces = ("sizes", self.sizes, functools.partial(check_int, low=1), "integers", (str, bytes))
+        sizes, milestones = _checked_pieces("batch_step", pieces, "milestones", self.milestones)
+        _set(self, sizes=sizes, milestones=milestones)
 
     @property
     def integer(self) -> bool:
