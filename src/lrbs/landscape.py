@@ -46,6 +46,8 @@ __all__ = [
     "params_of",
 ]
 
+# (duplicates pairs the end of __all__ and these option tuples with objective.py's by shape alone: module
+# constants, no logic to share)
 NORMS = ("filter", "layer", "none")
 IGNORES = ("biasbn", "none")
 METRICS = ("loss", "accuracy")
@@ -75,14 +77,9 @@ class Direction:
     info: dict[str, Any] = field(default_factory=dict)
 
     def settings(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "norm": self.norm,
-            "ignore": self.ignore,
-            "seed": self.seed,
-            "norm2": float(self.vector.double().norm()),
-            **self.info,
-        }
+        """How the direction was made (kind, norm, ignore, seed), its L2 norm ``norm2`` and ``info``."""
+        how = {name: getattr(self, name) for name in ("kind", "norm", "ignore", "seed")}
+        return {**how, "norm2": float(self.vector.double().norm()), **self.info}
 
 
 def random_direction(
