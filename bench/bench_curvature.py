@@ -204,7 +204,7 @@ def _defaults(
             else:
                 seeds = 8 if quick else 20
                 e_ph, m_ph = _pyhessian_trace_rms(_pyhessian(model, x, y, dev), ref, seeds)
-                ours_seeds = 2 if quick else 5  # 99 HVPs each
+                ours_seeds = 8 if quick else 20
                 e_ours = _rms([hessian_trace(obj, seed=s).value for s in range(ours_seeds)], ref)
                 err = (
                     f"RMS rel. error ours {e_ours:.2e} ({ours_seeds} seeds) vs pyhessian {e_ph:.2e} ({seeds} "
@@ -314,13 +314,18 @@ def _trace_rows(name: str, obj: Objective, ph, big, quick: bool) -> list[dict]:
         ph_hvps.append(len(samples))
     e_ph, m_ph = _rms(ph_vals, big.value), float(np.mean(ph_hvps))
     rows = []
-    for method in ("hutchinson", "hutch++"):
+    variants = {  # fixed budgets (rtol=0): one probe for all the data, one per 256 samples, Hutch++
+        "hutchinson, one probe": {"method": "hutchinson", "probe_samples": None, "rtol": 0},
+        "hutchinson, split 256": {"method": "hutchinson", "rtol": 0},
+        "hutch++": {"method": "hutch++"},
+    }
+    for method, kw in variants.items():
         budget, e_b, t_b = 0, math.inf, math.nan
-        for budget in (3, 4, 6, 9, 12, 18, 27, 36, 54, 81):
+        for budget in (2, 3, 4, 6, 9, 12, 18, 27, 36, 54, 81):
+            if budget < 3 and method == "hutch++":
+                continue
             t0 = time.perf_counter()
-            vals = [
-                hessian_trace(obj, method=method, num_hvps=budget, seed=1000 + s).value for s in range(seeds)
-            ]
+            vals = [hessian_trace(obj, num_hvps=budget, seed=1000 + s, **kw).value for s in range(seeds)]
             t_b = (time.perf_counter() - t0) / seeds
             e_b = _rms(vals, big.value)
             if e_b <= e_ph:
@@ -350,7 +355,7 @@ def _references(model: nn.Module, obj: Objective, x, y, quick: bool) -> tuple[fl
         return d["eig"], SimpleNamespace(value=d["trace"], stderr=d["stderr"])
     ref64 = Objective(model, data=(x.double(), y), dtype=torch.float64)
     ref = hessian_eigenvalues(ref64, tol=1e-10, tol_on="residual", max_iter=300, seed=99, init="random").top
-    big = hessian_trace(obj, num_hvps=150 if quick else 900, seed=12345)
+    big = hessian_trace(obj, method="hutch++", num_hvps=150 if quick else 900, seed=12345)
     path.write_text(json.dumps({"eig": ref, "trace": big.value, "stderr": big.stderr}))
     return ref, big
 

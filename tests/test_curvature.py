@@ -106,8 +106,8 @@ def test_trace_within_three_standard_errors(case, untouched):
     model, obj, H, _ = case
     check = untouched(model)
     exact = float(H.trace())
-    for method in ("hutchinson", "hutch++"):
-        res = hessian_trace(obj, method=method, num_hvps=30, seed=3)
+    for method, kw in (("hutchinson", {"rtol": 0}), ("hutch++", {})):
+        res = hessian_trace(obj, method=method, num_hvps=30, seed=3, **kw)
         assert res.num_hvps == 30
         assert abs(res.value - exact) <= 3 * res.stderr + 1e-10, (method, res.value, exact, res.stderr)
     check()
@@ -274,9 +274,15 @@ def test_bad_arguments(small_obj):
     with pytest.raises(ConfigError, match=r"method='hutch' is not allowed.*Did you mean 'hutch\+\+'"):
         hessian_trace(small_obj, method="hutch")
     with pytest.raises(ConfigError, match=r"num_matvecs=2 is not allowed: must be an integer >= 3"):
-        hessian_trace(small_obj, num_hvps=2)
+        hessian_trace(small_obj, method="hutch++", num_hvps=2)
+    with pytest.raises(ConfigError, match=r"num_hvps=1 is not allowed: must be an integer >= 2"):
+        hessian_trace(small_obj, num_hvps=1)
+    with pytest.raises(ConfigError, match=r"probe_samples=0 is not allowed: must be an integer >= 1"):
+        hessian_trace(small_obj, probe_samples=0)
+    with pytest.raises(ConfigError, match=r"rtol=-0.1 is not allowed: must be a finite number > 0"):
+        hessian_trace(small_obj, rtol=-0.1)
     with pytest.raises(ConfigError, match=r"rtol=0.1 is not allowed with method='hutch\+\+'"):
-        hessian_trace(small_obj, rtol=0.1)
+        hessian_trace(small_obj, method="hutch++", rtol=0.1)
     with pytest.raises(ConfigError, match=r"sigma=0 is not allowed: must be a finite number > 0"):
         spectral_density(small_obj, sigma=0, num_runs=1, lanczos_steps=3)
     with pytest.raises(ConfigError, match=r"grid must be an int >= 2 or an increasing"):

@@ -255,7 +255,7 @@ def test_hessian_trace_is_exact_when_the_sketch_spans_everything(name):
     model, data, kw, _, _ = case(name)
     _, H = dense(name)
     obj = Objective(model, data=data, dtype=torch.float64, **kw)
-    res = hessian_trace(obj, num_hvps=3 * obj.num_params)
+    res = hessian_trace(obj, method="hutch++", num_hvps=3 * obj.num_params)
     assert res.value == pytest.approx(float(H.trace()), rel=1e-9)
 
 
@@ -264,6 +264,17 @@ def test_hessian_trace_of_hf_models_within_its_error_bar(name):
     model, data, kw, _, _ = case(name)
     _, H = dense(name)
     res = hessian_trace(Objective(model, data=data, dtype=torch.float64, **kw), num_hvps=60)
+    assert math.isfinite(res.stderr) and res.stderr > 0
+    assert abs(res.value - float(H.trace())) <= 4 * res.stderr
+
+
+@pytest.mark.parametrize("name", ["gpt2_f64", "two_input"])
+def test_default_data_split_trace_on_third_party_models(name):
+    """Dict batches of a HF model (its own batches are the pieces) and a two-input model, against dense."""
+    model, data, kw, _, _ = case(name)
+    _, H = dense(name)
+    obj = Objective(model, data=data, dtype=torch.float64, **kw)
+    res = hessian_trace(obj, seed=2)
     assert math.isfinite(res.stderr) and res.stderr > 0
     assert abs(res.value - float(H.trace())) <= 4 * res.stderr
 

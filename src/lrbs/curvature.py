@@ -42,11 +42,14 @@ __all__ = [
     "power_iteration",
     "hutchinson_trace",
     "hutchpp_trace",
+    "batch_hutchinson_trace",
     "slq_density",
     "hessian_operator",
     "eigen_tolerance",
     "VALUE_TOL",
     "RESIDUAL_TOL",
+    "PROBE_SAMPLES",
+    "TRACE_RTOL",
 ]
 
 MatMat = Callable[[torch.Tensor], torch.Tensor]
@@ -55,6 +58,10 @@ WHICH = ("LA", "SA", "LM")
 #: PyHessian's ``eigenvalues(tol=1e-3)`` number, here bounding the error estimate instead of the change of the
 #: estimate.
 VALUE_TOL = 1e-3
+#: Samples sharing one probe in :func:`hessian_trace`'s default (data-split Hutchinson) estimator.
+PROBE_SAMPLES = 256
+#: Default relative standard error at which :func:`hessian_trace`'s Hutchinson estimator stops.
+TRACE_RTOL = 0.03
 #: Default tolerance on the relative residual ``||H v - lambda v|| / |lambda|`` (``tol_on="residual"``: with
 #: ``return_vectors=True`` and ``method="power"``).
 RESIDUAL_TOL = 1e-4
@@ -650,6 +657,61 @@ def _mean_se(samples: Sequence[float]) -> tuple[float, float]:
     return float(x.mean()), se
 
 
+def batch_hutchinson_trace(
+    batch_matmat: Callable[[torch.Tensor], torch.Tensor],
+    shape: tuple[int, int],
+    *,
+    num_passes: int = 99,
+    rtol: float = TRACE_RTOL,
+    seed: int = 0,
+) -> TraceResult:
+    """Hutchinson's estimate of ``tr(A_1 + ... + A_C)`` with an independent Rademacher probe for every term.
+
+    ``batch_matmat(Z)`` maps ``Z`` of shape ``(C, n)`` to the rows ``A_c z_c``. One pass gives ``sum_c z_c^T A_c
+    z_c``: Hutchinson's estimator of the block-diagonal ``diag(A_1, ..., A_C)``, which has the same trace, so it
+    is unbiased with per-pass variance ``2 sum_c (||A_c||_F^2 - sum_i (A_c)_ii^2)`` -- ``C`` times smaller than
+    one shared probe's ``2 (||sum_c A_c||_F^2 - ...)`` when the terms are alike (the Hessians of pieces of the
+    data: their sum is the full-data Hessian). The standard error after ``P`` passes is ``sqrt(sum_c s_c^2 /
+    P)`` with ``s_c^2`` the sample variance of term ``c`` over the passes (``C (P - 1)`` degrees of freedom, so
+    the early stop is not fooled by two lucky passes as a per-pass variance would be).
+
+    Args:
+        batch_matmat: the block map (float64 in, float64 out).
+        shape: ``(C, n)``.
+        num_passes: at most this many passes (>= 2).
+        rtol: stop after a pass (the second or later) once ``stderr <= rtol |estimate|``; 0: all passes.
+        seed: probe seed.
+
+    Returns:
+        A :class:`TraceResult` whose ``num_hvps`` counts passes (each ``C`` products, one full-data HVP of work).
+
+    References:
+        Hutchinson (1990); Avron & Toledo (2011), J. ACM 58(2).
+    """
+    t0 = time.perf_counter()
+    passes = check_int("num_passes", num_passes, low=2)
+    if rtol != 0:
+        check_positive("rtol", rtol)
+    C, n = (check_int("shape[0]", shape[0], low=1), check_int("shape[1]", shape[1], low=1))
+    g = torch.Generator().manual_seed(seed)
+    terms = np.empty((passes, C))
+    for p in range(passes):
+        Z = _rademacher(C, n, g)
+        terms[p] = (Z * batch_matmat(Z).to(torch.float64).cpu()).sum(1).numpy()
+        mean, se = _split_mean_se(terms[: p + 1])
+        if p >= 1 and se <= rtol * abs(mean):
+            break
+    return TraceResult(mean, se, p + 1, "hutchinson", seed, wall_time=time.perf_counter() - t0)
+
+
+def _split_mean_se(terms: np.ndarray) -> tuple[float, float]:
+    """Mean over passes of the summed terms, and its standard error from each term's variance over passes."""
+    mean = float(terms.sum(1).mean())
+    if len(terms) < 2:
+        return mean, math.inf
+    return mean, float(math.sqrt(terms.var(axis=0, ddof=1).sum() / len(terms)))
+
+
 def hutchpp_trace(
     operator: MatMat | torch.Tensor | np.ndarray,
     n: int | None = None,
@@ -958,51 +1020,72 @@ def _hessian_start(obj: Any, theta: torch.Tensor, init: Any, which: str, seed: i
 def hessian_trace(
     obj: Any,
     *,
-    method: str = "hutch++",
+    method: str = "hutchinson",
     num_hvps: int = 99,
     seed: int = 0,
     rtol: float | None = None,
+    probe_samples: int | None = PROBE_SAMPLES,
     params: Any = None,
 ) -> TraceResult:
-    """Trace of the Hessian of the full-data loss by Hutch++ (default) or Hutchinson, with block probes.
+    """Trace of the Hessian of the full-data loss: data-split Hutchinson (default) or Hutch++.
 
-    **What the default delivers.** Hutch++ with 99 HVPs. On the trained MNIST-1D models of
-    ``bench/bench_curvature.py`` (2026-12-01) its RMS relative error over seeds was 0.9% (mlp) and 0.3% (cnn1d);
-    PyHessian's ``trace()`` default (Hutchinson until the running mean moves by < 0.1%) stops after 14 / 22
-    HVPs on average with RMS errors of 3.5% / 6.1%: the default is 4-20x more accurate and, in a fresh
-    process, 8x / 4.5x slower. For PyHessian's accuracy at about its cost, ask for ``num_hvps=18`` (Hutch++: 3.2% /
-    5.5% there); no Hutchinson-type budget reaches its error at half its HVPs on these Hessians (their probe
-    variance is spread over many eigenvalues, see bench/RESULTS.md). ``stderr`` is the probe standard error
-    of the Hutchinson part, an honest error bar where PyHessian's stopping rule gives none.
+    **The default** draws one Rademacher probe per piece of ``probe_samples`` samples
+    (:func:`batch_hutchinson_trace` on :meth:`Objective.rebatched <lrbs.objective.Objective.rebatched>`), so
+    that one pass over the data -- the work of one full-data HVP -- averages many independent probes, and
+    stops once the standard error is within ``rtol = TRACE_RTOL`` (3%) of the estimate. On the trained
+    MNIST-1D models of ``bench/bench_curvature.py`` a pass has a relative sd of 5.6% (mlp) / 10.4% (cnn1d)
+    against 12.5% / 22.3% for one probe on the whole data (PyHessian's), see bench/RESULTS.md for the
+    errors and times the default delivers. ``probe_samples=None`` is the classic estimator (one probe for
+    all the data); with ``bn="train"`` the Objective's own batches are the pieces (their statistics depend on
+    the cut). ``method="hutch++"`` spends ``num_hvps`` full-data HVPs on Hutch++ (the low-rank sketch pays at
+    tight accuracy on decaying spectra).
 
     Args:
         obj: an :class:`~lrbs.objective.Objective`.
-        method: ``"hutch++"`` or ``"hutchinson"``.
-        num_hvps: the HVP budget.
+        method: ``"hutchinson"`` or ``"hutch++"``.
+        num_hvps: the budget in full-data HVPs (Hutchinson: passes, at most).
         seed: probe seed.
-        rtol: Hutchinson only: stop early once ``stderr <= rtol |estimate|``.
+        rtol: Hutchinson only: stop once ``stderr <= rtol |estimate|`` (default ``TRACE_RTOL``; 0 spends the
+            whole budget).
+        probe_samples: Hutchinson only: samples sharing one probe (None: one probe for all the data).
         params: the point; default the Objective's centre.
 
     Returns:
-        A :class:`TraceResult` (value, standard error, HVPs, settings).
+        A :class:`TraceResult` (value, standard error, HVPs, settings with ``probe_samples`` and ``probes``).
 
     Raises:
-        ConfigError: unknown method, a budget too small, non-finite parameters.
+        ConfigError: unknown method, a budget too small, ``rtol`` with Hutch++, non-finite parameters.
 
     References:
-        Meyer et al., arXiv 2010.09649; Hutchinson (1990); Yao et al., arXiv 1912.07145 (Hessian trace of
+        Hutchinson (1990); Meyer et al., arXiv 2010.09649; Yao et al., arXiv 1912.07145 (Hessian trace of
         networks).
     """
     t0 = time.perf_counter()
     check_choice("method", method, ("hutch++", "hutchinson"))
-    matmat, _ = hessian_operator(obj, params)
     if method == "hutch++":
         if rtol is not None:
             raise ConfigError(f"rtol={rtol!r} is not allowed with method='hutch++': only with 'hutchinson'")
-        res = hutchpp_trace(matmat, obj.num_params, num_matvecs=num_hvps, seed=seed)
-    else:
-        res = hutchinson_trace(matmat, obj.num_params, num_matvecs=num_hvps, seed=seed, rtol=rtol)
-    return _with_settings(res, obj, t0)
+        matmat, _ = hessian_operator(obj, params)
+        return _with_settings(hutchpp_trace(matmat, obj.num_params, num_matvecs=num_hvps, seed=seed), obj, t0)
+    num_hvps = check_int("num_hvps", num_hvps, low=2)
+    rtol = TRACE_RTOL if rtol is None else (0.0 if rtol == 0 else check_positive("rtol", rtol))
+    if probe_samples is None:
+        matmat, _ = hessian_operator(obj, params)
+        res = hutchinson_trace(matmat, obj.num_params, num_matvecs=num_hvps, seed=seed, rtol=rtol or None)
+        return _with_settings(res, obj, t0, probe_samples=None, probes=res.num_hvps)
+    probe_samples = check_int("probe_samples", probe_samples, low=1)
+    split = obj if obj.bn == "train" else obj.rebatched(probe_samples)
+    theta = split.check_finite(split.theta() if params is None else params)
+    shape = (len(split.batches), split.num_params)
+    res = batch_hutchinson_trace(
+        lambda V: split.batch_hvp(theta, V).to(torch.float64),
+        shape,
+        num_passes=num_hvps,
+        rtol=rtol,
+        seed=seed,
+    )
+    obj.hvp_method = obj.hvp_method or split.hvp_method
+    return _with_settings(res, obj, t0, probe_samples=probe_samples, probes=res.num_hvps * shape[0])
 
 
 def spectral_density(

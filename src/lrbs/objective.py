@@ -485,6 +485,34 @@ class Objective:
         other._graph_cache = None
         return other
 
+    def rebatched(self, batch_size: int) -> Objective:
+        """The same objective with each of its batches cut, in order, into pieces of at most ``batch_size``
+        samples (same samples, same centre; each piece weighted by ``batch_weight``, default its sample count).
+
+        The full-data loss is unchanged when a batch's loss is the weighted mean of its samples' losses (the
+        protocol's convention, which :meth:`subset` relies on too); with ``bn="recompute"`` the statistics still
+        come from this objective's batches. The data-split trace estimator of
+        :func:`lrbs.curvature.hessian_trace` uses it to draw one probe per piece.
+
+        Raises:
+            ConfigError: ``batch_size < 1``; ``bn="train"`` (batch statistics would change with the cut).
+        """
+        b = check_int("batch_size", batch_size, low=1)
+        if self.bn == "train":
+            raise ConfigError(
+                "bn='train' is not allowed for rebatched(): batch statistics depend on how the data is cut; "
+                "use bn='eval' or bn='recompute'"
+            )
+        pieces = [
+            slice_batch(batch, i, i + b) for batch in self._batches for i in range(0, batch_size_of(batch), b)
+        ]
+        other = copy.copy(self)
+        other._set_batches(pieces)
+        other._graph_cache = None
+        if self.bn == "recompute" and self._stats_from is None:
+            other._stats_from = self
+        return other
+
     def _ragged_subset(self, idx: torch.Tensor) -> list[Any]:
         starts = np.cumsum([0] + [batch_size_of(b) for b in self._batches])
         out = []
@@ -840,6 +868,52 @@ class Objective:
             timings["batched"] = math.inf
         self.hvp_block_timings = timings
         return min(timings, key=timings.get), ref
+
+    def batch_hvp(self, params, V: torch.Tensor, *, method: str | None = None) -> torch.Tensor:
+        """Row ``c`` of ``V`` times the Hessian of batch ``c``'s term ``(w_c / sum w) L_c`` of the full-data loss.
+
+        The batch Hessians sum to the full-data Hessian, so ``batch_hvp(p, V).sum(0) == hvp(p, v)`` when every
+        row of ``V`` is ``v``; with independent rows it is the block-diagonal operator ``diag(H_1, ..., H_C)``
+        that the data-split trace estimator probes. One pass costs one full-data HVP.
+
+        Args:
+            params: the point (dict or flat vector).
+            V: ``(len(batches), num_params)``.
+            method: as :meth:`hvp` (``"rev_rev"`` reuses the cached per-batch gradient graphs).
+
+        Returns:
+            ``(len(batches), num_params)``.
+
+        Raises:
+            ShapeError: ``V`` is not one row per batch.
+        """
+        theta = self._as_theta(params)
+        shape = (len(self._batches), self.num_params)
+        if not isinstance(V, torch.Tensor) or tuple(V.shape) != shape:
+            got = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
+            raise ShapeError(f"V has shape {got}: must be {shape} (one row per batch)")
+        V = V.to(dtype=self.dtype, device=theta.device)
+        explicit = method is not None or self.hvp_method is not None
+        method = self._resolved_hvp_method(theta, method)
+        try:
+            return self._batch_hvp_rows(theta, V, method)
+        except _UNSUPPORTED as e:
+            if explicit or method == "rev_rev":
+                raise
+            return self._batch_hvp_rows(theta, V, self._fall_back("hvp_method", method, "rev_rev", e))
+
+    def _batch_hvp_rows(self, theta: torch.Tensor, V: torch.Tensor, method: str) -> torch.Tensor:
+        with second_order_context():
+            if method == "rev_rev":
+                pairs = zip(self._graph(theta), V)
+                rows = [
+                    torch.autograd.grad(torch.dot(g, v), leaf, retain_graph=True)[0] for (leaf, g), v in pairs
+                ]
+            else:
+                t0 = theta.detach()
+                pairs = zip(self._batch_losses(theta), V)
+                rows = [torch.func.jvp(torch.func.grad(f), (t0,), (v,))[1] for f, v in pairs]
+        return torch.stack(rows).detach()
 
     def hvp_gradient(self, params=None) -> torch.Tensor:
         """The full-data gradient (flat) at ``params``, free when the HVP runs reverse-over-reverse.
