@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ._util import atomic_write, dumps
+from ._util import progress as _progress
 from .batches import batch_size_of, slice_batch
 from .errors import ConfigError, LrbsTypeError, ShapeError, check_choice, check_int, check_number
 from .objective import Objective
@@ -531,21 +532,8 @@ def _run_grid(
     size = _bounded_chunk(obj, chunk, max(1, len(todo)))
     land.settings["chunk"] = size
     dmat = torch.stack(list(dirs)).to(obj.dtype)  # (m, n)
-    bar = task = None
-    if progress and len(todo):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(
-            TextColumn("[bold]landscape[/]"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeRemainingColumn(),
-            transient=True,
-        )
-        bar.start()
-        task = bar.add_task("grid", total=len(todo))
     flat_done = land.done.reshape(-1)
-    try:
+    with _progress("landscape", len(todo), enabled=bool(progress and len(todo))) as bar:
         for s in range(0, len(todo), size):
             idx = todo[s : s + size]
             c = torch.as_tensor(coefs[idx], dtype=obj.dtype, device=obj.device)
@@ -560,11 +548,7 @@ def _run_grid(
             flat_done[idx] = True
             if path is not None:
                 land.save(path)
-            if bar is not None:
-                bar.update(task, advance=len(idx))
-    finally:
-        if bar is not None:
-            bar.stop()
+            bar.advance(len(idx))
     if obj.loss_many_method is not None:
         land.settings["loss_many_method"] = obj.loss_many_method
     return land
