@@ -711,7 +711,8 @@ def plot_tradeoff(
 
 
 # --------------------------------------------------------------------------- results' .plot()
-# The drawings behind the results' ``.plot()`` methods (``Landscape``, ``connectivity.Path``, ``Schedule``).
+# The drawings behind the results' ``.plot()`` methods (``Landscape``, ``connectivity.Path``, ``Schedule``) and
+# ``SweepResult.heatmap``.
 # Unlike the report figures above, each of these returns the **Axes** it drew on (a new constrained-layout figure
 # when ``ax`` is None), so every result's ``.plot()`` returns the same type.
 def _result_axes(ax: Any, figsize: tuple[float, float], projection: str | None = None) -> Any:
