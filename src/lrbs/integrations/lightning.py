@@ -32,6 +32,7 @@ from .measure import (
     guarded,
     require,
     size_or_none,
+    sum_over_ranks,
     trainable_parameters,
 )
 from .monitor import Monitor
@@ -76,20 +77,6 @@ def _map_source(loader: Any) -> Any:
     except TypeError:
         return None
     return MapSource(dataset, collate_fn=getattr(loader, "collate_fn", None))
-
-
-def _all_reduce(world: int) -> Callable[[np.ndarray], tuple[np.ndarray, int]] | None:
-    if world <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return None
-
-    def reduce(sums: np.ndarray) -> tuple[np.ndarray, int]:
-        t = torch.from_numpy(sums.copy())
-        if torch.distributed.get_backend() == "nccl":
-            t = t.cuda()
-        torch.distributed.all_reduce(t)
-        return t.cpu().numpy(), torch.distributed.get_world_size()
-
-    return reduce
 
 
 class LrbsCallback(_L.pytorch.Callback):
@@ -189,7 +176,7 @@ class LrbsCallback(_L.pytorch.Callback):
             log_every=int(trainer.log_every_n_steps),
             total_when=None,
         )
-        self._reduce = _all_reduce(int(trainer.world_size))
+        self._reduce = sum_over_ranks(int(trainer.world_size))
         self._new_step = True
 
     def _probe_source(self, train_source: Any, loader: Any) -> Any:

@@ -83,6 +83,9 @@ __all__ = [
     "protected_rng",
     "guarded",
     "micro_estimate",
+    "micro_sums",
+    "solve_micro",
+    "sum_over_ranks",
     "finite_c",
     "NoiseWindow",
     "NoiseSummary",
@@ -206,29 +209,20 @@ def finite_c(batch: float, num_samples: int | None) -> float:
     return (num_samples - batch) / (batch * (num_samples - 1))
 
 
-def micro_estimate(
+def micro_sums(
     micro_sq: Sequence[float],
     sizes: Sequence[float],
     shares: Sequence[float],
-    total_sq: float,
     *,
     num_samples: int | None = None,
-    all_reduce: Callable[[np.ndarray], tuple[np.ndarray, int]] | None = None,
-) -> tuple[float, float]:
-    r"""One step's unbiased ``(|G|^2, tr Sigma)`` from its micro-batch contributions (module docstring).
+) -> np.ndarray:
+    r"""The six sums of one rank's step that :func:`solve_micro` needs (summed over ranks under data parallelism).
 
-    Args:
-        micro_sq: :math:`|c_i|^2`, the squared norm of each backward's contribution (``k >= 1`` per rank,
-            at least 2 in all).
-        sizes: :math:`B_i`, samples per micro-batch.
-        shares: :math:`s_i`, the factor the micro-batch's mean gradient entered the accumulated gradient with.
-        total_sq: :math:`|\sum_i c_i|^2` (under data parallelism: of the all-reduced gradient).
-        num_samples: :math:`N` for the finite-population factor (None: :math:`1/B`).
-        all_reduce: sums a float64 vector over the data-parallel ranks and returns it with the world size.
+    ``[sum |g_i|^2, sum c(B_i), k, sum s_i, sum s_i^2, sum s_i^2 c(B_i)]`` with :math:`|g_i|^2 = |c_i|^2 / s_i^2`
+    (arguments as :func:`micro_estimate`).
 
     Raises:
-        ConfigError: fewer than 2 micro-batches, lengths that differ, a share or size <= 0, or sizes that leave
-            the two equations degenerate.
+        ConfigError: lengths that differ, or a share or size <= 0.
     """
     k = len(micro_sq)
     if len(sizes) != k or len(shares) != k:
@@ -238,7 +232,7 @@ def micro_estimate(
     if any(s <= 0 for s in shares) or any(b <= 0 for b in sizes):
         raise ConfigError(f"shares {list(shares)} and sizes {list(sizes)} must all be > 0")
     cs = [finite_c(b, num_samples) for b in sizes]
-    sums = np.array(
+    return np.array(
         [
             sum(m / (s * s) for m, s in zip(micro_sq, shares)),  # sum |g_i|^2
             sum(cs),
@@ -249,9 +243,20 @@ def micro_estimate(
         ],
         dtype=np.float64,
     )
-    world = 1
-    if all_reduce is not None:
-        sums, world = all_reduce(sums)
+
+
+def solve_micro(
+    sums: np.ndarray, total_sq: float, *, num_samples: int | None = None, world: int = 1
+) -> tuple[float, float]:
+    r"""``(|G|^2, tr Sigma)`` from :func:`micro_sums` (summed over ``world`` ranks) and the step's
+    :math:`|\sum c|^2`: the two equations of the module docstring. NaN sums (a rank that could not read its
+    step) give ``(nan, nan)``.
+
+    Raises:
+        ConfigError: fewer than 2 micro-batches in all, or sizes that leave the two equations degenerate.
+    """
+    if not np.isfinite(sums).all():
+        return math.nan, math.nan
     n = sums[2]
     if n < 2:
         raise ConfigError(f"{int(n)} micro-batch gradient(s) at this step: the estimate needs at least 2")
@@ -262,11 +267,62 @@ def micro_estimate(
     det = b2 - s_tot**2 * b1
     if not det < 0:
         raise ConfigError(
-            f"micro-batch sizes {list(sizes)} with shares {list(shares)} give one batch size only: the noise "
-            "scale needs the micro-batches and their sum to differ in size"
+            f"micro-batches with sums {sums.tolist()} give one batch size only: the noise scale needs the "
+            "micro-batches and their sum to differ in size"
         )
     trace = (float(total_sq) - s_tot**2 * m1) / det
     return float(m1 - b1 * trace), float(trace)
+
+
+def micro_estimate(
+    micro_sq: Sequence[float],
+    sizes: Sequence[float],
+    shares: Sequence[float],
+    total_sq: float,
+    *,
+    num_samples: int | None = None,
+    all_reduce: Callable[[np.ndarray], tuple[np.ndarray, int]] | None = None,
+) -> tuple[float, float]:
+    r"""One step's unbiased ``(|G|^2, tr Sigma)`` from its micro-batch contributions (module docstring):
+    :func:`solve_micro` of the (all-reduced) :func:`micro_sums`.
+
+    Args:
+        micro_sq: :math:`|c_i|^2`, the squared norm of each backward's contribution (``k >= 1`` per rank,
+            at least 2 in all).
+        sizes: :math:`B_i`, samples per micro-batch.
+        shares: :math:`s_i`, the factor the micro-batch's mean gradient entered this rank's accumulated gradient
+            with (the all-reduced gradient is the mean over ranks, so its share in the total is :math:`s_i / W`).
+        total_sq: :math:`|\sum_i c_i|^2` (under data parallelism: of the all-reduced gradient).
+        num_samples: :math:`N` for the finite-population factor (None: :math:`1/B`).
+        all_reduce: sums a float64 vector over the data-parallel ranks and returns it with the world size
+            (:func:`sum_over_ranks`).
+
+    Raises:
+        ConfigError: fewer than 2 micro-batches, lengths that differ, a share or size <= 0, or sizes that leave
+            the two equations degenerate.
+    """
+    sums = micro_sums(micro_sq, sizes, shares, num_samples=num_samples)
+    world = 1
+    if all_reduce is not None:
+        sums, world = all_reduce(sums)
+    return solve_micro(sums, total_sq, num_samples=num_samples, world=world)
+
+
+def sum_over_ranks(world: int) -> Callable[[np.ndarray], tuple[np.ndarray, int]] | None:
+    """A function that sums a float64 vector over the default process group (one blocking ``all_reduce`` of that
+    small tensor: a collective's latency, tens of microseconds with NCCL, ~0.1 ms with gloo) and returns it with
+    the world size; None on one process or without an initialised process group."""
+    if world <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+
+    def reduce(sums: np.ndarray) -> tuple[np.ndarray, int]:
+        t = torch.from_numpy(sums.copy())
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t)
+        return t.cpu().numpy(), torch.distributed.get_world_size()
+
+    return reduce
 
 
 @dataclass(frozen=True)
@@ -372,10 +428,14 @@ class GradCapture:
     (it returns None: the gradient is unchanged); the first one of a backward queues a callback on the autograd
     engine (what DDP uses), which runs when the backward has finished and stores the squared norm of the
     collected gradients as a 0-d tensor (no device sync). When ``total_when`` is given and true at that moment
-    (the last micro-batch of a step), it also stores the squared norm of the accumulated ``.grad`` — before
-    anything (clipping) can change it; otherwise the caller reads the total with :meth:`grad_sq_of`. Where the
-    engine has no callback queue, one :func:`torch.autograd.graph.register_multi_grad_hook` plus a
-    ``register_post_accumulate_grad_hook`` per parameter do the same, more slowly.
+    (the last micro-batch of a step), one more queued callback, behind those already queued (DDP's, which waits
+    for the all-reduce and writes the mean gradient), stores the squared norm of the accumulated ``.grad`` —
+    all-reduced under DDP, before anything (clipping) can change it; otherwise the caller reads the total with
+    :meth:`grad_sq_of`. Under DDP the tensor hooks fire with this rank's local gradient (the reducer's hooks run
+    after them, on the accumulated ``.grad``). Where the engine has no callback queue, one
+    :func:`torch.autograd.graph.register_multi_grad_hook` plus a ``register_post_accumulate_grad_hook`` per
+    parameter do the same, more slowly, and read the total before DDP's all-reduce (:attr:`sees_all_reduce`
+    is False).
 
     Costs a Python call per parameter per backward and one squared norm over that backward's gradients, plus
     one per optimizer step (measured in bench/bench_integrations.py). The hooks also fire for other backward
@@ -392,8 +452,14 @@ class GradCapture:
         self._pending: list[torch.Tensor] = []
         self._handles: list[Any] = []
         self.failed = False
+        self._queue = self.engine_queue()
+        self.sees_all_reduce = self._queue is not None
+
+    @staticmethod
+    def engine_queue() -> Callable | None:
+        """The autograd engine's ``queue_callback`` (None where this torch has none)."""
         engine = getattr(torch.autograd.Variable, "_execution_engine", None)
-        self._queue = getattr(engine, "queue_callback", None)
+        return getattr(engine, "queue_callback", None)
 
     def attach(self) -> GradCapture:
         """Register the hooks (idempotent)."""
@@ -430,18 +496,30 @@ class GradCapture:
         try:
             self.contrib.append(squared_norm(grads, self._small))
             if self.total_when is not None and self.total_when():
-                grads = [p.grad.detach() for p in self.params if p.grad is not None]
-                self.total_parts.append(squared_norm(grads, self._small))
+                # queued behind the callbacks already queued in this backward, DDP's among them (it waits for
+                # the all-reduce and writes the mean gradient into .grad): the total is the all-reduced one
+                self._queue(self._read_total)
         except Exception as e:  # e.g. sparse gradients: never let a measurement break the backward pass
             self.contrib.append(torch.tensor(math.nan, dtype=torch.float64))
-            if not self.failed:
-                self.failed = True
-                warnings.warn(
-                    f"lrbs: reading the gradient norms failed ({type(e).__name__}: {e}); the noise scale is left "
-                    "out, training goes on",
-                    MeasurementWarning,
-                    stacklevel=2,
-                )
+            self._warn_failed(e)
+
+    def _read_total(self) -> None:
+        try:
+            grads = [p.grad.detach() for p in self.params if p.grad is not None]
+            self.total_parts.append(squared_norm(grads, self._small))
+        except Exception as e:  # never let a measurement break the backward pass
+            self.total_parts.append(torch.tensor(math.nan, dtype=torch.float64))
+            self._warn_failed(e)
+
+    def _warn_failed(self, e: Exception) -> None:
+        if not self.failed:
+            self.failed = True
+            warnings.warn(
+                f"lrbs: reading the gradient norms failed ({type(e).__name__}: {e}); the noise scale is left "
+                "out, training goes on",
+                MeasurementWarning,
+                stacklevel=3,
+            )
 
     def _on_grads(self, grads: Sequence[torch.Tensor | None]) -> None:
         self.contrib.append(squared_norm([g.detach() for g in grads if g is not None]))

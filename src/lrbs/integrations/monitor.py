@@ -6,11 +6,13 @@ from their hooks; the measurements themselves are in :mod:`lrbs.integrations.mea
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from ..errors import ConfigError
@@ -23,10 +25,11 @@ from .measure import (
     check_every,
     current_lr,
     guarded,
-    micro_estimate,
+    micro_sums,
     probe_estimates,
     protected_rng,
     sharpness,
+    solve_micro,
     stability_threshold,
     trainable_parameters,
 )
@@ -120,7 +123,8 @@ class Monitor:
                     f"gradient accumulation {accumulation} on {world} process(es) gives one: set gradient "
                     "accumulation >= 2 (free), or"
                     if free_possible
-                    else "the free micro-batch estimate is not offered for this trainer under data parallelism: "
+                    else "the free micro-batch estimate needs each rank's whole gradient, which sharded training "
+                    "(DeepSpeed, FSDP) does not have:"
                 )
                 raise ConfigError(
                     f"noise_scale=True needs two batch sizes, and {why} pass probe_data= (held data, an extra "
@@ -163,41 +167,67 @@ class Monitor:
         all_reduce: Callable | None = None,
     ) -> None:
         """Turn the step's captured contributions into one estimate (skipped, with one warning, when the number
-        of backward passes does not match the micro-batches)."""
+        of backward passes does not match the micro-batches).
+
+        Under data parallelism (``all_reduce``, :func:`~lrbs.integrations.measure.sum_over_ranks`) every rank
+        takes part in the one collective of each step whatever happened to it: a rank that cannot read its step
+        sends NaN sums, and every rank then leaves that step out (no rank waits for another forever).
+        """
         if self.capture is None:
             return
         micro_sq, total = self.capture.take()
         total = total_sq if total_sq is not None else total
+        sums = self._step_sums(step, micro_sq, sizes, shares, micro_scale, total)
+        world = 1
+        if all_reduce is not None:
+            reduced = guarded("the noise-scale all-reduce", step, lambda: all_reduce(sums))
+            if reduced is None:
+                return
+            sums, world = reduced
+        if total is None:
+            return
+        est = guarded(
+            "the noise-scale estimate",
+            step,
+            lambda: solve_micro(sums, total, num_samples=self.num_samples, world=world),
+        )
+        if est is not None:
+            self.window.add(step, *est)
+            self._fresh = True
+
+    def _step_sums(
+        self,
+        step: int,
+        micro_sq: Sequence[float],
+        sizes: Sequence[float],
+        shares: Sequence[float],
+        micro_scale: float,
+        total: float | None,
+    ) -> np.ndarray:
+        """This rank's :func:`~lrbs.integrations.measure.micro_sums`, or NaNs (after one warning) for a step
+        that cannot be read."""
+        bad = np.full(6, math.nan)
         if any(b is None for b in sizes):
             self.warn_once(
                 "sizes",
                 f"lrbs: the batch size of a micro-batch at step {step} cannot be read; such "
                 "steps are left out of the noise scale",
             )
-            return
+            return bad
         if total is None or len(micro_sq) != len(sizes):
             self.warn_once(
                 "mismatch",
                 f"lrbs: step {step} had {len(micro_sq)} backward pass(es) through the parameters for {len(sizes)} "
                 "micro-batch(es); such steps are left out of the noise scale",
             )
-            return
+            return bad
         scale2 = float(micro_scale) ** 2
-        est = guarded(
+        sums = guarded(
             "the noise-scale estimate",
             step,
-            lambda: micro_estimate(
-                [m / scale2 for m in micro_sq],
-                sizes,
-                shares,
-                total,
-                num_samples=self.num_samples,
-                all_reduce=all_reduce,
-            ),
+            lambda: micro_sums([m / scale2 for m in micro_sq], sizes, shares, num_samples=self.num_samples),
         )
-        if est is not None:
-            self.window.add(step, *est)
-            self._fresh = True
+        return bad if sums is None else sums
 
     # ---- probe and sharpness
     def after_step(self, step: int, model: nn.Module, optimizer: Any, lr: float | None = None) -> None:
