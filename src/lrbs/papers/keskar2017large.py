@@ -21,6 +21,7 @@ import torch
 from .._util import pm
 from ..report import Figure, Finding, Section, Table, plot_bars, plot_curves
 from ._common import Context, PaperResult, intro, mean_sd, paired, verdict
+from .stats import spearman
 
 NAME = "keskar2017large"
 TITLE = "Large-batch training: generalization gap and sharp minima (Keskar et al. 2017)"
@@ -284,8 +285,9 @@ def _batch_size_sweep(ctx: Context, seeds: list[int], numbers: dict) -> dict:
     bs_keskar = [m["keskar"] for m in bs_meas]
     bs_eig = [m["top_eig"] for m in bs_meas]
     bs_test = [t.final.get("test_acc", np.nan) for t in bs_runs]
-    rho_k = _spearman(batch_sizes, bs_keskar)
-    rho_e = _spearman(batch_sizes, bs_eig)
+    # a diverged run's NaN sharpness leaves the trend unmeasured (NaN), it is not dropped
+    rho_k = spearman(batch_sizes, bs_keskar, nonfinite="propagate")
+    rho_e = spearman(batch_sizes, bs_eig, nonfinite="propagate")
     numbers.update(
         {
             "batch_sizes": batch_sizes,
@@ -570,13 +572,3 @@ def _sharper_finding(claim: str, stats: dict, prefix: str = "") -> Finding:
 
 def _fit_like(t) -> bool:
     return bool(t.evals) and len(t.history.get("loss", [])) > 0
-
-
-def _spearman(x, y) -> float:
-    """``scipy.stats.spearmanr(x, y).statistic``; NaN with fewer than 3 points, and NaN (propagated) where any
-    value is NaN: a diverged run's sharpness makes the trend unmeasured, not dropped."""
-    from scipy.stats import spearmanr
-
-    if len(x) < 3:
-        return float("nan")
-    return float(spearmanr(x, y).statistic)

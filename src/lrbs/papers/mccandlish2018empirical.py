@@ -32,6 +32,7 @@ from ..errors import ConfigError
 from ..report import Figure, Finding, Section, Table
 from . import goyal2017accurate as goyal
 from ._common import Context, PaperResult, build_model_for, intro, mean_sd, verdict, with_finding_numbers
+from .stats import spearman
 
 NAME = "mccandlish2018empirical"
 TITLE = "Gradient noise scale and the critical batch size (McCandlish et al. 2018)"
@@ -225,7 +226,8 @@ def _along(ctx: Context, tr, target: float, numbers: dict) -> dict:
     sn_loss = np.asarray([a["loss"] for a in along], float)
     s_track = steps_to_target(tr.evals, target, metric="train_loss", source="evals")
     b_at = _interp_geo(sn_steps, sn_b, s_track) if s_track is not None else float("nan")
-    rho = _spearman(sn_steps, sn_b)
+    # an infinite B_simple (signal below the noise floor) is left out of the trend, as in the means
+    rho = spearman(sn_steps, sn_b, nonfinite="omit")
     i_min = int(np.nanargmin(np.where(np.isfinite(sn_b), sn_b, np.nan))) if np.isfinite(sn_b).any() else 0
     numbers["snapshot_min_b_simple"], numbers["snapshot_min_step"] = float(sn_b[i_min]), int(sn_steps[i_min])
     numbers.update(
@@ -452,15 +454,3 @@ def _plot_along(steps, b, lo, hi, logs, s_target) -> object:
     ax.grid(True, color="#d0d7de", linewidth=0.6)
     ax.legend(fontsize=8, frameon=False)
     return fig
-
-
-def _spearman(x, y) -> float:
-    """``scipy.stats.spearmanr`` over the points where ``y`` is finite (an infinite B_simple — signal below the
-    noise floor — is left out, as in the means); NaN with fewer than 3 such points."""
-    from scipy.stats import spearmanr
-
-    y = np.asarray(y, float)
-    ok = np.isfinite(y)
-    if ok.sum() < 3:
-        return float("nan")
-    return float(spearmanr(np.asarray(x, float)[ok], y[ok]).statistic)
