@@ -24,11 +24,13 @@ import torch
 from ..batches import MapSource, as_source
 from ..errors import ConfigError, LrbsTypeError
 from .measure import (
+    GradCapture,
     MeasurementWarning,
     current_lr,
     protected_rng,
     require,
     size_or_none,
+    sum_over_ranks,
     trainable_parameters,
 )
 from .monitor import Monitor
@@ -46,13 +48,22 @@ def _check_version() -> None:
 
 
 def _shifts_labels(model: Any) -> bool:
-    """Whether the model's loss shifts labels by one (causal LMs), as the Trainer counts items."""
+    """Whether the model's own loss shifts labels by one (causal LMs), i.e. counts ``labels[..., 1:]``.
+
+    Read from the loss the model computes (``model.loss_function``: a GPT-2 without a ``loss_type`` falls back to
+    the causal-LM loss), not from ``loss_type`` alone as the Trainer's item count does: the share of a micro-batch
+    is the items its loss sums over ``num_items_in_batch``, whatever the Trainer counted there.
+    """
     try:
-        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+        from transformers.loss.loss_utils import ForCausalLMLoss
     except ImportError:  # transformers < 4.46: no item-normalised losses either
         return False
     is_ed = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-    return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not is_ed
+    try:
+        loss = model.loss_function
+    except Exception:  # a model without the loss-function mechanism
+        return False
+    return loss is ForCausalLMLoss and not is_ed
 
 
 def _items(kwargs: dict, shift: bool) -> torch.Tensor | None:
@@ -63,6 +74,11 @@ def _items(kwargs: dict, shift: bool) -> torch.Tensor | None:
         if isinstance(labels, torch.Tensor) and shift:
             labels = labels[..., 1:]
     return labels.ne(-100).sum() if isinstance(labels, torch.Tensor) else None
+
+
+def _scalar(x: Any) -> float:
+    """A count the Trainer passes as a number or a tensor (expanded over GPUs under DataParallel): its value."""
+    return float(x.reshape(-1)[0]) if isinstance(x, torch.Tensor) else float(x)
 
 
 def _map_source(dataset: Any, collate_fn: Callable | None) -> Any:
@@ -81,19 +97,23 @@ def _map_source(dataset: Any, collate_fn: Callable | None) -> Any:
 class LrbsCallback(_hf.TrainerCallback):
     r"""A ``TrainerCallback`` that logs the gradient noise scale and the sharpness while the Trainer trains.
 
-    **Noise scale** (``noise_scale=True``): with ``gradient_accumulation_steps >= 2`` it is free. Tensor hooks
-    read each micro-batch's gradient contribution and the accumulated gradient before clipping (shares: the
-    Trainer's own normalisation, ``1/k`` or the label items of each micro-batch when the model normalises by
-    ``num_items_in_batch``), and :func:`~lrbs.integrations.measure.micro_estimate` turns every optimizer step into
-    one estimate of ``|G|^2`` and ``tr Sigma``; the logged ``lrbs/b_simple`` is the ratio of their means over the
-    last ``window`` steps with its bootstrap interval (``lrbs/b_simple_low`` / ``_high``), in samples (sequences)
-    per batch. Cost: a tensor hook per parameter and one squared norm per backward, one more per step (about 3%
-    of a tiny GPT-2's step, bench/RESULTS.md). With accumulation 1, ``probe_data`` is needed (held
-    data, or ``"train"``): every ``log_every`` steps :func:`lrbs.noise_scale` runs on ``probe_draws`` batches of
-    ``probe_micro_batches x per_device_train_batch_size`` samples, i.e. ``probe_draws x probe_micro_batches``
-    extra forward-backward passes of a micro-batch plus a copy of the model; its wall time is logged as
-    ``lrbs/probe_seconds``. Under data parallelism (``world_size > 1``) this callback uses the probe (the per-rank
-    free estimate is offered by the Lightning callback).
+    **Noise scale** (``noise_scale=True``): free with ``gradient_accumulation_steps >= 2`` or under data
+    parallelism (DDP, ``world_size > 1``; also both). Tensor hooks read each micro-batch's gradient contribution —
+    under DDP this rank's local one, before the all-reduce — and the accumulated gradient before clipping (under
+    DDP the all-reduced one); shares: the Trainer's own normalisation, ``1/k``, or the label items of each
+    micro-batch over ``num_items_in_batch`` when the model normalises by it (times the world size when
+    ``average_tokens_across_devices``, as ``Trainer.compute_loss`` scales the loss).
+    :func:`~lrbs.integrations.measure.micro_estimate` turns every optimizer step into one estimate of ``|G|^2``
+    and ``tr Sigma`` (small batch: a micro-batch of one rank; big batch: the all-reduced, accumulated gradient's
+    ``k x world_size`` micro-batches); the logged ``lrbs/b_simple`` is the ratio of their means over the last
+    ``window`` steps with its bootstrap interval (``lrbs/b_simple_low`` / ``_high``), in samples (sequences) per
+    batch. Cost: a tensor hook per parameter and one squared norm per backward, one more per step (about 3% of a
+    tiny GPT-2's step, bench/RESULTS.md); under DDP also one blocking ``all_reduce`` of 6 float64 numbers per
+    optimizer step (a collective's latency). Under DeepSpeed or FSDP (sharded gradients) and with accumulation 1 on
+    one process, ``probe_data`` is needed (held data, or ``"train"``): every ``log_every`` steps
+    :func:`lrbs.noise_scale` runs on ``probe_draws`` batches of ``probe_micro_batches x per_device_train_batch_size``
+    samples, i.e. ``probe_draws x probe_micro_batches`` extra forward-backward passes of a micro-batch plus a copy of
+    the model; its wall time is logged as ``lrbs/probe_seconds``.
 
     **Sharpness** (``sharpness_every=n``): every ``n`` optimizer steps, the top Hessian eigenvalue
     ``lrbs/lambda_max`` of the loss on a fixed, seeded subset of ``sharpness_samples`` training samples (collated by
@@ -161,6 +181,7 @@ class LrbsCallback(_hf.TrainerCallback):
         self._micro: list[tuple[int, torch.Tensor | None]] = []
         self._scale = 1.0
         self._lr: float | None = None
+        self._world, self._across, self._reduce = 1, False, None
 
     @property
     def history(self) -> list[dict[str, float]]:
@@ -180,11 +201,15 @@ class LrbsCallback(_hf.TrainerCallback):
         collate = getattr(loader, "collate_fn", None)
         train_source = _map_source(dataset, collate)
         world = int(getattr(args, "world_size", 1) or 1)
+        sharded = bool(getattr(args, "deepspeed", None) or getattr(args, "fsdp", None))
+        self._world = world
+        self._across = world > 1 and bool(getattr(args, "average_tokens_across_devices", False))
+        self._reduce = sum_over_ranks(world)
         self.monitor.start(
             model,
             accumulation=int(args.gradient_accumulation_steps),
             world=world,
-            free_possible=world == 1,
+            free_possible=not sharded and (world == 1 or GradCapture.engine_queue() is not None),
             micro_batch=int(args.per_device_train_batch_size),
             num_samples=train_source.num_samples if train_source is not None else None,
             train_source=train_source,
@@ -213,11 +238,12 @@ class LrbsCallback(_hf.TrainerCallback):
     def _record(self, module: Any, args: tuple, kwargs: dict, shift: bool) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return  # evaluation, generation
+        num_items = kwargs.get("num_items_in_batch")
         try:
-            items = _items(kwargs, shift) if kwargs.get("num_items_in_batch") is not None else None
+            items = _items(kwargs, shift) if num_items is not None else None
         except Exception:  # never break the forward pass; equal shares are assumed instead
             items = None
-        self._micro.append((size_or_none(kwargs if kwargs else args), items))
+        self._micro.append((size_or_none(kwargs if kwargs else args), items, num_items))
 
     # ---- per step
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
@@ -232,15 +258,27 @@ class LrbsCallback(_hf.TrainerCallback):
         if self.monitor.free:
             micro, self._micro = self._micro, []
             sizes = [m[0] for m in micro]
-            items = [m[1] for m in micro]
-            if items and all(i is not None for i in items):
-                counts = [float(i) for i in items]
-                total = sum(counts)
-                shares = [c / total for c in counts] if total > 0 else [1.0 / len(counts)] * len(counts)
-            else:
-                shares = [1.0 / max(1, len(sizes))] * len(sizes)
-            self.monitor.end_step(step, sizes, shares, micro_scale=self._scale, total_sq=self._total(step))
+            self.monitor.end_step(
+                step,
+                sizes,
+                self._shares(micro),
+                micro_scale=self._scale,
+                total_sq=self._total(step),
+                all_reduce=self._reduce,
+            )
         self.monitor.after_step(step, model, optimizer, lr=self._lr)
+
+    def _shares(self, micro: list[tuple]) -> list[float]:
+        """Each micro-batch's share in this rank's accumulated gradient, as its loss was normalised: its label
+        items over ``num_items_in_batch`` (which ``compute_loss`` multiplies by the world size when that counts
+        the items of every rank, ``average_tokens_across_devices``), else ``1/k``."""
+        equal = [1.0 / max(1, len(micro))] * len(micro)
+        items = [m[1] for m in micro]
+        if not (items and all(i is not None for i in items)):
+            return equal
+        counts = [float(i) for i in items]
+        total = _scalar(micro[-1][2]) / (self._world if self._across else 1)
+        return [c / total for c in counts] if total > 0 else equal
 
     def _total(self, step: int) -> float | None:
         cap = self.monitor.capture
