@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..report import Figure, Finding, Section, Table
+from ..report import Figure, Finding, Table
 from . import keskar2017large as keskar
-from ._common import Context, PaperResult, intro, verdict
+from ._common import Context, PaperResult, verdict
+from .sections import paper_result
 
 NAME = "draxler2018essentially"
 TITLE = "Mode connectivity: essentially no barriers between minima (Draxler et al. 2018; Garipov et al. 2018)"
@@ -123,24 +124,16 @@ def run(ctx: Context) -> PaperResult:
         for p, m in meas.items()
     ]
     findings = _findings(pairs, meas, numbers, ok_all, findings_numbers)
-    section = Section(
-        NAME,
-        TITLE,
-        intro=intro(__doc__),
-        figures=figures,
-        tables=tables,
-        findings=findings,
-        settings={
-            "model": "mlp (depth 3, width 100)",
-            "minima": f"keskar2017large SB runs (B={keskar.SB}, adam)",
-            "pairs": [list(p) for p in pairs],
-            "bezier": _curve_settings(ctx),
-            "autoneb": _neb_settings(ctx),
-            "claim_threshold": MAX_RATIO,
-            "data_fingerprint": ctx.dataset.fingerprint,
-        },
-    )
-    return PaperResult(NAME, section, findings, numbers)
+    settings = {
+        "model": "mlp (depth 3, width 100)",
+        "minima": f"keskar2017large SB runs (B={keskar.SB}, adam)",
+        "pairs": [list(p) for p in pairs],
+        "bezier": _curve_settings(ctx),
+        "autoneb": _neb_settings(ctx),
+        "claim_threshold": MAX_RATIO,
+        "data_fingerprint": ctx.dataset.fingerprint,
+    }
+    return paper_result(NAME, TITLE, __doc__, figures, tables, findings, settings, numbers)
 
 
 def _measure(meas: dict, trained: dict) -> tuple:

@@ -21,9 +21,10 @@ import math
 import numpy as np
 
 from .._util import pm
-from ..report import Figure, Finding, Section, Table, plot_curves
+from ..report import Figure, Finding, Table, plot_curves
 from ..schedules import cosine
 from ._common import Context, PaperResult, mean_sd, verdict, with_finding_numbers
+from .sections import paper_result
 
 NAME = "goyal2017accurate"
 TITLE = "Linear LR scaling and gradual warmup for large batches (Goyal et al. 2017)"
@@ -120,7 +121,15 @@ def run(ctx: Context) -> PaperResult:
     fig = _figure(ctx, bs, acc, acc_c)
     findings = _findings(ctx, bs, ctl, acc, acc_c, numbers, drops, diffs)
     with_finding_numbers(numbers, findings)
-    return PaperResult(NAME, _section(ctx, bs, ctl, fig, tables, findings), findings, numbers)
+    figures = [
+        Figure(
+            "Test accuracy against batch size",
+            fig,
+            "Mean ± sd over seeds; the dotted line is 1 point below the base batch. The control "
+            "keeps LR 0.05 at every batch.",
+        )
+    ]
+    return paper_result(NAME, TITLE, __doc__, figures, tables, findings, _settings(ctx, bs, ctl), numbers)
 
 
 def _measure(ctx: Context, bs: list, ctl: list, scaled: dict, acc: dict, acc_c: dict) -> tuple:
@@ -280,38 +289,22 @@ def _findings(ctx: Context, bs, ctl, acc, acc_c, numbers: dict, drops: dict, dif
     ]
 
 
-def _section(ctx: Context, bs: list, ctl: list, fig, tables: list, findings: list) -> Section:
-    """The report section: intro from the module docstring, the figure, the tables, findings and settings."""
-    intro = (__doc__ or "").split("\n\n", 1)[1].strip()
-    return Section(
-        NAME,
-        TITLE,
-        intro=intro,
-        figures=[
-            Figure(
-                "Test accuracy against batch size",
-                fig,
-                "Mean ± sd over seeds; the dotted line is 1 point below the base batch. The control "
-                "keeps LR 0.05 at every batch.",
-            )
-        ],
-        tables=tables,
-        findings=findings,
-        settings={
-            "model": "cnn1d",
-            "optimizer": "sgd momentum 0.9",
-            "base_lr": LR0,
-            "base_batch": B0,
-            "epochs": epochs(ctx),
-            "warmup_epochs": warmup_epochs(ctx),
-            "decay": "cosine to 0",
-            "batch_sizes": bs,
-            "control_batches": ctl,
-            "seeds": list(ctx.seeds),
-            "tolerance": TOL,
-            "data_fingerprint": ctx.dataset.fingerprint,
-        },
-    )
+def _settings(ctx: Context, bs: list, ctl: list) -> dict:
+    """The section's settings: model, optimizer, base LR and batch, schedule, the batches, seeds, tolerance."""
+    return {
+        "model": "cnn1d",
+        "optimizer": "sgd momentum 0.9",
+        "base_lr": LR0,
+        "base_batch": B0,
+        "epochs": epochs(ctx),
+        "warmup_epochs": warmup_epochs(ctx),
+        "decay": "cosine to 0",
+        "batch_sizes": bs,
+        "control_batches": ctl,
+        "seeds": list(ctx.seeds),
+        "tolerance": TOL,
+        "data_fingerprint": ctx.dataset.fingerprint,
+    }
 
 
 def _peak_lr(b: int, scaled: bool) -> float:

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from .._util import pm
-from ..report import Figure, Finding, Section, Table, plot_bars, plot_curves
-from ._common import Context, PaperResult, intro, mean_sd, paired, verdict
+from ..report import Figure, Finding, Table, plot_bars, plot_curves
+from ._common import Context, PaperResult, mean_sd, paired, verdict
+from .sections import paper_result
 from .stats import spearman
 
 NAME = "keskar2017large"
@@ -191,16 +192,9 @@ def run(ctx: Context) -> PaperResult:
     ]
     if fig_fit is not None:
         figures.insert(1, Figure(f"Training curves (seed {seeds[0]})", fig_fit))
-    section = Section(
-        NAME,
-        TITLE,
-        intro=intro(__doc__),
-        figures=figures,
-        tables=[summary, per_seed, conv["table"], rem_table],
-        findings=findings,
-        settings=_settings(ctx, seeds),
-    )
-    return PaperResult(NAME, section, findings, numbers)
+    tables = [summary, per_seed, conv["table"], rem_table]
+    settings = _settings(ctx, seeds)
+    return paper_result(NAME, TITLE, __doc__, figures, tables, findings, settings, numbers)
 
 
 def _train_sb_lb(ctx: Context, seeds: list[int]) -> tuple[dict, dict]:

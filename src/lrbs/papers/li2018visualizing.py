@@ -24,9 +24,10 @@ from __future__ import annotations
 import numpy as np
 
 from .._util import pm
-from ..report import Figure, Finding, Section, Table
+from ..report import Figure, Finding, Table
 from . import keskar2017large as keskar
-from ._common import Context, PaperResult, intro, mean_sd, paired, verdict
+from ._common import Context, PaperResult, mean_sd, paired, verdict
+from .sections import paper_result
 
 NAME = "li2018visualizing"
 TITLE = "Visualizing the loss landscape: flat vs sharp minima, depth and skip connections (Li et al. 2018)"
@@ -159,16 +160,8 @@ def run(ctx: Context) -> PaperResult:
     )
     findings.append(_skip_finding(rsurf, stats, deep, numbers))
     findings.append(_depth_finding(res, rsurf, stats, deep, numbers))
-    section = Section(
-        NAME,
-        TITLE,
-        intro=intro(__doc__),
-        figures=figures,
-        tables=tables,
-        findings=findings,
-        settings=_settings(ctx, seeds, deep),
-    )
-    return PaperResult(NAME, section, findings, numbers)
+    settings = _settings(ctx, seeds, deep)
+    return paper_result(NAME, TITLE, __doc__, figures, tables, findings, settings, numbers)
 
 
 def _train_sb_lb(ctx: Context, seeds: list[int]) -> tuple[dict, dict]:
@@ -273,6 +266,7 @@ def _resnet_numbers(variants: list, res: dict, rsurf: dict, stats: dict, numbers
 
 def _resnet_table(ctx: Context, variants: list, res: dict, rsurf: dict, label: dict) -> Table:
     """Every seed of every resnet1d variant."""
+    # the same shape as _sb_lb_table's rows, but other runs (the resnet variants) and other columns
     rows = [
         [
             label[tag],

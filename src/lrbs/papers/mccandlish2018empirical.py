@@ -29,9 +29,10 @@ import torch
 
 from .._util import pm
 from ..errors import ConfigError
-from ..report import Figure, Finding, Section, Table
+from ..report import Figure, Finding, Table
 from . import goyal2017accurate as goyal
-from ._common import Context, PaperResult, build_model_for, intro, mean_sd, verdict, with_finding_numbers
+from ._common import Context, PaperResult, build_model_for, mean_sd, verdict, with_finding_numbers
+from .sections import paper_result
 from .stats import spearman
 
 NAME = "mccandlish2018empirical"
@@ -119,16 +120,8 @@ def run(ctx: Context) -> PaperResult:
         _agree_finding(target, along, ratio, init_end, numbers),
     ]
     with_finding_numbers(numbers, findings)
-    section = Section(
-        NAME,
-        TITLE,
-        intro=intro(__doc__),
-        figures=figures,
-        tables=tables,
-        findings=findings,
-        settings=_settings(ctx, seeds, target, track_cfg, snap_steps),
-    )
-    return PaperResult(NAME, section, findings, numbers)
+    settings = _settings(ctx, seeds, target, track_cfg, snap_steps)
+    return paper_result(NAME, TITLE, __doc__, figures, tables, findings, settings, numbers)
 
 
 def _init_end(ctx: Context, base_runs: list, numbers: dict) -> list[tuple]:

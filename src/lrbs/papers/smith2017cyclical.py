@@ -20,9 +20,10 @@ from __future__ import annotations
 import numpy as np
 
 from .._util import pm
-from ..report import Figure, Finding, Section, Table, plot_bars, plot_curves, plot_fit
+from ..report import Figure, Finding, Table, plot_bars, plot_curves, plot_fit
 from ..schedules import constant, cosine, cyclic, one_cycle, sgdr, step, warmup
-from ._common import Context, PaperResult, intro, mean_sd, verdict
+from ._common import Context, PaperResult, mean_sd, verdict
+from .sections import paper_result
 
 NAME = "smith2017cyclical"
 TITLE = "Learning-rate range test and cyclical schedules (Smith 2017; SGDR; one-cycle)"
@@ -196,23 +197,15 @@ def run(ctx: Context) -> PaperResult:
     neg_y = saddle["cyclical (triangular2)"]["negative_mass"]
     numbers["negative_mass_constant_mean"] = float(np.mean(neg_c))
     numbers["negative_mass_cyclical_mean"] = float(np.mean(neg_y))
-    section = Section(
-        NAME,
-        TITLE,
-        intro=intro(__doc__),
-        figures=figures,
-        tables=tables,
-        findings=findings,
-        settings={
-            "model": "cnn1d",
-            "optimizer": "sgd momentum 0.9",
-            "batch_size": BATCH,
-            "steps": T,
-            "seeds": seeds,
-            "schedules": scheds,
-        },
-    )
-    return PaperResult(NAME, section, findings, numbers)
+    settings = {
+        "model": "cnn1d",
+        "optimizer": "sgd momentum 0.9",
+        "batch_size": BATCH,
+        "steps": T,
+        "seeds": seeds,
+        "schedules": scheds,
+    }
+    return paper_result(NAME, TITLE, __doc__, figures, tables, findings, settings, numbers)
 
 
 def _train_and_measure(ctx: Context, scheds: dict, T: int) -> tuple[dict, dict, dict]:
@@ -309,6 +302,8 @@ def _figures(
 def _tables(rt: dict, runs: dict, sharp: dict) -> list[Table]:
     """The range-test suggestions and every run (all seeds) with its sharpness."""
     lr, base, peak = rt["recommended"], rt["base_lr"], rt["max_lr"]
+    # one row per run, like the other papers' per-seed tables (keskar2017large._sb_lb_tables): the same shape,
+    # but each paper's own columns and measures, so no shared row builder
     rows = [
         [
             k,

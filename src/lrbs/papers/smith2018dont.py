@@ -23,9 +23,10 @@ import math
 import numpy as np
 
 from .._util import pm
-from ..report import Figure, Finding, Section, Table
+from ..report import Figure, Finding, Table
 from ..schedules import batch_step, constant, grow_batch_instead, join, step
-from ._common import Context, PaperResult, intro, mean_sd, verdict, with_finding_numbers
+from ._common import Context, PaperResult, mean_sd, verdict, with_finding_numbers
+from .sections import paper_result
 
 NAME = "smith2018dont"
 TITLE = "Don't decay the learning rate, increase the batch size (Smith et al. 2018)"
@@ -97,7 +98,15 @@ def run(ctx: Context) -> PaperResult:
     fig = _plot_curves(curves)
     findings = _findings(len(seeds), m)
     with_finding_numbers(m["numbers"], findings)
-    return PaperResult(NAME, _section(ctx, cfgs, fig, tables, findings), findings, m["numbers"])
+    figures = [
+        Figure(
+            "Test accuracy against epochs and against parameter updates",
+            fig,
+            "Mean over seeds (band: ± sd). Left: the same data for every schedule; right: batch "
+            "growth gets there in fewer updates.",
+        )
+    ]
+    return paper_result(NAME, TITLE, __doc__, figures, tables, findings, _settings(ctx, cfgs), m["numbers"])
 
 
 def _measure(ctx: Context, runs: dict) -> dict:
@@ -219,38 +228,23 @@ def _findings(n_seeds: int, m: dict) -> list[Finding]:
     ]
 
 
-def _section(ctx: Context, cfgs: dict, fig, tables: list, findings: list) -> Section:
-    """The report section: intro, the figure, the tables, findings and settings."""
+def _settings(ctx: Context, cfgs: dict) -> dict:
+    """The section's settings: model, optimizer, LR and batch rules, epochs, the first seed's configs, seeds."""
     seeds = list(ctx.seeds)
-    return Section(
-        NAME,
-        TITLE,
-        intro=intro(__doc__),
-        figures=[
-            Figure(
-                "Test accuracy against epochs and against parameter updates",
-                fig,
-                "Mean over seeds (band: ± sd). Left: the same data for every schedule; right: batch "
-                "growth gets there in fewer updates.",
-            )
-        ],
-        tables=tables,
-        findings=findings,
-        settings={
-            "model": "cnn1d",
-            "optimizer": "sgd momentum 0.9",
-            "lr0": LR0,
-            "B0": B0,
-            "factor": FACTOR,
-            "epochs": ctx.pick(8, 20),
-            "milestones": "50% and 75% of the epochs",
-            "hybrid_max": HYBRID_MAX,
-            "configs_seed0": cfgs[seeds[0]],
-            "seeds": seeds,
-            "tolerance": TOL,
-            "data_fingerprint": ctx.dataset.fingerprint,
-        },
-    )
+    return {
+        "model": "cnn1d",
+        "optimizer": "sgd momentum 0.9",
+        "lr0": LR0,
+        "B0": B0,
+        "factor": FACTOR,
+        "epochs": ctx.pick(8, 20),
+        "milestones": "50% and 75% of the epochs",
+        "hybrid_max": HYBRID_MAX,
+        "configs_seed0": cfgs[seeds[0]],
+        "seeds": seeds,
+        "tolerance": TOL,
+        "data_fingerprint": ctx.dataset.fingerprint,
+    }
 
 
 def _mean_curve(runs: list, n: int) -> dict[str, np.ndarray]:
