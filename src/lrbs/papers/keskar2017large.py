@@ -65,7 +65,7 @@ def _sharpness_compute(ctx: Context, trained, subspace: bool) -> dict:
         ).value
     eig = hessian_eigenvalues(obj, k=1, tol=1e-3, tol_on="residual", seed=0)
     out["top_eig"] = float(eig.values[0])
-    tr = hessian_trace(obj, num_hvps=ctx.pick(30, 60), seed=0)
+    tr = hessian_trace(obj, method="hutch++", num_hvps=ctx.pick(30, 60), seed=0)
     out["trace"], out["trace_se"] = tr.value, tr.stderr
     theta = obj.theta()
     from ..models import build_model
