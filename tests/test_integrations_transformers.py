@@ -186,12 +186,42 @@ def exact_noise_scale(model, data) -> tuple[float, float, float]:
     return trace / grad_sq, grad_sq, trace
 
 
+def exact_step_estimates(batches: list[list[torch.Tensor]]) -> np.ndarray:
+    """Per step, ``(|G|^2, tr Sigma)`` from the float64 gradients of that step's micro-batches (every rank's):
+    the two-batch-size estimator in closed form, without replacement from the N sequences (McCandlish et al.
+    2018, App. A): E|g_B|^2 = |G|^2 + c(B) tr Sigma, c(B) = (N - B) / (B (N - 1)), at B = one micro-batch and B =
+    all of them (their mean is the all-reduced, accumulated gradient: equal label items in every micro-batch)."""
+    m = gpt2().double().train()  # no dropout: train mode is the function the Trainer differentiated
+    params = [p for p in m.parameters() if p.requires_grad]
+
+    def c(b: int) -> float:
+        return (N - b) / (b * (N - 1))
+
+    out = []
+    for micro in batches:
+        g = torch.stack(
+            [
+                torch.cat([x.reshape(-1) for x in torch.autograd.grad(m(input_ids=i, labels=i).loss, params)])
+                for i in micro
+            ]
+        )
+        small, big = float((g**2).sum(1).mean()), float((g.mean(0) ** 2).sum())
+        bs, bb = len(micro[0]), sum(len(i) for i in micro)
+        trace = (small - big) / (c(bs) - c(bb))
+        out.append((big - c(bb) * trace, trace))
+    return np.array(out)
+
+
 def test_micro_batch_noise_scale_agrees_with_references(tmp_path):
     """At fixed weights (lr=0), 40 steps x 4 micro-batches of 8 give 40 estimates whose interval must hold the
     exact value (all 128 per-sequence gradients, float64) and lrbs.noise_scale's at B_s=8, B_b=32."""
     cb = lhf.LrbsCallback(window=1000)
     tr = trainer(tmp_path, lr=0.0, callback=cb)
     start = weights(tr.model)
+    seen = []
+    tr.model.register_forward_pre_hook(
+        lambda mod, a, kw: seen.append(kw["input_ids"].clone()) if mod.training else None, with_kwargs=True
+    )
     tr.train()
     assert all(torch.equal(v, start[k]) for k, v in weights(tr.model).items())  # weights really fixed
     s = cb.summary()
@@ -204,6 +234,11 @@ def test_micro_batch_noise_scale_agrees_with_references(tmp_path):
     assert s.ci_low <= ref.b_simple <= s.ci_high, (s, ref)
     # a wrong share (e.g. treating contributions as micro-batch gradients) would be off by far more than this
     assert s.b_simple == pytest.approx(exact, rel=0.15)
+    # each step's |G|^2 and tr Sigma, against float64 on the same 4 micro-batches (GPT-2's loss sums 15 of the 16
+    # labels of a sequence: shares counted over 16 would leave both 12% low)
+    got = np.array([(g, t) for _, g, t in cb.monitor.window.rows])
+    steps = [seen[4 * j : 4 * j + 4] for j in range(40)]
+    np.testing.assert_allclose(got, exact_step_estimates(steps), rtol=1e-4)
 
 
 @pytest.mark.parametrize("held", ["train", "other"])
@@ -270,32 +305,6 @@ def torchrun(script: Path, *args: str) -> None:
     cmd += ["--master-port", str(port), str(script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-def exact_step_estimates(batches: list[list[torch.Tensor]]) -> np.ndarray:
-    """Per step, ``(|G|^2, tr Sigma)`` from the float64 gradients of that step's micro-batches (every rank's):
-    the two-batch-size estimator in closed form, without replacement from the N sequences (McCandlish et al.
-    2018, App. A): E|g_B|^2 = |G|^2 + c(B) tr Sigma, c(B) = (N - B) / (B (N - 1)), at B = one micro-batch and B =
-    all of them (their mean is the all-reduced, accumulated gradient: equal label items in every micro-batch)."""
-    m = gpt2().double().train()  # no dropout: train mode is the function the Trainer differentiated
-    params = [p for p in m.parameters() if p.requires_grad]
-
-    def c(b: int) -> float:
-        return (N - b) / (b * (N - 1))
-
-    out = []
-    for micro in batches:
-        g = torch.stack(
-            [
-                torch.cat([x.reshape(-1) for x in torch.autograd.grad(m(input_ids=i, labels=i).loss, params)])
-                for i in micro
-            ]
-        )
-        small, big = float((g**2).sum(1).mean()), float((g.mean(0) ** 2).sum())
-        bs, bb = len(micro[0]), sum(len(i) for i in micro)
-        trace = (small - big) / (c(bs) - c(bb))
-        out.append((big - c(bb) * trace, trace))
-    return np.array(out)
 
 
 @pytest.mark.slow
