@@ -133,6 +133,6 @@ def run(args: argparse.Namespace) -> int:
         + (f"; store: {result.settings['store']}" if result.settings["store"] else "")
     )
     if args.heatmap:
-        result.heatmap(args.metric).savefig(args.heatmap, dpi=120, bbox_inches="tight")
+        result.heatmap(args.metric).figure.savefig(args.heatmap, dpi=120, bbox_inches="tight")
         console.print(f"heatmap of {args.metric}: {args.heatmap}")
     return 1 if failed else 0
