@@ -164,12 +164,11 @@ def _run_paper(name: str, ctx: Context) -> PaperResult:
     res = PAPERS[name].run(ctx)
     res.seconds = time.perf_counter() - t
     cfg = {"paper": name, "scale": ctx.scale, "seeds": list(ctx.seeds), "data": ctx.dataset.fingerprint}
-    key = ctx.store.start_run(cfg, kind="paper", rerun=True)
-    ctx.store.finish_run(
-        key,
-        "completed",
-        result={"numbers": clean(res.numbers), "findings": [f.to_dict() for f in res.findings]},
-    )
+    with ctx.store.run(cfg, "paper", rerun=True) as run:
+        run.finish(
+            "completed",
+            result={"numbers": clean(res.numbers), "findings": [f.to_dict() for f in res.findings]},
+        )
     ctx.log(f"   {name}: {res.seconds:.0f}s")
     return res
 
