@@ -68,11 +68,7 @@ def load_spec(path: str | Path) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"spec={str(path)!r} is not valid TOML: {e}") from None
     for name in data:
         if name not in TABLES:
-            hint = closest(name, TABLES)
-            did = f" Did you mean {hint!r}?" if hint else ""
-            raise ConfigError(
-                f"spec={str(path)!r}: unknown table [{name}].{did} Allowed: {', '.join(TABLES)}"
-            )
+            raise _unknown_in_spec(path, f"table [{name}]", name, TABLES)
         if not isinstance(data[name], dict):
             raise LrbsTypeError(f"spec={str(path)!r}: {name} must be a table [{name}], got {data[name]!r}")
     if "grid" not in data:
@@ -80,14 +76,19 @@ def load_spec(path: str | Path) -> dict[str, dict[str, Any]]:
     opts = dict(data.get("sweep", {}))
     for k in opts:
         if k not in sweep_options():
-            hint = closest(k, sweep_options())
-            did = f" Did you mean {hint!r}?" if hint else ""
-            raise ConfigError(
-                f"spec={str(path)!r}: unknown [sweep] option {k!r}.{did} Allowed: {', '.join(sweep_options())}"
-            )
+            raise _unknown_in_spec(path, f"[sweep] option {k!r}", k, sweep_options())
     if isinstance(opts.get("store"), str) and not Path(opts["store"]).is_absolute():
         opts["store"] = str(path.parent / opts["store"])
     return {"base": dict(data.get("base", {})), "grid": dict(data["grid"]), "sweep": opts}
+
+
+def _unknown_in_spec(path: Path, what: str, name: str, allowed: tuple[str, ...]) -> ConfigError:
+    """The error for an unknown table or ``[sweep]`` option of the spec at ``path``: ``what`` as written in the
+    spec (``"table [grids]"``), the closest allowed name, then every allowed one in their order. (Not
+    :func:`lrbs.errors.unknown_name`: this message names the spec file and the TOML table syntax.)"""
+    hint = closest(name, allowed)
+    did = f" Did you mean {hint!r}?" if hint else ""
+    return ConfigError(f"spec={str(path)!r}: unknown {what}.{did} Allowed: {', '.join(allowed)}")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
