@@ -379,32 +379,32 @@ class Context:
 
     def _record(self, kc: dict, cfg: dict, res: dict) -> Trained:
         store = self.store
-        key = store.start_run(kc, kind="train")
-        model = build_model_for(cfg, self.dataset)
-        model.load_state_dict(res["state"])
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_checkpoint(model, Path(tmp) / "model.safetensors")
-            store.add_artifact(key, "checkpoint", path, name="model.safetensors")
-        arrays = {f"h_{k}": np.asarray(v) for k, v in res["history"].items()}
-        if res.get("snapshots") is not None:
-            arrays["snapshots"] = res["snapshots"]
-            arrays["snapshot_steps"] = res["snapshot_steps"]
-        for k, v in res.get("logs", {}).items():
-            arrays[f"log_{k}"] = np.asarray(v, dtype=float)
-        store.save_arrays(key, "history", "history", arrays, meta={"columns": sorted(arrays)})
-        result = {
-            "status": res["status"],
-            "final": clean(res["final"]),
-            "evals": clean(res["evals"]),
-            "wall_time": res["wall_time"],
-        }
-        rows = [
-            (int(e["step"]), k, float(v))
-            for e in res["evals"]
-            for k, v in e.items()
-            if k != "step" and isinstance(v, (int, float)) and math.isfinite(float(v))
-        ]
-        store.finish_run(key, res["status"], result=result, metrics=rows)
+        with store.run(kc, "train") as run:  # an exception marks the run failed and is re-raised
+            model = build_model_for(cfg, self.dataset)
+            model.load_state_dict(res["state"])
+            with tempfile.TemporaryDirectory() as tmp:
+                path = save_checkpoint(model, Path(tmp) / "model.safetensors")
+                store.add_artifact(run.key, "checkpoint", path, name="model.safetensors")
+            arrays = {f"h_{k}": np.asarray(v) for k, v in res["history"].items()}
+            if res.get("snapshots") is not None:
+                arrays["snapshots"] = res["snapshots"]
+                arrays["snapshot_steps"] = res["snapshot_steps"]
+            for k, v in res.get("logs", {}).items():
+                arrays[f"log_{k}"] = np.asarray(v, dtype=float)
+            store.save_arrays(run.key, "history", "history", arrays, meta={"columns": sorted(arrays)})
+            result = {
+                "status": res["status"],
+                "final": clean(res["final"]),
+                "evals": clean(res["evals"]),
+                "wall_time": res["wall_time"],
+            }
+            rows = [
+                (int(e["step"]), k, float(v))
+                for e in res["evals"]
+                for k, v in e.items()
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(float(v))
+            ]
+            run.finish(res["status"], result=result, metrics=rows)
         return Trained(
             model,
             cfg,
@@ -412,7 +412,7 @@ class Context:
             res["final"],
             res["history"],
             res["evals"],
-            key,
+            run.key,
             res.get("snapshots"),
             res.get("snapshot_steps"),
             res.get("logs", {}),
@@ -493,10 +493,10 @@ class Context:
     def _record_measure(self, kc: dict, name: str, out: dict, seconds: float) -> dict:
         arrays = out.pop("arrays", None)
         out["seconds"] = seconds
-        key = self.store.start_run(kc, kind="measure")
-        if arrays:
-            self.store.save_arrays(key, "arrays", name, {k: np.asarray(v) for k, v in arrays.items()})
-        self.store.finish_run(key, "completed", result=clean(out))
+        with self.store.run(kc, "measure") as run:  # an exception marks the run failed and is re-raised
+            if arrays:
+                self.store.save_arrays(run.key, "arrays", name, {k: np.asarray(v) for k, v in arrays.items()})
+            run.finish("completed", result=clean(out))
         if arrays:
             out["arrays"] = {k: np.asarray(v) for k, v in arrays.items()}
         return out
