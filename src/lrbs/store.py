@@ -93,7 +93,12 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*")
 
 
 def _canonical(value: Any, where: str, allow_nonfinite: bool) -> Any:
-    """``value`` as plain JSON data: tuples -> lists, numpy scalars/arrays -> Python, -0.0 -> 0.0."""
+    """``value`` as plain JSON data: tuples -> lists, numpy scalars/arrays -> Python, -0.0 -> 0.0.
+
+    Not :func:`lrbs._util.jsonable`, on purpose: this is the canonical form a run key is hashed from, so it
+    validates (an unknown object, a non-str key or, in a config, a non-finite number raises, naming where it is)
+    instead of converting, and results / metadata keep NaN and infinity as the store's documented contract.
+    """
     if value is None or isinstance(value, (str, bool)):
         return value
     if isinstance(value, np.bool_):
