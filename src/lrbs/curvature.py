@@ -15,6 +15,14 @@ explicit symmetric matrix, which is how they are tested against closed forms.
 
 The Krylov bases and all reductions are kept in float64 whatever the Objective's dtype; only the HVPs run in
 it.
+
+Example:
+    >>> from lrbs import Objective, build_model, load_dataset
+    >>> ds = load_dataset("blobs", n_train=64, n_test=8, num_features=4, num_classes=3, seed=0)
+    >>> obj = Objective(build_model("mlp", dataset=ds, depth=2, width=8), data=ds)
+    >>> res = hessian_eigenvalues(obj, k=2)
+    >>> bool(res.converged), bool(res.values[0] >= res.values[1]), res.tol_on, res.tol
+    (True, True, 'value', 0.001)
 """
 
 from __future__ import annotations
@@ -402,15 +410,14 @@ def lanczos_eigenvalues(
     Runs the Lanczos recurrence ``A Q_m = Q_m T_m + beta_m q_{m+1} e_m^T`` and, after ``min_steps`` steps,
     stops as soon as the ``k`` wanted Ritz pairs ``(theta_i, Q_m s_i)`` of ``T_m`` have relative Ritz residual
     ``|beta_m s_{m,i}| / |theta_i| <= tol`` (the residual ``||A y_i - theta_i y_i||``; eigenvalue errors are
-    ``O(residual^2 / gap)``). This is a residual test, not PyHessian's change-in-estimate rule.
+    ``O(residual^2 / gap)``), not PyHessian's change-in-estimate rule.
 
     Args:
         operator: an explicit symmetric ``(n, n)`` matrix, or ``matmat(V)`` for ``V`` of shape ``(k, n)``.
         n: the size (needed with a callable).
         k: how many eigenvalues.
-        which: ``"LA"`` largest algebraic (the default: ``lambda_max`` is the sharpness direction, and a
-            negative eigenvalue of large magnitude is not "sharp"), ``"SA"`` smallest algebraic, ``"LM"``
-            largest magnitude.
+        which: ``"LA"`` largest algebraic (default: a large negative eigenvalue is not "sharp"), ``"SA"``
+            smallest algebraic, ``"LM"`` largest magnitude.
         tol: relative residual tolerance (> 0).
         max_iter: at most this many steps (= matvecs); default ``min(n, max(100, 20 k))``.
         min_steps: never stop before this many steps (guards against misconvergence to an inner eigenvalue).
@@ -937,13 +944,6 @@ def hessian_eigenvalues(
             ``method="power"``, non-finite parameters.
         ShapeError: ``init`` of the wrong size.
 
-    Example:
-        >>> from lrbs import Objective, build_model, load_dataset
-        >>> ds = load_dataset("blobs", n_train=64, n_test=8, num_features=4, num_classes=3, seed=0)
-        >>> obj = Objective(build_model("mlp", dataset=ds, depth=2, width=8), data=ds)
-        >>> res = hessian_eigenvalues(obj, k=2)
-        >>> bool(res.converged), bool(res.values[0] >= res.values[1]), res.tol_on, res.tol
-        (True, True, 'value', 0.001)
 
     References:
         Yao et al., "PyHessian", arXiv 1912.07145; Ghorbani et al. 2019, arXiv 1901.10159.
