@@ -101,7 +101,7 @@ def _toggled(tmp: str, steps: int) -> list[float]:
 
     class Toggle(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            cap = cb.monitor.capture
+            cap = cb.capture
             cap.attach() if state.global_step % 2 == 0 else cap.detach()
             begin.append(time.process_time())
 

@@ -236,7 +236,7 @@ def test_micro_batch_noise_scale_agrees_with_references(tmp_path):
     assert s.b_simple == pytest.approx(exact, rel=0.15)
     # each step's |G|^2 and tr Sigma, against float64 on the same 4 micro-batches (GPT-2's loss sums 15 of the 16
     # labels of a sequence: shares counted over 16 would leave both 12% low)
-    got = np.array([(g, t) for _, g, t in cb.monitor.window.rows])
+    got = np.array([(g, t) for _, g, t in cb.window.rows])
     steps = [seen[4 * j : 4 * j + 4] for j in range(40)]
     np.testing.assert_allclose(got, exact_step_estimates(steps), rtol=1e-4)
 

@@ -38,7 +38,7 @@ def run(out: Path, accum: int) -> None:
     result = {
         "world": tr.args.world_size,
         "batches": seen,
-        "rows": list(cb.monitor.window.rows),
+        "rows": list(cb.window.rows),
         "source": cb.summary().source,
     }
     if rank == 0:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from .measure import (
     MeasurementWarning,
     current_lr,
     guarded,
+    recommended_lr,
     require,
     size_or_none,
     sum_over_ranks,
@@ -38,15 +39,12 @@ from .measure import (
 from .monitor import Monitor
 
 MIN_LIGHTNING = "2.2"  # the lrbs[lightning] extra's pin; tested with 2.6
-_L = require("lightning", MIN_LIGHTNING, "lightning")
+REQUIRES = ("lightning", MIN_LIGHTNING, "lightning")  # module, minimum version, lrbs extra
+_L = require(*REQUIRES)
 
 __all__ = ["LrbsCallback", "find_lr", "step_loss", "MIN_LIGHTNING", "MeasurementWarning"]
 
 log = logging.getLogger(__name__)
-
-
-def _check_version() -> None:
-    require("lightning", MIN_LIGHTNING, "lightning")
 
 
 def step_loss(module: Any, batch: Any, batch_idx: int = 0) -> torch.Tensor:
@@ -79,7 +77,7 @@ def _map_source(loader: Any) -> Any:
     return MapSource(dataset, collate_fn=getattr(loader, "collate_fn", None))
 
 
-class LrbsCallback(_L.pytorch.Callback):
+class LrbsCallback(Monitor, _L.pytorch.Callback):
     r"""A Lightning ``Callback`` that logs the gradient noise scale and the sharpness during ``fit``.
 
     **Noise scale** (``noise_scale=True``): free with ``accumulate_grad_batches >= 2`` or under data parallelism.
@@ -106,7 +104,8 @@ class LrbsCallback(_L.pytorch.Callback):
     a saved-and-restored random state); a failed measurement is a
     :class:`~lrbs.integrations.measure.MeasurementWarning` and training goes on.
 
-    Args: as :class:`lrbs.integrations.transformers.LrbsCallback`.
+    Args: those of :class:`~lrbs.integrations.monitor.Monitor` (its ``__init__``: the one signature of both
+    callbacks); ``compute_loss`` defaults to :func:`step_loss`.
 
     Raises:
         ConfigError: ``sharpness_every`` / ``log_every`` < 1, bad sizes; at ``on_train_start``, all parameters
@@ -114,57 +113,20 @@ class LrbsCallback(_L.pytorch.Callback):
         DependencyError: lightning missing or older than :data:`MIN_LIGHTNING`.
     """
 
-    # The keywords mirror Monitor's on purpose: each framework's callback shows its full signature (help,
-    # IDEs) and forwards it unchanged; the shared logic lives in monitor.Monitor.
-    def __init__(
-        self,
-        noise_scale: bool = True,
-        sharpness_every: int | None = None,
-        sharpness_samples: int = 512,
-        log_every: int | None = None,
-        *,
-        window: int = 50,
-        probe_data: Any = None,
-        probe_micro_batches: int = 4,
-        probe_draws: int = 4,
-        compute_loss: Callable | None = None,
-        seed: int = 0,
-    ):
-        _check_version()
-        self.monitor = Monitor(
-            noise_scale=noise_scale,
-            sharpness_every=sharpness_every,
-            sharpness_samples=sharpness_samples,
-            log_every=log_every,
-            window=window,
-            probe_data=probe_data,
-            probe_micro_batches=probe_micro_batches,
-            probe_draws=probe_draws,
-            compute_loss=compute_loss if compute_loss is not None else step_loss,
-            seed=seed,
-        )
-        self._sizes: list[int] = []
-        self._new_step = True
-        self._stepped = False
-        self._scale = 1.0
-        self._lr: float | None = None
-        self._params: list[torch.Tensor] = []
-
-    @property
-    def history(self) -> list[dict[str, float]]:
-        """Every published set of values, with its step."""
-        return self.monitor.history
-
-    def summary(self) -> Any:
-        """The noise scale over the current window (a :class:`~lrbs.integrations.measure.NoiseSummary`)."""
-        return self.monitor.summary()
+    requires = REQUIRES
+    default_loss = staticmethod(step_loss)
+    _new_step = True
+    _stepped = False
+    _scale = 1.0
+    _lr: float | None = None
 
     def on_train_start(self, trainer, pl_module):
         loader = trainer.train_dataloader
         source = _map_source(loader)
         self._params = trainable_parameters(pl_module)
+        self._sizes: list[int | None] = []
         self._accum = int(trainer.accumulate_grad_batches)
-        self.monitor.start(
+        self.start(
             pl_module,
             accumulation=self._accum,
             world=int(trainer.world_size),
@@ -180,7 +142,7 @@ class LrbsCallback(_L.pytorch.Callback):
         self._new_step = True
 
     def _probe_source(self, train_source: Any, loader: Any) -> Any:
-        data = self.monitor.probe_data
+        data = self.probe_data
         if data is None:
             return None
         if isinstance(data, str):
@@ -197,10 +159,10 @@ class LrbsCallback(_L.pytorch.Callback):
         return as_source(data, name="probe_data")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if not self.monitor.free:
+        if not self.free:
             return
         if self._new_step:
-            self.monitor.begin_step()
+            self.begin_step()
             self._sizes, self._new_step = [], False
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             self._scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
@@ -209,14 +171,14 @@ class LrbsCallback(_L.pytorch.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self._stepped = True
         self._lr = current_lr(optimizer)  # the step's LR, before any scheduler moves it
-        if not self.monitor.free:
+        if not self.free:
             return
         step = int(trainer.global_step) + 1
         total = guarded(
             "the accumulated gradient's norm", step, lambda: float(GradCapture.grad_sq_of(self._params))
         )
         sizes, self._sizes, self._new_step = self._sizes, [], True
-        self.monitor.end_step(
+        self.end_step(
             step,
             sizes,
             [1.0 / self._accum] * len(sizes),
@@ -231,10 +193,10 @@ class LrbsCallback(_L.pytorch.Callback):
         self._stepped = False
         step = int(trainer.global_step)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        self.monitor.after_step(step, pl_module, optimizer, lr=self._lr)
-        if step % self.monitor.log_every:
+        self.after_step(step, pl_module, optimizer, lr=self._lr)
+        if step % self.log_every:
             return
-        out = self.monitor.publish(step)
+        out = self.publish(step)
         if not out:
             return
         for lg in trainer.loggers:
@@ -243,7 +205,7 @@ class LrbsCallback(_L.pytorch.Callback):
             pl_module.log(name, float(value), on_step=True, on_epoch=False, logger=False)
 
     def on_train_end(self, trainer, pl_module):
-        self.monitor.stop()
+        self.stop()
 
 
 # --------------------------------------------------------------------------------------------- find_lr
@@ -343,7 +305,7 @@ def find_lr(
         ConfigError: no training data, all parameters frozen, several optimizers, an unsupported precision.
         DependencyError: lightning missing or too old.
     """
-    _check_version()
+    require(*REQUIRES)
     from ..range_test import lr_range_test
 
     trainable_parameters(model)
@@ -370,7 +332,7 @@ def find_lr(
 
 
 def _apply(model: Any, res: Any, attr: str | None) -> dict[str, Any] | None:
-    lr, why = _recommended(res)
+    lr, why = recommended_lr(res)
     if lr is None:
         return None
     names = [attr] if attr is not None else [n for n in ("lr", "learning_rate") if hasattr(model, n)]
@@ -399,13 +361,3 @@ def _apply(model: Any, res: Any, attr: str | None) -> dict[str, Any] | None:
         )
     log.info("lrbs find_lr: learning rate %.4g (%s) written to %s", lr, why, ", ".join(where))
     return {"lr": lr, "why": why, "where": where, "optimizer_lr": used}
-
-
-def _recommended(res: Any) -> tuple[float | None, str]:
-    """``res.recommended()``, or ``(None, reason)`` with a warning when the sweep cannot recommend (the result is
-    kept either way)."""
-    try:
-        return res.recommended()
-    except ConfigError as e:
-        warnings.warn(f"lrbs find_lr: no learning rate was written ({e})", MeasurementWarning, stacklevel=4)
-        return None, str(e)

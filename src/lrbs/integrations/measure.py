@@ -74,6 +74,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._util import jsonable
 from ..errors import ConfigError, DependencyError
 
 __all__ = [
@@ -97,6 +98,7 @@ __all__ = [
     "trainable_parameters",
     "size_or_none",
     "current_lr",
+    "recommended_lr",
     "check_every",
 ]
 
@@ -352,11 +354,8 @@ class NoiseSummary:
     source: str
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able record (non-finite numbers become None)."""
-        return {
-            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in self.__dict__.items()
-        }
+        """A JSON-able record (non-finite numbers become None: lrbs's one JSON rule, ``lrbs._util.jsonable``)."""
+        return jsonable(dict(self.__dict__))
 
 
 class NoiseWindow:
@@ -634,6 +633,16 @@ def current_lr(optimizer: Any) -> float | None:
         return None
     lr = groups[0].get("lr")
     return float(lr) if lr is not None else None
+
+
+def recommended_lr(res: Any) -> tuple[float | None, str]:
+    """``res.recommended()`` of a :class:`~lrbs.RangeTestResult`, or ``(None, reason)`` with a
+    :class:`MeasurementWarning` when the sweep cannot recommend (both ``find_lr`` keep the result either way)."""
+    try:
+        return res.recommended()
+    except ConfigError as e:
+        warnings.warn(f"lrbs find_lr: no learning rate was written ({e})", MeasurementWarning, stacklevel=4)
+        return None, str(e)
 
 
 def check_every(name: str, value: Any) -> int | None:

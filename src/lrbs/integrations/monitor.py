@@ -28,6 +28,7 @@ from .measure import (
     micro_sums,
     probe_estimates,
     protected_rng,
+    require,
     sharpness,
     solve_micro,
     stability_threshold,
@@ -47,19 +48,26 @@ def _check_int(name: str, value: Any, low: int) -> int:
 class Monitor:
     """What both callbacks share: the settings, when to measure, what was measured and what to log.
 
-    The framework glue calls :meth:`start` when training starts, :meth:`begin_step` / :meth:`end_step` around each
-    optimizer step's micro-batches (free noise scale), :meth:`after_step` after each optimizer step (probe and
-    sharpness, at their cadence) and :meth:`publish` when it logs. Every measurement runs under
-    :func:`protected_rng` and :func:`guarded`: it cannot change the random stream or end the run.
+    Each framework's ``LrbsCallback`` is a Monitor (it subclasses this class and the framework's callback base), so
+    this ``__init__`` is their one signature, with its arguments documented here once. The framework glue calls
+    :meth:`start` when training starts, :meth:`begin_step` / :meth:`end_step` around each optimizer step's
+    micro-batches (free noise scale), :meth:`after_step` after each optimizer step (probe and sharpness, at their
+    cadence) and :meth:`publish` when it logs. Every measurement runs under :func:`protected_rng` and
+    :func:`guarded`: it cannot change the random stream or end the run.
     """
+
+    #: ``(module, minimum version, extra)`` a subclass's framework needs, checked when it is built (None: nothing)
+    requires: tuple[str, str, str] | None = None
+    #: the ``compute_loss`` used when none is given (None: the model's own loss, ``model(**batch).loss``)
+    default_loss: Callable | None = None
 
     def __init__(
         self,
-        *,
         noise_scale: bool = True,
         sharpness_every: int | None = None,
         sharpness_samples: int = 512,
         log_every: int | None = None,
+        *,
         window: int = 50,
         probe_data: Any = None,
         probe_micro_batches: int = 4,
@@ -69,6 +77,29 @@ class Monitor:
         confidence: float = 0.95,
         seed: int = 0,
     ):
+        """
+        Args:
+            noise_scale: measure ``B_simple``.
+            sharpness_every: measure ``lambda_max`` every this many optimizer steps (None: never).
+            sharpness_samples: size of the fixed subset for the Hessian.
+            log_every: probe cadence (default: the trainer's logging interval).
+            window: number of recent estimates behind ``lrbs/b_simple``.
+            probe_data: held data for the probe (a map-style dataset collated by the trainer's collator, or any
+                data :func:`lrbs.batches.as_source` takes), ``"train"`` for the training set, or None.
+            probe_micro_batches, probe_draws: the probe's big batch in micro-batches, and draws per probe.
+            compute_loss: ``compute_loss(model, batch)`` for the probe and the sharpness (default
+                :attr:`default_loss`: the model's own loss for HF, ``training_step``'s for Lightning).
+            batch_weight: ``batch_weight(batch)``, the weight of a batch in the probe's and the sharpness's means
+                (default: its sample count).
+            confidence: level of the bootstrap interval of ``lrbs/b_simple``.
+            seed: seeds the sharpness subset, the probe draws and the bootstrap.
+
+        Raises:
+            ConfigError: a cadence < 1, a size out of range, a non-callable loss or weight.
+            DependencyError: the framework missing or older than :attr:`requires` says.
+        """
+        if self.requires is not None:
+            require(*self.requires)
         if not isinstance(noise_scale, bool):
             raise ConfigError(f"noise_scale={noise_scale!r} is not allowed: must be True or False")
         self.noise_scale = noise_scale
@@ -82,7 +113,8 @@ class Monitor:
         for name, fn in (("compute_loss", compute_loss), ("batch_weight", batch_weight)):
             if fn is not None and not callable(fn):
                 raise ConfigError(f"{name}={fn!r} is not allowed: must be a callable or None")
-        self.compute_loss, self.batch_weight = compute_loss, batch_weight
+        self.compute_loss = compute_loss if compute_loss is not None else self.default_loss
+        self.batch_weight = batch_weight
         if not (isinstance(confidence, float) and 0.0 < confidence < 1.0):
             raise ConfigError(f"confidence={confidence!r} is not allowed: must be a float in (0, 1)")
         self.confidence = confidence

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +27,7 @@ from .measure import (
     MeasurementWarning,
     current_lr,
     protected_rng,
+    recommended_lr,
     require,
     size_or_none,
     sum_over_ranks,
@@ -35,16 +35,15 @@ from .measure import (
 )
 from .monitor import Monitor
 
+# The measure imports above and the pin below have lightning.py's shape on purpose: each glue module takes the
+# same framework-free pieces from measure.py and pins its own framework (nothing left to share).
 MIN_TRANSFORMERS = "4.40"  # the lrbs[transformers] extra's pin; tested with 5.24
-_hf = require("transformers", MIN_TRANSFORMERS, "transformers")
+REQUIRES = ("transformers", MIN_TRANSFORMERS, "transformers")  # module, minimum version, lrbs extra
+_hf = require(*REQUIRES)
 
 __all__ = ["LrbsCallback", "attach", "find_lr", "MIN_TRANSFORMERS", "MeasurementWarning"]
 
 log = logging.getLogger(__name__)
-
-
-def _check_version() -> None:
-    require("transformers", MIN_TRANSFORMERS, "transformers")
 
 
 def _shifts_labels(model: Any) -> bool:
@@ -94,7 +93,7 @@ def _map_source(dataset: Any, collate_fn: Callable | None) -> Any:
     return MapSource(dataset, collate_fn=collate_fn)
 
 
-class LrbsCallback(_hf.TrainerCallback):
+class LrbsCallback(Monitor, _hf.TrainerCallback):
     r"""A ``TrainerCallback`` that logs the gradient noise scale and the sharpness while the Trainer trains.
 
     **Noise scale** (``noise_scale=True``): free with ``gradient_accumulation_steps >= 2`` or under data
@@ -129,18 +128,8 @@ class LrbsCallback(_hf.TrainerCallback):
     weights as without it. A measurement that fails is a :class:`~lrbs.integrations.measure.MeasurementWarning`
     with the reason, and training goes on.
 
-    Args:
-        noise_scale: measure ``B_simple``.
-        sharpness_every: measure ``lambda_max`` every this many optimizer steps (None: never).
-        sharpness_samples: size of the fixed subset for the Hessian.
-        log_every: probe cadence (default: ``args.logging_steps``).
-        window: number of recent estimates behind ``lrbs/b_simple``.
-        probe_data: held data for the probe (a map-style dataset collated by the Trainer's collator, or any data
-            :func:`lrbs.batches.as_source` takes), ``"train"`` for the training set, or None.
-        probe_micro_batches, probe_draws: the probe's big batch in micro-batches, and draws per probe.
-        compute_loss: ``compute_loss(model, batch)`` for the measurements (default: the model's own loss, as the
-            Trainer's default ``compute_loss``).
-        seed: seeds the sharpness subset, the probe draws and the bootstrap.
+    Args: those of :class:`~lrbs.integrations.monitor.Monitor` (its ``__init__``: the one signature of both
+    callbacks).
 
     Raises:
         ConfigError: ``sharpness_every`` or ``log_every`` < 1, bad sizes; at ``on_train_begin``, all parameters
@@ -148,49 +137,11 @@ class LrbsCallback(_hf.TrainerCallback):
         DependencyError: transformers missing or older than :data:`MIN_TRANSFORMERS`.
     """
 
-    # The keywords mirror Monitor's on purpose: each framework's callback shows its full signature (help,
-    # IDEs) and forwards it unchanged; the shared logic lives in monitor.Monitor.
-    def __init__(
-        self,
-        noise_scale: bool = True,
-        sharpness_every: int | None = None,
-        sharpness_samples: int = 512,
-        log_every: int | None = None,
-        *,
-        window: int = 50,
-        probe_data: Any = None,
-        probe_micro_batches: int = 4,
-        probe_draws: int = 4,
-        compute_loss: Callable | None = None,
-        seed: int = 0,
-    ):
-        _check_version()
-        self.monitor = Monitor(
-            noise_scale=noise_scale,
-            sharpness_every=sharpness_every,
-            sharpness_samples=sharpness_samples,
-            log_every=log_every,
-            window=window,
-            probe_data=probe_data,
-            probe_micro_batches=probe_micro_batches,
-            probe_draws=probe_draws,
-            compute_loss=compute_loss,
-            seed=seed,
-        )
-        self._handle: Any = None
-        self._micro: list[tuple[int, torch.Tensor | None]] = []
-        self._scale = 1.0
-        self._lr: float | None = None
-        self._world, self._across, self._reduce = 1, False, None
-
-    @property
-    def history(self) -> list[dict[str, float]]:
-        """Every published set of values, with its step."""
-        return self.monitor.history
-
-    def summary(self) -> Any:
-        """The noise scale over the current window (a :class:`~lrbs.integrations.measure.NoiseSummary`)."""
-        return self.monitor.summary()
+    requires = REQUIRES
+    _handle: Any = None
+    _scale = 1.0
+    _lr: float | None = None
+    _world, _across, _reduce = 1, False, None
 
     # ---- setup
     def on_train_begin(
@@ -201,11 +152,12 @@ class LrbsCallback(_hf.TrainerCallback):
         collate = getattr(loader, "collate_fn", None)
         train_source = _map_source(dataset, collate)
         world = int(getattr(args, "world_size", 1) or 1)
+        self._micro: list[tuple] = []
         sharded = bool(getattr(args, "deepspeed", None) or getattr(args, "fsdp", None))
         self._world = world
         self._across = world > 1 and bool(getattr(args, "average_tokens_across_devices", False))
         self._reduce = sum_over_ranks(world)
-        self.monitor.start(
+        self.start(
             model,
             accumulation=int(args.gradient_accumulation_steps),
             world=world,
@@ -217,14 +169,14 @@ class LrbsCallback(_hf.TrainerCallback):
             log_every=_logging_steps(args, state),
             total_when=_sync_now,
         )
-        if self.monitor.free:
+        if self.free:
             shift = _shifts_labels(model)
             self._handle = model.register_forward_pre_hook(
                 lambda mod, a, kw: self._record(mod, a, kw, shift), with_kwargs=True
             )
 
     def _probe_source(self, train_source: Any, collate: Callable | None) -> Any:
-        data = self.monitor.probe_data
+        data = self.probe_data
         if data is None:
             return None
         if isinstance(data, str):
@@ -247,7 +199,7 @@ class LrbsCallback(_hf.TrainerCallback):
 
     # ---- per step
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        self.monitor.begin_step()
+        self.begin_step()
         self._micro = []
         scaler = getattr(optimizer, "scaler", None)
         self._scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
@@ -255,10 +207,10 @@ class LrbsCallback(_hf.TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = int(state.global_step)
-        if self.monitor.free:
+        if self.free:
             micro, self._micro = self._micro, []
             sizes = [m[0] for m in micro]
-            self.monitor.end_step(
+            self.end_step(
                 step,
                 sizes,
                 self._shares(micro),
@@ -266,7 +218,7 @@ class LrbsCallback(_hf.TrainerCallback):
                 total_sq=self._total(step),
                 all_reduce=self._reduce,
             )
-        self.monitor.after_step(step, model, optimizer, lr=self._lr)
+        self.after_step(step, model, optimizer, lr=self._lr)
 
     def _shares(self, micro: list[tuple]) -> list[float]:
         """Each micro-batch's share in this rank's accumulated gradient, as its loss was normalised: its label
@@ -281,13 +233,13 @@ class LrbsCallback(_hf.TrainerCallback):
         return [c / total for c in counts] if total > 0 else equal
 
     def _total(self, step: int) -> float | None:
-        cap = self.monitor.capture
+        cap = self.capture
         if cap is None or not cap.total_parts:
             return None
         return float(torch.stack(cap.total_parts).sum()) / self._scale**2
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        out = self.monitor.publish(int(state.global_step))
+        out = self.publish(int(state.global_step))
         if not out:
             return
         if logs is not None:
@@ -296,7 +248,7 @@ class LrbsCallback(_hf.TrainerCallback):
             state.log_history[-1].update(out)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.monitor.stop()
+        self.stop()
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
@@ -328,7 +280,7 @@ def attach(trainer: Any, callback: LrbsCallback | None = None, **kwargs: Any) ->
     First, so that the values it adds in ``on_log`` reach the ``report_to`` integrations (TensorBoard, W&B, ...),
     which the Trainer places before user callbacks.
     """
-    _check_version()
+    require(*REQUIRES)
     if callback is None:
         callback = LrbsCallback(**kwargs)
     elif kwargs:
@@ -405,7 +357,7 @@ def find_lr(
         ConfigError: the trainer has no ``train_dataset``, or all parameters are frozen.
         DependencyError: transformers missing or too old.
     """
-    _check_version()
+    require(*REQUIRES)
     from ..range_test import lr_range_test
 
     if getattr(trainer, "train_dataset", None) is None:
@@ -436,7 +388,7 @@ def find_lr(
 
 
 def _apply(trainer: Any, res: Any) -> dict[str, Any]:
-    lr, why = _recommended(res)
+    lr, why = recommended_lr(res)
     if lr is None:
         return None
     where = ["trainer.args.learning_rate"]
@@ -451,13 +403,3 @@ def _apply(trainer: Any, res: Any) -> dict[str, Any]:
         where.append("trainer.optimizer.param_groups[*]['lr']")
     log.info("lrbs find_lr: learning rate %.4g (%s) written to %s", lr, why, ", ".join(where))
     return {"lr": lr, "why": why, "where": where}
-
-
-def _recommended(res: Any) -> tuple[float | None, str]:
-    """``res.recommended()``, or ``(None, reason)`` with a warning when the sweep cannot recommend (the result is
-    kept either way)."""
-    try:
-        return res.recommended()
-    except ConfigError as e:
-        warnings.warn(f"lrbs find_lr: no learning rate was written ({e})", MeasurementWarning, stacklevel=4)
-        return None, str(e)
