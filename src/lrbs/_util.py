@@ -2,9 +2,10 @@
 
 **JSON (one rule).** :func:`jsonable` turns results into plain JSON data: numpy and torch scalars become Python
 numbers, arrays and tensors lists, tuples and sets lists, mappings dicts with ``str`` keys, paths strings, objects
-with ``to_dict()`` their dict, anything else its ``repr``. **Non-finite floats (NaN, +-inf) become ``None``**
-(JSON ``null``) everywhere — the store, sidecars, the report's embedded data — so every file lrbs writes is strict
-JSON (``json.dumps(..., allow_nan=False)`` accepts it) and a reader sees "no value" rather than a number.
+with ``to_dict()`` their dict, anything else its ``repr`` (with ``strict=True``: an error).
+**Non-finite floats (NaN, +-inf) become ``None``** (JSON ``null``) everywhere — the store, sidecars, the report's
+embedded data — so every file lrbs writes is strict JSON (``json.dumps(..., allow_nan=False)`` accepts it) and a
+reader sees "no value" rather than a number.
 :func:`dumps` is ``json.dumps`` of that data with ``allow_nan=False``.
 
 **Atomic writes.** :func:`atomic_write` writes through a temporary file in the target's folder, flushes and
@@ -29,26 +30,42 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import LrbsTypeError
+
 __all__ = ["ProgressBar", "atomic_write", "dumps", "fmt", "item", "jsonable", "pm", "progress"]
 
 
-def jsonable(x: Any) -> Any:
-    """``x`` as plain JSON data, non-finite floats as ``None`` (the module docstring states the rule)."""
+def jsonable(x: Any, *, strict: bool = False) -> Any:
+    """``x`` as plain JSON data, non-finite floats as ``None`` (the module docstring states the rule).
+
+    Args:
+        x: the data.
+        strict: raise instead of writing an unknown object as its ``repr`` (for numbers that must stay numbers,
+            such as the papers' results: a stray object is a bug to report, not a string to store).
+
+    Raises:
+        LrbsTypeError: with ``strict=True``, an object that is none of the kinds the module docstring lists.
+    """
     x = _scalar(x)
     if x is None or isinstance(x, (bool, int, str)):
         return x
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, Mapping):
-        return {str(k): jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v, strict=strict) for k, v in x.items()}
     if isinstance(x, (list, tuple, set, frozenset)):
-        return [jsonable(v) for v in x]
+        return [jsonable(v, strict=strict) for v in x]
     if hasattr(x, "tolist"):  # numpy arrays, torch tensors
-        return jsonable(x.tolist())
+        return jsonable(x.tolist(), strict=strict)
     if hasattr(x, "to_dict"):
-        return jsonable(x.to_dict())
+        return jsonable(x.to_dict(), strict=strict)
     if isinstance(x, os.PathLike):
         return os.fspath(x)
+    if strict:
+        raise LrbsTypeError(
+            f"{x!r} ({type(x).__name__}) is not JSON data: must be None, bool, int, float, str, a path, a list, "
+            "tuple, set or mapping of them, a numpy/torch scalar or array, or an object with to_dict()"
+        )
     return repr(x)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._util import jsonable
 from ..data import Dataset, load_dataset
 from ..errors import check_choice, check_int
 from ..models import build_model
@@ -581,20 +582,10 @@ def _short(cfg: dict) -> str:
 
 
 def clean(obj: Any) -> Any:
-    """``obj`` with numpy values as Python numbers, tuples as lists, keys as str and non-finite floats as None;
-    anything else kept as it is, so the store rejects it with a clear error (``_util.jsonable`` would repr it)."""
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return clean(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
+    """``obj`` as the store keeps a paper's numbers: :func:`lrbs._util.jsonable` (numpy values as Python numbers,
+    tuples as lists, keys as str, non-finite floats as None) with ``strict=True``, so that a stray object raises
+    LrbsTypeError instead of being stored as its repr."""
+    return jsonable(obj, strict=True)
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
