@@ -87,9 +87,9 @@ class LrbsCallback(Monitor, _L.pytorch.Callback):
     estimate of ``|G|^2`` and ``tr Sigma`` per optimizer step (under DDP from every rank's micro-batches against the
     all-reduced gradient: the estimate's sums are all-reduced). ``lrbs/b_simple`` is the ratio of their means over
     the last ``window`` steps, with a bootstrap interval (``lrbs/b_simple_low`` / ``_high``), in samples per batch.
-    Cost: a tensor hook per parameter and one squared norm per backward, one more per step. With accumulation 1
-    on one device,
-    ``probe_data`` (held data or ``"train"``) is needed: every ``log_every`` steps :func:`lrbs.noise_scale` runs on
+    Cost: a tensor hook per parameter and one squared norm per backward, one more per step; under DDP also one
+    blocking ``all_reduce`` of 6 float64 numbers per optimizer step (a collective's latency). With accumulation 1
+    on one device, ``probe_data`` (held data or ``"train"``) is needed: every ``log_every`` steps :func:`lrbs.noise_scale` runs on
     ``probe_draws`` batches of ``probe_micro_batches`` micro-batches (that many extra forward-backward passes of a
     micro-batch, plus a copy of the module); its time is logged as ``lrbs/probe_seconds``.
 

@@ -23,7 +23,11 @@ step see the same weights, which is what the estimator of McCandlish et al. (201
 (the last term is the negative covariance of disjoint draws), two linear equations solved by :func:`micro_estimate`
 for :math:`|G|^2` and :math:`\operatorname{tr}\Sigma`. With equal shares and sizes it is exactly
 :func:`lrbs.noise_scale`'s two-batch-size estimator with :math:`B_s = B` and :math:`B_b = kB`. Under data parallelism
-the micro-batches of every rank count, and the big gradient is the all-reduced one (the sums are all-reduced).
+(DDP on :math:`W` ranks) the micro-batches of every rank count and the big gradient is the all-reduced one, the mean
+over ranks (a micro-batch's share in it is :math:`s_i / W`): the tensor hooks fire with each rank's *local*
+gradient (before DDP's reducer, which runs on the accumulated ``.grad``), the total is read after DDP has written
+the mean, and :func:`micro_sums` of every rank are summed by one ``all_reduce`` of 6 float64 numbers per step
+(:func:`sum_over_ranks`), so :math:`B_b = kWB`.
 
 The captured gradients are the training gradients themselves (train mode: dropout's noise is part of them);
 the probe (:func:`probe_estimates`, when there is no accumulation) and the sharpness run on a private copy in
@@ -433,8 +437,8 @@ class GradCapture:
     :meth:`grad_sq_of`. Under DDP the tensor hooks fire with this rank's local gradient (the reducer's hooks run
     after them, on the accumulated ``.grad``). Where the engine has no callback queue, one
     :func:`torch.autograd.graph.register_multi_grad_hook` plus a ``register_post_accumulate_grad_hook`` per
-    parameter do the same, more slowly, and read the total before DDP's all-reduce (:attr:`sees_all_reduce`
-    is False).
+    parameter do the same, more slowly, but read the total before DDP's all-reduce (the HF callback then needs the
+    probe under DDP; Lightning reads the total itself, after the all-reduce).
 
     Costs a Python call per parameter per backward and one squared norm over that backward's gradients, plus
     one per optimizer step (measured in bench/bench_integrations.py). The hooks also fire for other backward
@@ -452,7 +456,6 @@ class GradCapture:
         self._handles: list[Any] = []
         self.failed = False
         self._queue = self.engine_queue()
-        self.sees_all_reduce = self._queue is not None
 
     @staticmethod
     def engine_queue() -> Callable | None:

@@ -108,8 +108,8 @@ class LrbsCallback(Monitor, _hf.TrainerCallback):
     ``window`` steps with its bootstrap interval (``lrbs/b_simple_low`` / ``_high``), in samples (sequences) per
     batch. Cost: a tensor hook per parameter and one squared norm per backward, one more per step (about 3% of a
     tiny GPT-2's step, bench/RESULTS.md); under DDP also one blocking ``all_reduce`` of 6 float64 numbers per
-    optimizer step (a collective's latency). Under DeepSpeed or FSDP (sharded gradients) and with accumulation 1 on
-    one process, ``probe_data`` is needed (held data, or ``"train"``): every ``log_every`` steps
+    optimizer step (a collective's latency). Under DeepSpeed or FSDP (sharded gradients), and with accumulation 1
+    on one process, ``probe_data`` is needed (held data, or ``"train"``): every ``log_every`` steps
     :func:`lrbs.noise_scale` runs on ``probe_draws`` batches of ``probe_micro_batches x per_device_train_batch_size``
     samples, i.e. ``probe_draws x probe_micro_batches`` extra forward-backward passes of a micro-batch plus a copy of
     the model; its wall time is logged as ``lrbs/probe_seconds``.
@@ -133,7 +133,7 @@ class LrbsCallback(Monitor, _hf.TrainerCallback):
 
     Raises:
         ConfigError: ``sharpness_every`` or ``log_every`` < 1, bad sizes; at ``on_train_begin``, all parameters
-            frozen or accumulation 1 without probe data.
+            frozen, or accumulation 1 on one process (or sharded gradients) without probe data.
         DependencyError: transformers missing or older than :data:`MIN_TRANSFORMERS`.
     """
 
