@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from lrbs.errors import ConfigError
-from lrbs.integrations.measure import GradCapture, finite_c, micro_estimate, stability_threshold
+from lrbs.integrations.measure import (
+    GradCapture,
+    MeasurementWarning,
+    finite_c,
+    micro_estimate,
+    stability_threshold,
+)
+from lrbs.integrations.monitor import Monitor
 
 
 def population(n: int = 40, d: int = 3, seed: int = 0) -> tuple[np.ndarray, float, float]:
@@ -119,3 +128,52 @@ def test_no_threshold_for_adaptive_optimizers():
     x = torch.nn.Parameter(torch.zeros(1))
     assert stability_threshold(torch.optim.AdamW([x])) is None
     assert stability_threshold(torch.optim.RMSprop([x])) is None
+
+
+def step_monitor() -> tuple[Monitor, torch.nn.Module]:
+    """A Monitor in its free mode (2 'ranks', accumulation 2) on a small model, hooks attached."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    mon = Monitor(window=10)
+    mon.start(
+        model,
+        accumulation=2,
+        world=2,
+        free_possible=True,
+        micro_batch=4,
+        num_samples=None,
+        train_source=None,
+        probe_source=None,
+        log_every=1,
+        total_when=None,
+    )
+    mon.begin_step()
+    for _ in range(2):
+        (model(torch.randn(4, 3)).pow(2).mean() / 2).backward()
+    return mon, model
+
+
+def test_every_rank_joins_the_step_collective_even_when_it_cannot_read_its_step():
+    """Under DDP a rank whose step cannot be read (here: 2 backward passes for 1 micro-batch) still takes part in
+    the one all_reduce of the step, with NaN sums, so no rank waits forever; the other rank then skips the step."""
+    sent = []
+
+    def reduce(sums):
+        sent.append(sums.copy())
+        return sums + other, 2
+
+    bad, _ = step_monitor()
+    other = np.zeros(6)
+    with pytest.warns(MeasurementWarning, match=r"2 backward pass\(es\) .* for 1 micro-batch"):
+        bad.end_step(1, [4], [0.5], total_sq=1.0, all_reduce=reduce)
+    assert len(sent) == 1 and np.isnan(sent[0]).all() and len(bad.window) == 0
+    good, good_model = step_monitor()
+    other = sent[0]  # what the bad rank sent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the good rank drops the step silently: the bad one has said why
+        good.end_step(
+            1, [4, 4], [0.5, 0.5], total_sq=GradCapture.grad_sq_of(good_model.parameters()), all_reduce=reduce
+        )
+    assert len(sent) == 2 and np.isfinite(sent[1]).all() and len(good.window) == 0
+    bad.stop()
+    good.stop()
