@@ -171,7 +171,7 @@ def _self_time(tmp: str, steps: int) -> tuple[float, float]:
 
         setattr(owner, name, wrapper)
 
-    for name in ("_on_grad", "_on_backward_end"):
+    for name in ("_on_grad", "_on_backward_end", "_read_total"):
         timed(measure.GradCapture, name)
     for name in ("on_step_begin", "on_step_end", "on_log", "_record"):
         timed(LrbsCallback, name)
