@@ -313,7 +313,7 @@ def test_bad_arguments(quad):
         ConfigError, match=r"momentum=1.0 is not allowed: must be a finite number >= 0 and < 1"
     ):
         edge_of_stability(0.1, 1.0, momentum=1.0)
-    with pytest.raises(ConfigError, match=r"top_eigenvalue=nan is not allowed"):
+    with pytest.raises(ConfigError, match=r"lambda_max=nan is not allowed"):
         edge_of_stability(0.1, float("nan"))
 
 

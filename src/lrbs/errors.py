@@ -50,21 +50,26 @@ def closest(value: str, options: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
+def did_you_mean(value: Any, options: Iterable[str]) -> str:
+    """``" Did you mean 'x'?"`` with the closest of ``options`` to ``value``, or ``""`` when none is close: the one
+    hint every "unknown name" error of lrbs appends."""
+    hint = closest(str(value), options)
+    return f" Did you mean {hint!r}?" if hint else ""
+
+
 def unknown_name(kind: str, value: Any, options: Iterable[str]) -> ConfigError:
     """Build the error for an unknown registry name, listing the known ones and the closest."""
     options = sorted(options)
-    hint = closest(str(value), options)
-    did_you_mean = f" Did you mean {hint!r}?" if hint else ""
-    return ConfigError(f"unknown {kind} {value!r}.{did_you_mean} Known: {', '.join(options)}")
+    return ConfigError(f"unknown {kind} {value!r}.{did_you_mean(value, options)} Known: {', '.join(options)}")
 
 
 def check_choice(name: str, value: Any, options: Iterable[str]) -> str:
     """Return ``value`` if it is one of ``options``, else raise naming the closest one."""
     options = list(options)
     if value not in options:
-        hint = closest(str(value), options)
-        did_you_mean = f" Did you mean {hint!r}?" if hint else ""
-        raise ConfigError(f"{name}={value!r} is not allowed: must be one of {options}.{did_you_mean}")
+        raise ConfigError(
+            f"{name}={value!r} is not allowed: must be one of {options}.{did_you_mean(value, options)}"
+        )
     return value
 
 

@@ -150,17 +150,17 @@ class EdgeOfStability:
     """``eta lambda_max`` against the stability threshold of (heavy-ball) gradient descent.
 
     Attributes:
-        value: ``lr * top_eigenvalue``.
+        value: ``lr * lambda_max``.
         threshold: ``2 (1 + momentum)``.
         stable: ``value < threshold``.
-        lr, top_eigenvalue, momentum: the inputs.
+        lr, lambda_max, momentum: the inputs.
     """
 
     value: float
     threshold: float
     stable: bool
     lr: float
-    top_eigenvalue: float
+    lambda_max: float
     momentum: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -578,7 +578,7 @@ def average_sharpness(
 
 
 # --------------------------------------------------------------------------- edge of stability
-def edge_of_stability(lr: float, top_eigenvalue: float | Any, momentum: float = 0.0) -> EdgeOfStability:
+def edge_of_stability(lr: float, lambda_max: float | Any, momentum: float = 0.0) -> EdgeOfStability:
     """Compare ``eta lambda_max`` with the stability threshold of gradient descent.
 
     On the quadratic model, GD with step ``eta`` is stable along the top eigendirection iff ``eta lambda_max <
@@ -587,7 +587,7 @@ def edge_of_stability(lr: float, top_eigenvalue: float | Any, momentum: float = 
 
     Args:
         lr: the learning rate (> 0).
-        top_eigenvalue: ``lambda_max`` (a number or an :class:`~lrbs.curvature.EigenResult`).
+        lambda_max: the top Hessian eigenvalue (a number or an :class:`~lrbs.curvature.EigenResult`).
         momentum: heavy-ball ``beta`` in ``[0, 1)``.
 
     Returns:
@@ -602,9 +602,9 @@ def edge_of_stability(lr: float, top_eigenvalue: float | Any, momentum: float = 
     """
     lr = check_positive("lr", lr)
     momentum = check_number("momentum", momentum, low=0.0, high=1.0, low_inclusive=True, high_inclusive=False)
-    if hasattr(top_eigenvalue, "top"):
-        top_eigenvalue = top_eigenvalue.top
-    lam = check_number("top_eigenvalue", top_eigenvalue)
+    if hasattr(lambda_max, "top"):
+        lambda_max = lambda_max.top
+    lam = check_number("lambda_max", lambda_max)
     value, threshold = lr * lam, 2.0 * (1.0 + momentum)
     return EdgeOfStability(value, threshold, bool(value < threshold), lr, lam, momentum)
 

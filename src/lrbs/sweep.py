@@ -49,7 +49,7 @@ from .errors import (
     check_choice,
     check_int,
     check_number,
-    closest,
+    did_you_mean,
     unknown_name,
 )
 from .pool import connect_ray
@@ -83,19 +83,22 @@ _MEASURE_OPTIONS: dict[str, dict[str, Any]] = {"lambda_max": {"tol": None, "tol_
 
 
 def _check_measures(measure: Any) -> tuple[str, ...]:
-    """The requested measure names (the user's spelling, duplicates dropped), each known and importable."""
+    """The requested measures' canonical names (aliases such as ``top_eigenvalue`` resolved, duplicates dropped),
+    each known and importable; results and run configs use these names."""
     if isinstance(measure, str):
         measure = (measure,)
     if not isinstance(measure, (list, tuple)):
         raise LrbsTypeError(
             f"measure={measure!r} is not allowed: must be a list of names from {sorted(MEASURES)}"
         )
-    out = []
+    out: list[str] = []
     for name in measure:
-        measures.canonical(name)  # ConfigError for an unknown name
-        if name not in out:
-            out.append(name)
-    for name in out:  # fail before anything runs, not in every worker
+        key = measures.canonical(name)  # ConfigError for an unknown name
+        if key not in out:
+            out.append(key)
+    for (
+        name
+    ) in measure:  # fail before anything runs, not in every worker (the error names the user's spelling)
         module = MEASURES[measures.canonical(name)].module
         try:
             __import__(module)
@@ -179,7 +182,7 @@ class SweepRun:
         status: ``"completed"``, ``"diverged"`` or ``"failed"``.
         final: final metrics (train/test loss and accuracy, ``gap`` = test_loss - train_loss, ``acc_gap`` =
             train_acc - test_acc).
-        measures: the measures (e.g. ``top_eigenvalue``).
+        measures: the measures, by canonical name (e.g. ``lambda_max``).
         error: the error text of a failed run.
         wall_time: seconds in the worker.
         cached: True when the run was found finished in the store and not recomputed.
@@ -354,10 +357,8 @@ def grid_configs(
     values: dict[str, list] = {}
     for k, v in grid.items():
         if k not in TrainConfig.names():
-            hint = closest(str(k), TrainConfig.names())
-            did = f" Did you mean {hint!r}?" if hint else ""
             raise ConfigError(
-                f"grid key {k!r} is not a training option.{did} "
+                f"grid key {k!r} is not a training option.{did_you_mean(k, TrainConfig.names())} "
                 f"Valid options: {', '.join(sorted(TrainConfig.names()))}"
             )
         if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, (list, tuple, np.ndarray, range)):

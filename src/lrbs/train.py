@@ -1007,12 +1007,11 @@ class TrainConfig:
         names = cls.names()
         unknown = [k for k in config if k not in names]
         if unknown:
-            from .errors import closest
+            from .errors import did_you_mean
 
-            hint = closest(unknown[0], names)
-            did = f" Did you mean {hint!r}?" if hint else ""
             raise ConfigError(
-                f"unknown training option {unknown[0]!r}.{did} Valid options: {', '.join(sorted(names))}"
+                f"unknown training option {unknown[0]!r}.{did_you_mean(unknown[0], names)} "
+                f"Valid options: {', '.join(sorted(names))}"
             )
         cfg = cls(**config)
         if cfg.steps is None and cfg.epochs is None:

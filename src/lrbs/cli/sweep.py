@@ -18,7 +18,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, LrbsTypeError, closest
+from ..errors import ConfigError, LrbsTypeError, did_you_mean
 
 TABLES = ("base", "grid", "sweep")
 
@@ -86,9 +86,9 @@ def _unknown_in_spec(path: Path, what: str, name: str, allowed: tuple[str, ...])
     """The error for an unknown table or ``[sweep]`` option of the spec at ``path``: ``what`` as written in the
     spec (``"table [grids]"``), the closest allowed name, then every allowed one in their order. (Not
     :func:`lrbs.errors.unknown_name`: this message names the spec file and the TOML table syntax.)"""
-    hint = closest(name, allowed)
-    did = f" Did you mean {hint!r}?" if hint else ""
-    return ConfigError(f"spec={str(path)!r}: unknown {what}.{did} Allowed: {', '.join(allowed)}")
+    return ConfigError(
+        f"spec={str(path)!r}: unknown {what}.{did_you_mean(name, allowed)} Allowed: {', '.join(allowed)}"
+    )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -105,7 +105,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--store", help="results store (SQLite); finished runs in it are skipped")
     p.add_argument("--max-concurrency", type=int, help="runs in flight at once")
-    p.add_argument("--measure", nargs="+", help="measures after training (top_eigenvalue, trace, keskar)")
+    p.add_argument("--measure", nargs="+", help="measures after training (lambda_max, trace, keskar, ...)")
     p.add_argument("--heatmap", metavar="FILE", help="also save a heatmap (png/svg/pdf) of --metric")
     p.add_argument("--metric", default="test_acc", help="the heatmap's metric (default test_acc)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

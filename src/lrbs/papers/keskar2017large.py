@@ -64,7 +64,7 @@ def _sharpness_compute(ctx: Context, trained, subspace: bool) -> dict:
             obj, epsilon=EPSILON, subspace_dim=100, max_iter=10, seed=0
         ).value
     eig = hessian_eigenvalues(obj, k=1, tol=1e-3, tol_on="residual", seed=0)
-    out["top_eig"] = float(eig.values[0])
+    out["lambda_max"] = float(eig.values[0])
     tr = hessian_trace(obj, method="hutch++", num_hvps=ctx.pick(30, 60), seed=0)
     out["trace"], out["trace_se"] = tr.value, tr.stderr
     theta = obj.theta()
@@ -78,7 +78,8 @@ def _sharpness_compute(ctx: Context, trained, subspace: bool) -> dict:
 
 def _sharpness(ctx: Context, trained, *, subspace: bool = True, wait: bool = True):
     """:func:`_sharpness_compute` of a run, cached (a :class:`Pending` with ``wait=False``)."""
-    config = {"run": trained.key, "subspace": subspace}
+    # schema 2: the eigenvalue's result key is lambda_max (was top_eig), so an older store's records are not reused
+    config = {"run": trained.key, "subspace": subspace, "schema": 2}
     return ctx.measure(NAME, "sharpness", config, _sharpness_compute, ctx, trained, subspace, wait=wait)
 
 
@@ -147,7 +148,7 @@ KEYS = [
     "epochs",
     "keskar",
     "keskar_sub100",
-    "top_eig",
+    "lambda_max",
     "trace",
     "dist_from_init",
 ]
@@ -238,7 +239,7 @@ def _sb_lb_tables(runs: dict, meas: dict, stats: dict) -> tuple[Table, Table]:
             t.final.get("train_acc", np.nan) - t.final.get("test_acc", np.nan),
             m["keskar"],
             m["keskar_sub100"],
-            m["top_eig"],
+            m["lambda_max"],
             (m["trace"], m["trace_se"]),
             m["dist_from_init"],
         ]
@@ -277,7 +278,7 @@ def _batch_size_sweep(ctx: Context, seeds: list[int], numbers: dict) -> dict:
     bs_runs = ctx.train_many(NAME, [config(ctx, b, seeds[0]) for b in batch_sizes])
     bs_meas = [_sharpness(ctx, t, subspace=False) for t in bs_runs]
     bs_keskar = [m["keskar"] for m in bs_meas]
-    bs_eig = [m["top_eig"] for m in bs_meas]
+    bs_eig = [m["lambda_max"] for m in bs_meas]
     bs_test = [t.final.get("test_acc", np.nan) for t in bs_runs]
     # a diverged run's NaN sharpness leaves the trend unmeasured (NaN), it is not dropped
     rho_k = spearman(batch_sizes, bs_keskar, nonfinite="propagate")
@@ -286,10 +287,10 @@ def _batch_size_sweep(ctx: Context, seeds: list[int], numbers: dict) -> dict:
         {
             "batch_sizes": batch_sizes,
             "bs_keskar": bs_keskar,
-            "bs_top_eig": bs_eig,
+            "bs_lambda_max": bs_eig,
             "bs_test_acc": bs_test,
             "spearman_keskar": rho_k,
-            "spearman_top_eig": rho_e,
+            "spearman_lambda_max": rho_e,
         }
     )
     fig_bs = plot_curves(
@@ -339,7 +340,13 @@ def _remedies(ctx: Context, seeds: list[int], runs: dict, numbers: dict) -> tupl
     }
     rem_meas = {k: _sharpness(ctx, t, subspace=False) for k, t in remedies.items()}
     rem_rows = [
-        [k, t.final.get("train_acc"), t.final.get("test_acc"), rem_meas[k]["keskar"], rem_meas[k]["top_eig"]]
+        [
+            k,
+            t.final.get("train_acc"),
+            t.final.get("test_acc"),
+            rem_meas[k]["keskar"],
+            rem_meas[k]["lambda_max"],
+        ]
         for k, t in remedies.items()
     ]
     rem_table = Table(
@@ -352,7 +359,7 @@ def _remedies(ctx: Context, seeds: list[int], runs: dict, numbers: dict) -> tupl
         tag = k.replace(" -> ", "_to_").replace(" ", "_")
         numbers[f"remedy_{tag}_test_acc"] = remedies[k].final.get("test_acc")
         numbers[f"remedy_{tag}_keskar"] = rem_meas[k]["keskar"]
-        numbers[f"remedy_{tag}_top_eig"] = rem_meas[k]["top_eig"]
+        numbers[f"remedy_{tag}_lambda_max"] = rem_meas[k]["lambda_max"]
     return rem_meas, rem_table
 
 
@@ -446,10 +453,19 @@ def _remedy_finding(rem_meas: dict) -> Finding:
     return Finding(
         "Remedies: a small-batch warmup, or SAM, give the large batch a flatter minimum.",
         "Keskar phi / top eigenvalue: LB {:.3g} / {:.3g}; SB-warmup {:.3g} / {:.3g}; SAM {:.3g} / {:.3g}.".format(
-            lb["keskar"], lb["top_eig"], warm["keskar"], warm["top_eig"], sam["keskar"], sam["top_eig"]
+            lb["keskar"],
+            lb["lambda_max"],
+            warm["keskar"],
+            warm["lambda_max"],
+            sam["keskar"],
+            sam["lambda_max"],
         ),
-        verdict(sam["top_eig"] < lb["top_eig"] and warm["top_eig"] < lb["top_eig"]),
-        {"LB top eig": lb["top_eig"], "warmup top eig": warm["top_eig"], "SAM top eig": sam["top_eig"]},
+        verdict(sam["lambda_max"] < lb["lambda_max"] and warm["lambda_max"] < lb["lambda_max"]),
+        {
+            "LB top eig": lb["lambda_max"],
+            "warmup top eig": warm["lambda_max"],
+            "SAM top eig": sam["lambda_max"],
+        },
         section=NAME,
     )
 
@@ -487,7 +503,7 @@ def _conv_net(ctx: Context, seeds: list[int]) -> dict:
             "train_acc": mean_sd([t.final.get("train_acc", np.nan) for t in runs[label]]),
             "test_acc": mean_sd([t.final.get("test_acc", np.nan) for t in runs[label]]),
             "keskar": mean_sd([m["keskar"] for m in meas[label]]),
-            "top_eig": mean_sd([m["top_eig"] for m in meas[label]]),
+            "lambda_max": mean_sd([m["lambda_max"] for m in meas[label]]),
         }
     numbers = {
         f"cnn1d_{label}_{k}_{w}": v[i]
@@ -514,7 +530,7 @@ def _conv_net(ctx: Context, seeds: list[int]) -> dict:
             t.final.get("train_acc"),
             t.final.get("test_acc"),
             m["keskar"],
-            m["top_eig"],
+            m["lambda_max"],
         ]
         for label in runs
         for t, m in zip(runs[label], meas[label])
@@ -552,13 +568,13 @@ def _sharper_finding(claim: str, stats: dict, prefix: str = "") -> Finding:
     return Finding(
         claim,
         f"{prefix}Keskar phi SB {pm(sb['keskar'])} vs LB {pm(lb['keskar'])}; top eigenvalue SB "
-        f"{pm(sb['top_eig'])} vs LB {pm(lb['top_eig'])}.",
-        verdict(lb["keskar"][0] > sb["keskar"][0] and lb["top_eig"][0] > sb["top_eig"][0]),
+        f"{pm(sb['lambda_max'])} vs LB {pm(lb['lambda_max'])}.",
+        verdict(lb["keskar"][0] > sb["keskar"][0] and lb["lambda_max"][0] > sb["lambda_max"][0]),
         {
             f"{prefix}SB keskar": sb["keskar"],
             f"{prefix}LB keskar": lb["keskar"],
-            f"{prefix}SB top eig": sb["top_eig"],
-            f"{prefix}LB top eig": lb["top_eig"],
+            f"{prefix}SB top eig": sb["lambda_max"],
+            f"{prefix}LB top eig": lb["lambda_max"],
         },
         section=NAME,
     )

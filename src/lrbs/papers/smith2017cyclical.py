@@ -117,7 +117,7 @@ def _sharp_compute(ctx: Context, trained) -> dict:
     lam = float(eig.values[0])
     final_lr = float(trained.history["lr"][-1])
     return {
-        "top_eig": lam,
+        "lambda_max": lam,
         "keskar": keskar_sharpness(obj, epsilon=1e-3, max_iter=10, seed=0).value,
         "final_lr": final_lr,
         "lr_x_lambda": edge_of_stability(final_lr, lam, momentum=0.9).value,
@@ -125,7 +125,8 @@ def _sharp_compute(ctx: Context, trained) -> dict:
 
 
 def _sharp(ctx: Context, trained, wait: bool = True):
-    return ctx.measure(NAME, "sharpness", {"run": trained.key}, _sharp_compute, ctx, trained, wait=wait)
+    config = {"run": trained.key, "schema": 2}  # schema 2: result key lambda_max (was top_eig)
+    return ctx.measure(NAME, "sharpness", config, _sharp_compute, ctx, trained, wait=wait)
 
 
 def _saddle_compute(ctx: Context, trained) -> dict:
@@ -187,7 +188,7 @@ def run(ctx: Context) -> PaperResult:
     T = ctx.pick(500, 2000)
     runs, sharp, saddle = _train_and_measure(ctx, scheds, T)
     acc = {name: mean_sd([t.final.get("test_acc", np.nan) for t in runs[name]]) for name in runs}
-    eig = {name: mean_sd([m["top_eig"] for m in sharp[name]]) for name in runs}
+    eig = {name: mean_sd([m["lambda_max"] for m in sharp[name]]) for name in runs}
     kes = {name: mean_sd([m["keskar"] for m in sharp[name]]) for name in runs}
     numbers = _numbers(rt, runs, acc, eig, kes, saddle)
     figures = _figures(rt, scheds, T, runs, acc, saddle, seeds)
@@ -245,7 +246,7 @@ def _numbers(rt: dict, runs: dict, acc: dict, eig: dict, kes: dict, saddle: dict
     for name in runs:
         tag = name.split(" ")[0].replace("-", "_").lower()
         numbers[f"{tag}_test_acc_mean"], numbers[f"{tag}_test_acc_sd"] = acc[name]
-        numbers[f"{tag}_top_eig_mean"], numbers[f"{tag}_top_eig_sd"] = eig[name]
+        numbers[f"{tag}_lambda_max_mean"], numbers[f"{tag}_lambda_max_sd"] = eig[name]
         numbers[f"{tag}_keskar_mean"], numbers[f"{tag}_keskar_sd"] = kes[name]
     neg_c = saddle["constant"]["negative_mass"]
     neg_y = saddle["cyclical (triangular2)"]["negative_mass"]
@@ -310,7 +311,7 @@ def _tables(rt: dict, runs: dict, sharp: dict) -> list[Table]:
             t.config["seed"],
             t.final.get("test_acc"),
             t.final.get("train_acc"),
-            m["top_eig"],
+            m["lambda_max"],
             m["keskar"],
             m["lr_x_lambda"],
         ]
