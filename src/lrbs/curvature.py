@@ -660,9 +660,11 @@ def hutchinson_trace(
 
 
 def _mean_se(samples: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error (``scipy.stats.sem``; inf for one sample)."""
+    from scipy.stats import sem
+
     x = np.asarray(samples, dtype=np.float64)
-    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.inf
-    return float(x.mean()), se
+    return float(x.mean()), float(sem(x)) if len(x) > 1 else math.inf
 
 
 def batch_hutchinson_trace(

@@ -599,9 +599,11 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
 def paired(diffs: Sequence[float]) -> bool | None:
     """Is a per-seed difference positive? True: mean > 0 and (with > 1 seed) beyond 2 standard errors; False:
     mean <= 0; None (inconclusive): a positive mean within 2 standard errors, or no finite value."""
-    # Hand-written on purpose: the rule fixed before the runs is "2 standard errors", not a p-value, which
+    # Hand-written on purpose (tests/test_paper_stats.py shows both reasons): the rule fixed before the runs is
+    # "2 standard errors", not a p-value, which
     # scipy.stats.ttest_1samp would give (its t quantile at 2-3 seeds is 4.3-12.7, so verdicts would change), and
-    # n counts every seed, a non-finite one included, where scipy.stats.sem(nan_policy="omit") would drop it.
+    # n counts every seed, a diverged one (NaN) included, while the mean and sd skip its NaN, where
+    # scipy.stats.sem(nan_policy="omit") would take n from the finite seeds only.
     m, s = mean_sd(diffs)
     if not np.isfinite(m):
         return None
