@@ -31,7 +31,7 @@ from lrbs.train import fit
 
 
 def interleaved_best(fns: list, repeat: int) -> tuple[list[float], list[float]]:
-    """Best-of-``repeat`` wall and CPU time of each function, run in turn after one warm-up round.
+    """Best-of-``repeat`` wall and CPU time of each function, run in turn (ABBA order) after one warm-up round.
 
     ``LAST_PAIRED[0]`` is set to the median over rounds of ``wall[last] / wall[first]`` (each round's runs are
     adjacent in time, so the ratio of a pair cancels slow drift of a shared machine).
@@ -40,8 +40,9 @@ def interleaved_best(fns: list, repeat: int) -> tuple[list[float], list[float]]:
         f()
     wall: list[list[float]] = [[] for _ in fns]
     cpu: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeat):
-        for i, f in enumerate(fns):
+    for r in range(repeat):
+        order = list(enumerate(fns)) if r % 2 == 0 else list(enumerate(fns))[::-1]  # ABBA: no side always second
+        for i, f in order:
             common.sync()
             c0, t0 = time.process_time(), time.perf_counter()
             f()
