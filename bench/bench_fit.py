@@ -41,7 +41,9 @@ def interleaved_best(fns: list, repeat: int) -> tuple[list[float], list[float]]:
     wall: list[list[float]] = [[] for _ in fns]
     cpu: list[list[float]] = [[] for _ in fns]
     for r in range(repeat):
-        order = list(enumerate(fns)) if r % 2 == 0 else list(enumerate(fns))[::-1]  # ABBA: no side always second
+        order = (
+            list(enumerate(fns)) if r % 2 == 0 else list(enumerate(fns))[::-1]
+        )  # ABBA: no side always second
         for i, f in order:
             common.sync()
             c0, t0 = time.process_time(), time.perf_counter()
