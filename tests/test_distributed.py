@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from ddp_launch import torchrun
 
 from lrbs.batches import Sampler
 from lrbs.data import load_dataset
@@ -41,31 +39,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        str(SCRIPT),
-        str(out),
-        json.dumps(CFG),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(SCRIPT, str(out), json.dumps(CFG))
     return out
 
 

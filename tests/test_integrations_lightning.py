@@ -315,25 +315,10 @@ def test_ddp_per_rank_noise_scale_agrees_with_exact(tmp_path):
     """2 gloo ranks x accumulation 2 x 16 samples at lr=0: every rank's micro-batches against the all-reduced
     gradient (B_s = 16, B_b = 64); the interval over 60 steps holds the exact value at those weights."""
     import json
-    import socket
-    import subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = Path(__file__).parent / "ddp_scripts" / "integrations_lightning_ddp.py"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-    ]
-    cmd += ["--master-port", str(port), str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from ddp_launch import torchrun
+
+    torchrun(Path(__file__).parent / "ddp_scripts" / "integrations_lightning_ddp.py", str(tmp_path))
     s = json.loads((tmp_path / "summary.json").read_text())
     model = Net(lr=0.0, momentum=0.0)
     start = weights(model)

@@ -15,6 +15,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from ddp_launch import torchrun  # noqa: E402
+
 import lrbs  # noqa: E402
 from lrbs.batches import MapSource  # noqa: E402
 from lrbs.errors import ConfigError, DependencyError  # noqa: E402
@@ -285,28 +287,6 @@ def test_a_failed_measurement_warns_and_training_goes_on(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- data parallel
-def torchrun(script: Path, *args: str) -> None:
-    """Run ``script`` under torchrun with 2 local processes (gloo, CPU), on a free port."""
-    import socket
-    import subprocess
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-    ]
-    cmd += ["--master-port", str(port), str(script), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
 @pytest.mark.slow
 def test_ddp_per_rank_noise_scale_agrees_with_exact(tmp_path):
     """torchrun, 2 gloo ranks, a real Trainer at lr=0 with accumulation 2, then 1: every step's estimate, from
