@@ -103,8 +103,13 @@ def test_batch_hutchinson_stops_at_rtol():
         batch_hutchinson_trace(mm, (4, 30), num_passes=1)
 
 
-def test_default_trace_matches_the_dense_hessian(obj, untouched):
+def test_default_trace_matches_the_dense_hessian(obj, data, untouched):
     exact = float(torch.func.hessian(obj.loss_tensor)(obj.theta()).trace())
+    model = build_model("mlp", dataset=data, depth=2, width=6, activation="tanh", seed=0)
+    check, rng = untouched(model), torch.get_rng_state()
+    hessian_trace(Objective(model, data=data), seed=0)  # the user's model and global RNG stay as they were
+    check()
+    assert torch.equal(torch.get_rng_state(), rng)
     res = hessian_trace(obj.rebatched(10), seed=0)  # 9 pieces of 10 samples, each of them probed
     assert abs(res.value - exact) <= 4 * res.stderr
     assert res.stderr <= TRACE_RTOL * abs(res.value) or res.num_hvps == 99

@@ -1044,6 +1044,8 @@ def hessian_trace(
     and 6.1% (cnn1d) on the trained MNIST-1D models of ``bench/bench_curvature.py``. There a pass has a relative
     sd of 5.6% / 10.4% against 12.5% / 22.3% for one probe on all the data, and the default's RMS error was
     2.4% (3 passes) / 3.7% (7.7 passes) against PyHessian's 13-22 HVPs (times: bench/RESULTS.md).
+    A trace near zero against the probe noise (an indefinite Hessian, e.g. at initialization) cannot meet a
+    relative test: then the whole budget runs and ``stderr`` says how well it is known.
     ``probe_samples=None`` is the classic estimator (one probe for all the data); with ``bn="train"`` the
     Objective's own batches are the pieces (their statistics depend on the cut). ``method="hutch++"`` spends
     ``num_hvps`` full-data HVPs on Hutch++ (its low-rank sketch pays at tight accuracy on decaying spectra).
