@@ -70,7 +70,7 @@ import math
 import random
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +96,7 @@ __all__ = [
     "NoiseSummary",
     "GradCapture",
     "squared_norm",
+    "host_floats",
     "probe_estimates",
     "sharpness",
     "stability_threshold",
@@ -186,9 +187,19 @@ def guarded(what: str, step: int, fn: Callable[[], Any]) -> Any:
 
 
 def size_or_none(batch: Any) -> int | None:
-    """The batch's sample count (:func:`lrbs.batches.batch_size_of`), or None where it cannot be read."""
+    """The batch's sample count (:func:`lrbs.batches.batch_size_of`), or None where it cannot be read.
+
+    A dict whose first tensor comes before any nested container (the usual keyword batch) is read directly: the
+    same first tensor as :func:`~lrbs.batches.batch_tensors`'s depth-first order, without walking the whole batch.
+    """
     from ..batches import batch_size_of
 
+    if isinstance(batch, dict):
+        for v in batch.values():
+            if isinstance(v, torch.Tensor):
+                return int(v.shape[0]) if v.dim() else 1
+            if isinstance(v, (Mapping, tuple, list)):
+                break  # a nested container first: the general rule below
     try:
         return batch_size_of(batch)
     except Exception:  # an exotic batch must not break the training step; the estimate is skipped instead
@@ -409,19 +420,41 @@ class NoiseWindow:
 
 # --------------------------------------------------------------------------------------------- gradient capture
 _CAT_LIMIT = 2**22  # up to this many gradient entries, one concatenation + dot beats per-tensor norms
+# torch's C++ flatten (torch.nn.parallel.comm uses it): the same vector as torch.cat of the reshaped tensors, in
+# half its time on small tensors (no Python call per tensor)
+_FLATTEN = getattr(torch._utils, "_flatten_dense_tensors", None)
+
+
+def _raw_squared_norm(tensors: Sequence[torch.Tensor], small: bool) -> torch.Tensor:
+    """:func:`squared_norm` in the tensors' dtype on the small path (float64 on the large one), unconverted."""
+    if small:
+        flat = _FLATTEN(tensors) if _FLATTEN is not None else torch.cat([t.reshape(-1) for t in tensors])
+        return torch.dot(flat, flat)
+    return torch.nn.utils.get_total_norm(tensors, 2.0).double() ** 2
 
 
 def squared_norm(tensors: Sequence[torch.Tensor], small: bool | None = None) -> torch.Tensor:
-    """``sum_t |t|^2`` as a float64 0-d tensor: one ``cat`` + ``dot`` for small totals (fewest kernel launches),
+    """``sum_t |t|^2`` as a float64 0-d tensor: one flatten + ``dot`` for small totals (fewest kernel launches),
     per-tensor norms (no copy) for large ones (``small``: which, when the caller knows)."""
     if not tensors:
         return torch.zeros((), dtype=torch.float64)
     if small is None:
         small = sum(t.numel() for t in tensors) <= _CAT_LIMIT
-    if small:
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        return torch.dot(flat, flat).double()
-    return torch.nn.utils.get_total_norm(tensors, 2.0).double() ** 2
+    return _raw_squared_norm(tensors, small).double()
+
+
+def host_floats(values: Sequence[torch.Tensor | float]) -> list[float]:
+    """0-d tensors (any dtype, any device) and numbers as Python floats, exactly: ``.item()`` each on the CPU (the
+    cheapest there), one stacked device-to-host copy (one sync) for tensors on an accelerator."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if len(tensors) > 1 and tensors[0].device.type != "cpu":
+        try:
+            got = iter(torch.stack(tensors).tolist())  # promotes to the widest dtype: exact
+        except RuntimeError:  # tensors on several devices
+            got = iter([t.item() for t in tensors])
+    else:
+        got = iter([t.item() for t in tensors])
+    return [float(next(got)) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 class GradCapture:
@@ -450,8 +483,8 @@ class GradCapture:
         self.params = [p for p in params if p.requires_grad]
         self._small = sum(p.numel() for p in self.params) <= _CAT_LIMIT
         self.total_when = total_when
-        self.contrib: list[torch.Tensor] = []
-        self.total_parts: list[torch.Tensor] = []
+        self.contrib: list[torch.Tensor | float] = []
+        self.total_parts: list[torch.Tensor | float] = []
         self._pending: list[torch.Tensor] = []
         self._handles: list[Any] = []
         self.failed = False
@@ -491,26 +524,34 @@ class GradCapture:
     def _on_grad(self, grad: torch.Tensor) -> None:
         if not self._pending:
             self._queue(self._on_backward_end)
+        # an alias, not the hook's own tensor object: holding that would keep AccumulateGrad from taking the
+        # gradient as .grad without a copy
         self._pending.append(grad.detach())
+
+    def _norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The squared norm as a 0-d tensor in the gradients' dtype (no device sync, no conversion: the floats
+        are read later, many at once), cut from any graph (``create_graph=True`` gradients)."""
+        v = _raw_squared_norm(grads, self._small)
+        return v.detach() if v.requires_grad else v
 
     def _on_backward_end(self) -> None:
         grads, self._pending = self._pending, []
         try:
-            self.contrib.append(squared_norm(grads, self._small))
+            self.contrib.append(self._norm(grads))
             if self.total_when is not None and self.total_when():
                 # queued behind the callbacks already queued in this backward, DDP's among them (it waits for
                 # the all-reduce and writes the mean gradient into .grad): the total is the all-reduced one
                 self._queue(self._read_total)
         except Exception as e:  # e.g. sparse gradients: never let a measurement break the backward pass
-            self.contrib.append(torch.tensor(math.nan, dtype=torch.float64))
+            self.contrib.append(math.nan)
             self._warn_failed(e)
 
     def _read_total(self) -> None:
         try:
-            grads = [p.grad.detach() for p in self.params if p.grad is not None]
-            self.total_parts.append(squared_norm(grads, self._small))
+            grads = [g for g in [p.grad for p in self.params] if g is not None]
+            self.total_parts.append(self._norm(grads) if grads else 0.0)
         except Exception as e:  # never let a measurement break the backward pass
-            self.total_parts.append(torch.tensor(math.nan, dtype=torch.float64))
+            self.total_parts.append(math.nan)
             self._warn_failed(e)
 
     def _warn_failed(self, e: Exception) -> None:
@@ -535,12 +576,19 @@ class GradCapture:
         """``|grad|^2`` summed over ``params`` (their current ``.grad``), as a float64 0-d tensor."""
         return squared_norm([p.grad.detach() for p in params if p.grad is not None])
 
-    def take(self) -> tuple[list[float], float | None]:
-        """``([|c_i|^2 ...], |sum c_i|^2 or None)`` as floats (one device sync), then :meth:`reset`."""
-        micro = [float(v) for v in torch.stack(self.contrib).cpu()] if self.contrib else []
-        total = float(torch.stack(self.total_parts).sum()) if self.total_parts else None
+    def take_tensors(self) -> tuple[list[torch.Tensor | float], list[torch.Tensor | float]]:
+        """``([|c_i|^2 ...], [parts of |sum c_i|^2])`` as stored (0-d tensors, NaN for a failed read; no device
+        sync), then :meth:`reset`."""
+        out = self.contrib, self.total_parts
         self.reset()
-        return micro, total
+        return out
+
+    def take(self) -> tuple[list[float], float | None]:
+        """``([|c_i|^2 ...], |sum c_i|^2 or None)`` as floats (:func:`host_floats`: one device sync), then
+        :meth:`reset`."""
+        micro, parts = self.take_tensors()
+        values = host_floats(micro + parts)
+        return values[: len(micro)], sum(values[len(micro) :]) if parts else None
 
 
 # --------------------------------------------------------------------------------------------- probe, sharpness

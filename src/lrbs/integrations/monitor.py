@@ -10,6 +10,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from .measure import (
     check_every,
     current_lr,
     guarded,
+    host_floats,
     micro_sums,
     probe_estimates,
     protected_rng,
@@ -36,6 +38,22 @@ from .measure import (
 )
 
 __all__ = ["Monitor"]
+
+#: steps held unsolved on one process at most (they are solved when published, or when this many wait)
+MAX_PENDING = 64
+
+
+@dataclass
+class _Step:
+    """One optimizer step's raw readings, kept as tensors until it is solved (many steps, one device sync)."""
+
+    step: int
+    micro: list  # |c_i|^2: 0-d tensors, or NaN where the read failed
+    totals: list  # the parts of |sum c_i|^2 (0-d tensors or numbers); empty: none read
+    total_scale: float  # the totals' loss scale (1: already unscaled)
+    sizes: Sequence[float | None]
+    shares: Sequence[float] | Callable[[], Sequence[float]]
+    micro_scale: float
 
 
 # --------------------------------------------------------------------------------------------- the shared monitor
@@ -127,6 +145,7 @@ class Monitor:
         self._eigvec: Any = "auto"
         self._warned: set[str] = set()
         self._fresh = False
+        self._pending: list[_Step] = []
 
     # ---- lifecycle
     def start(
@@ -178,7 +197,8 @@ class Monitor:
             self.capture = GradCapture(params, total_when).attach()
 
     def stop(self) -> None:
-        """Remove the hooks."""
+        """Solve the steps still held (:meth:`flush`) and remove the hooks."""
+        self.flush()
         if self.capture is not None:
             self.capture.detach()
             self.capture = None
@@ -191,24 +211,66 @@ class Monitor:
     def end_step(
         self,
         step: int,
-        sizes: Sequence[float],
-        shares: Sequence[float],
+        sizes: Sequence[float | None],
+        shares: Sequence[float] | Callable[[], Sequence[float]],
         *,
         micro_scale: float = 1.0,
-        total_sq: float | None = None,
+        total_sq: Any = None,
         all_reduce: Callable | None = None,
     ) -> None:
         """Turn the step's captured contributions into one estimate (skipped, with one warning, when the number
         of backward passes does not match the micro-batches).
 
-        Under data parallelism (``all_reduce``, :func:`~lrbs.integrations.measure.sum_over_ranks`) every rank
-        takes part in the one collective of each step whatever happened to it: a rank that cannot read its step
-        sends NaN sums, and every rank then leaves that step out (no rank waits for another forever).
+        ``shares`` may be a function that returns them, called when the step is solved; ``total_sq`` (a number or
+        a 0-d tensor, already unscaled) defaults to the capture's own total, divided by ``micro_scale**2`` like
+        the contributions. On one process the step is held as tensors and solved with the others at the next
+        :meth:`publish`, :meth:`summary` or :meth:`stop` (at most :data:`MAX_PENDING` held): no device sync and
+        no arithmetic in the training step. Under data parallelism (``all_reduce``,
+        :func:`~lrbs.integrations.measure.sum_over_ranks`) it is solved at once, and every rank takes part in the
+        one collective of each step whatever happened to it: a rank that cannot read its step sends NaN sums, and
+        every rank then leaves that step out (no rank waits for another forever).
         """
         if self.capture is None:
             return
-        micro_sq, total = self.capture.take()
-        total = total_sq if total_sq is not None else total
+        micro, parts = self.capture.take_tensors()
+        totals, total_scale = (parts, float(micro_scale)) if total_sq is None else ([total_sq], 1.0)
+        rec = _Step(step, micro, totals, total_scale, sizes, shares, float(micro_scale))
+        if all_reduce is not None:
+            self._solve([rec], all_reduce)
+            return
+        self._pending.append(rec)
+        if len(self._pending) >= MAX_PENDING:
+            self.flush()
+
+    def flush(self) -> None:
+        """Solve the steps held on one process into estimates (one device-to-host copy for all of them)."""
+        pending, self._pending = self._pending, []
+        if pending:
+            self._solve(pending, None)
+
+    def _solve(self, records: list[_Step], all_reduce: Callable | None) -> None:
+        flat = [v for r in records for v in (*r.micro, *r.totals)]
+        got = guarded("reading the gradient norms", records[0].step, lambda: host_floats(flat))
+        values = iter(got if got is not None else [math.nan] * len(flat))
+        for r in records:
+            micro = [next(values) for _ in r.micro]
+            totals = [next(values) for _ in r.totals]
+            total = sum(totals) / r.total_scale**2 if totals else None
+            shares = r.shares
+            if callable(shares):
+                shares = guarded("the micro-batch shares", r.step, shares)
+            self._estimate(r.step, micro, r.sizes, shares, r.micro_scale, total, all_reduce)
+
+    def _estimate(
+        self,
+        step: int,
+        micro_sq: list[float],
+        sizes: Sequence[float | None],
+        shares: Sequence[float] | None,
+        micro_scale: float,
+        total: float | None,
+        all_reduce: Callable | None,
+    ) -> None:
         sums = self._step_sums(step, micro_sq, sizes, shares, micro_scale, total)
         world = 1
         if all_reduce is not None:
@@ -231,14 +293,16 @@ class Monitor:
         self,
         step: int,
         micro_sq: Sequence[float],
-        sizes: Sequence[float],
-        shares: Sequence[float],
+        sizes: Sequence[float | None],
+        shares: Sequence[float] | None,
         micro_scale: float,
         total: float | None,
     ) -> np.ndarray:
         """This rank's :func:`~lrbs.integrations.measure.micro_sums`, or NaNs (after one warning) for a step
         that cannot be read."""
         bad = np.full(6, math.nan)
+        if shares is None:  # their function failed, and said so
+            return bad
         if any(b is None for b in sizes):
             self.warn_once(
                 "sizes",
@@ -265,11 +329,15 @@ class Monitor:
     def after_step(self, step: int, model: nn.Module, optimizer: Any, lr: float | None = None) -> None:
         """Run the probe and the sharpness measurement when their cadence says so (``lr``: the learning rate the
         step used, default the optimizer's current one)."""
+        probe = self.noise_scale and not self.free and step % self.log_every == 0
+        sharp = self.sharpness_every is not None and step % self.sharpness_every == 0
+        if not (probe or sharp):
+            return
         device = next(iter(model.parameters())).device
-        if self.noise_scale and not self.free and step % self.log_every == 0:
+        if probe:
             with protected_rng(device):
                 guarded("the noise-scale probe", step, lambda: self._probe(step, model))
-        if self.sharpness_every is not None and step % self.sharpness_every == 0:
+        if sharp:
             with protected_rng(device):
                 guarded("the sharpness measurement", step, lambda: self._sharpness(model, optimizer, lr))
 
@@ -316,6 +384,7 @@ class Monitor:
     # ---- output
     def publish(self, step: int) -> dict[str, float]:
         """The metrics measured since the last call (empty when nothing is new), also kept in :attr:`history`."""
+        self.flush()
         if not self._fresh:
             return {}
         out = dict(self.values)
@@ -334,6 +403,7 @@ class Monitor:
 
     def summary(self) -> NoiseSummary | None:
         """The noise scale over the current window (None before the first estimate)."""
+        self.flush()
         return self.window.summary(self.seed) if self.window is not None else None
 
     def warn_once(self, key: str, message: str) -> None:

@@ -65,14 +65,28 @@ def _shifts_labels(model: Any) -> bool:
     return loss is ForCausalLMLoss and not is_ed
 
 
-def _items(kwargs: dict, shift: bool) -> torch.Tensor | None:
-    """The label items the Trainer counts for ``num_items_in_batch`` (a 0-d tensor), or None."""
+def _labels(kwargs: dict, shift: bool) -> tuple[torch.Tensor | None, bool]:
+    """The tensor whose items (entries other than -100) the model's loss sums over ``num_items_in_batch``, and
+    whether that is ``labels[..., 1:]`` (None: no such tensor). A reference, read later by :func:`_label_counts`."""
     labels = kwargs.get("shift_labels")
+    shifted = False
     if labels is None:
-        labels = kwargs.get("labels")
-        if isinstance(labels, torch.Tensor) and shift:
-            labels = labels[..., 1:]
-    return labels.ne(-100).sum() if isinstance(labels, torch.Tensor) else None
+        labels, shifted = kwargs.get("labels"), shift
+    return (labels, shifted) if isinstance(labels, torch.Tensor) else (None, False)
+
+
+def _label_counts(labels: list[torch.Tensor], shifted: list[bool]) -> torch.Tensor:
+    """The label items of each micro-batch (entries other than -100; of ``labels[..., 1:]`` where shifted) as one
+    int64 tensor: one stack and one count for labels of one shape, dtype and device (the usual case, no device
+    sync), else one count per micro-batch."""
+    first = labels[0]
+    same = all(t.shape == first.shape and t.dtype == first.dtype and t.device == first.device for t in labels)
+    if same and first.dim() and all(f == shifted[0] for f in shifted):
+        stacked = torch.stack(labels)
+        if shifted[0]:
+            stacked = stacked[..., 1:]
+        return stacked.ne(-100).flatten(1).sum(1)
+    return torch.stack([(t[..., 1:] if f else t).ne(-100).sum() for t, f in zip(labels, shifted)])
 
 
 def _scalar(x: Any) -> float:
@@ -142,6 +156,7 @@ class LrbsCallback(Monitor, _hf.TrainerCallback):
     _scale = 1.0
     _lr: float | None = None
     _world, _across, _reduce = 1, False, None
+    _shift = False
 
     # ---- setup
     def on_train_begin(
@@ -170,10 +185,8 @@ class LrbsCallback(Monitor, _hf.TrainerCallback):
             total_when=_sync_now,
         )
         if self.free:
-            shift = _shifts_labels(model)
-            self._handle = model.register_forward_pre_hook(
-                lambda mod, a, kw: self._record(mod, a, kw, shift), with_kwargs=True
-            )
+            self._shift = _shifts_labels(model)
+            self._handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def _probe_source(self, train_source: Any, collate: Callable | None) -> Any:
         data = self.probe_data
@@ -187,15 +200,13 @@ class LrbsCallback(Monitor, _hf.TrainerCallback):
             return train_source
         return _map_source(data, collate) or as_source(data, name="probe_data")
 
-    def _record(self, module: Any, args: tuple, kwargs: dict, shift: bool) -> None:
+    def _record(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """Per forward: the sample count and a reference to the labels (counted once per step, at its end)."""
         if not (module.training and torch.is_grad_enabled()):
             return  # evaluation, generation
         num_items = kwargs.get("num_items_in_batch")
-        try:
-            items = _items(kwargs, shift) if num_items is not None else None
-        except Exception:  # never break the forward pass; equal shares are assumed instead
-            items = None
-        self._micro.append((size_or_none(kwargs if kwargs else args), items, num_items))
+        labels, shifted = _labels(kwargs, self._shift) if num_items is not None else (None, False)
+        self._micro.append((size_or_none(kwargs if kwargs else args), labels, shifted, num_items))
 
     # ---- per step
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
@@ -209,34 +220,34 @@ class LrbsCallback(Monitor, _hf.TrainerCallback):
         step = int(state.global_step)
         if self.free:
             micro, self._micro = self._micro, []
-            sizes = [m[0] for m in micro]
-            self.end_step(
+            self.end_step(  # the total: the capture's, read before the loss scale is taken out
                 step,
-                sizes,
+                [m[0] for m in micro],
                 self._shares(micro),
                 micro_scale=self._scale,
-                total_sq=self._total(step),
                 all_reduce=self._reduce,
             )
         self.after_step(step, model, optimizer, lr=self._lr)
 
-    def _shares(self, micro: list[tuple]) -> list[float]:
+    def _shares(self, micro: list[tuple]) -> list[float] | Callable[[], list[float]]:
         """Each micro-batch's share in this rank's accumulated gradient, as its loss was normalised: its label
         items over ``num_items_in_batch`` (which ``compute_loss`` multiplies by the world size when that counts
-        the items of every rank, ``average_tokens_across_devices``), else ``1/k``."""
+        the items of every rank, ``average_tokens_across_devices``), else ``1/k``. The items are counted now (the
+        labels are let go) and read as numbers when the step is solved: a function that returns the shares."""
         equal = [1.0 / max(1, len(micro))] * len(micro)
-        items = [m[1] for m in micro]
-        if not (items and all(i is not None for i in items)):
+        if not micro or any(m[1] is None for m in micro):
             return equal
-        counts = [float(i) for i in items]
-        total = _scalar(micro[-1][2]) / (self._world if self._across else 1)
-        return [c / total for c in counts] if total > 0 else equal
+        try:
+            counts = _label_counts([m[1] for m in micro], [m[2] for m in micro])
+        except Exception:  # never break the training step; equal shares are assumed instead
+            return equal
+        num_items, div = micro[-1][3], (self._world if self._across else 1)
 
-    def _total(self, step: int) -> float | None:
-        cap = self.capture
-        if cap is None or not cap.total_parts:
-            return None
-        return float(torch.stack(cap.total_parts).sum()) / self._scale**2
+        def shares() -> list[float]:
+            total = _scalar(num_items) / div
+            return [c / total for c in counts.tolist()] if total > 0 else equal
+
+        return shares
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         out = self.publish(int(state.global_step))
