@@ -8,12 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+import zoo_thirdparty as zoo
 
 from lrbs.curvature import PROBE_SAMPLES, TRACE_RTOL, batch_hutchinson_trace, hessian_trace
 from lrbs.data import load_dataset
 from lrbs.errors import ConfigError, ShapeError
 from lrbs.models import build_model
-from lrbs.objective import Objective
+from lrbs.objective import STACK_LIMIT, Objective, rule_batch_hvp_block
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +141,78 @@ def test_bad_inputs(obj):
         ShapeError, match=rf"V has shape \(2, {obj.num_params}\): must be \(1, {obj.num_params}\)"
     ):
         obj.batch_hvp(obj.theta(), torch.zeros(2, obj.num_params, dtype=torch.float64))
+
+
+def _dense_rows(pieces: Objective, V: torch.Tensor) -> torch.Tensor:
+    return torch.stack([Hc @ v for Hc, v in zip(_piece_hessians(pieces), V)])
+
+
+@pytest.mark.parametrize("size, groups", [(10, 1), (20, 2)])  # 9 pieces of 10; 4 of 20 and one of 10
+def test_stacked_rows_are_the_pieces_dense_hessians(obj, size, groups):
+    pieces = obj.rebatched(size)
+    C = len(pieces.batches)
+    assert rule_batch_hvp_block(C, groups, obj.num_params, "rev_rev") == "stacked"
+    V = torch.randn(C, obj.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    theta = pieces.theta() + 0.03
+    got = pieces.batch_hvp(theta, V)
+    assert pieces.batch_hvp_block == "stacked" and pieces.settings()["batch_hvp_block"] == "stacked"
+    assert "batch_hvp_block" not in pieces.fallbacks
+    want = _dense_rows(pieces.at(theta), V)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(pieces.batch_hvp(theta, V, block="loop"), want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        pieces.batch_hvp(theta, 2 * V), 2 * want, rtol=1e-9, atol=1e-12
+    )  # cached graph
+
+
+def test_stacked_rows_on_multi_input_and_dict_batches():
+    """Tuple batches (x, meta, y) of a two-input model and dict batches of a model returning a dict of losses."""
+    for model, data in [
+        (zoo.two_input(), zoo.two_input_data(n=24)),
+        (zoo.dict_loss(), zoo.dict_loss_data(n=24)),
+    ]:
+        o = Objective(model, data=data, dtype=torch.float64).rebatched(6)
+        V = torch.randn(4, o.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        got = o.batch_hvp(o.theta(), V)
+        assert o.batch_hvp_block == "stacked"
+        torch.testing.assert_close(got, _dense_rows(o, V), rtol=1e-9, atol=1e-12)
+
+
+class _Branchy(torch.nn.Module):
+    """A forward with data-dependent control flow, which ``vmap`` cannot run."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        out = self.lin(x)
+        return out * 2 if float(out.detach().sum()) > 1e9 else out
+
+
+def test_stacked_falls_back_to_the_loop_when_vmap_cannot_run(data):
+    o = Objective(_Branchy(), data=data, dtype=torch.float64).rebatched(10)
+    V = torch.randn(9, o.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    got = o.batch_hvp(o.theta(), V)
+    assert o.batch_hvp_block == "loop"
+    assert o.settings()["fallbacks"]["batch_hvp_block"].startswith("stacked failed (")
+    torch.testing.assert_close(got, _dense_rows(o, V), rtol=1e-9, atol=1e-12)
+    explicit = Objective(_Branchy(), data=data, dtype=torch.float64).rebatched(10)
+    with pytest.raises(RuntimeError):
+        explicit.batch_hvp(explicit.theta(), V, block="stacked")  # the user's choice is not overridden
+    res = hessian_trace(Objective(_Branchy(), data=data, dtype=torch.float64), probe_samples=10, seed=0)
+    assert res.settings["batch_hvp_block"] == "loop" and "batch_hvp_block" in res.settings["fallbacks"]
+
+
+def test_stacked_rule_and_bad_block(obj):
+    assert rule_batch_hvp_block(16, 2, 15210, "rev_rev") == "stacked"
+    assert rule_batch_hvp_block(16, 2, 15210, "fwd_rev") == "loop"  # stacked is reverse-over-reverse
+    assert rule_batch_hvp_block(1, 1, 15210, "rev_rev") == "loop"
+    assert rule_batch_hvp_block(16, 9, 15210, "rev_rev") == "loop"  # mostly singleton groups
+    assert rule_batch_hvp_block(16, 1, STACK_LIMIT // 16 + 1, "rev_rev") == "loop"  # too many copies
+    pieces = obj.rebatched(10)
+    with pytest.raises(ConfigError, match=r"block='batched' is not allowed"):
+        pieces.batch_hvp(pieces.theta(), torch.zeros(9, obj.num_params, dtype=torch.float64), block="batched")
+    res = hessian_trace(obj, probe_samples=10, seed=0)
+    assert res.settings["batch_hvp_block"] == "stacked"
