@@ -141,6 +141,9 @@ def test_bad_inputs(obj):
         ShapeError, match=rf"V has shape \(2, {obj.num_params}\): must be \(1, {obj.num_params}\)"
     ):
         obj.batch_hvp(obj.theta(), torch.zeros(2, obj.num_params, dtype=torch.float64))
+    for bad in (None, 32):  # the pieces are the Hutchinson estimator's: never silently ignored
+        with pytest.raises(ConfigError, match=rf"probe_samples={bad} is not allowed with method='hutch\+\+'"):
+            hessian_trace(obj, method="hutch++", probe_samples=bad)
 
 
 def _dense_rows(pieces: Objective, V: torch.Tensor) -> torch.Tensor:

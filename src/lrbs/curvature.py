@@ -1084,7 +1084,8 @@ def hessian_trace(
         A :class:`TraceResult` (value, standard error, HVPs, settings with ``probe_samples`` and ``probes``).
 
     Raises:
-        ConfigError: unknown method, a budget too small, ``rtol`` with Hutch++, non-finite parameters.
+        ConfigError: unknown method, a budget too small, ``rtol`` or ``probe_samples`` with Hutch++,
+            non-finite parameters.
 
     References:
         Hutchinson (1990); Meyer et al., arXiv 2010.09649; Yao et al., arXiv 1912.07145 (Hessian trace of
@@ -1095,6 +1096,10 @@ def hessian_trace(
     if method == "hutch++":
         if rtol is not None:
             raise ConfigError(f"rtol={rtol!r} is not allowed with method='hutch++': only with 'hutchinson'")
+        if probe_samples != PROBE_SAMPLES:
+            raise ConfigError(
+                f"probe_samples={probe_samples!r} is not allowed with method='hutch++': only with 'hutchinson'"
+            )
         matmat, _ = hessian_operator(obj, params)
         return _with_settings(hutchpp_trace(matmat, obj.num_params, num_matvecs=num_hvps, seed=seed), obj, t0)
     num_hvps = check_int("num_hvps", num_hvps, low=2)
