@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import copy
+import math
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from lrbs.batches import batch_size_of
 from lrbs.errors import ConfigError
 from lrbs.integrations.measure import (
     GradCapture,
     MeasurementWarning,
     finite_c,
+    host_floats,
     micro_estimate,
+    size_or_none,
+    squared_norm,
     stability_threshold,
 )
-from lrbs.integrations.monitor import Monitor
+from lrbs.integrations.monitor import MAX_PENDING, Monitor
 
 
 def population(n: int = 40, d: int = 3, seed: int = 0) -> tuple[np.ndarray, float, float]:
@@ -177,3 +183,122 @@ def test_every_rank_joins_the_step_collective_even_when_it_cannot_read_its_step(
     assert len(sent) == 2 and np.isfinite(sent[1]).all() and len(good.window) == 0
     bad.stop()
     good.stop()
+
+
+def test_squared_norm_and_host_floats_are_exact():
+    """The flattened dot is the float64 sum of squares of the float32 entries to float32 rounding; host_floats
+    gives each 0-d tensor's own value (any dtype) and passes numbers through."""
+    torch.manual_seed(0)
+    ts = [torch.randn(3, 4), torch.randn(5), torch.randn(2, 3).t()]  # the last one not contiguous
+    ref = sum(float((t.double() ** 2).sum()) for t in ts)
+    assert float(squared_norm(ts)) == pytest.approx(ref, rel=1e-6)
+    assert float(squared_norm(ts, small=False)) == pytest.approx(ref, rel=1e-6)
+    vals = [
+        torch.tensor(0.1),
+        torch.tensor(0.1, dtype=torch.float64),
+        torch.tensor(7),
+        math.nan,
+        2,
+        torch.tensor(1.5).bfloat16(),
+    ]
+    got = host_floats(vals)
+    assert got[0] == np.float32(0.1) and got[1] == 0.1 and got[2] == 7.0 and math.isnan(got[3])
+    assert got[4:] == [2.0, 1.5]
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        {"input_ids": torch.zeros(5, 3), "labels": torch.zeros(5, 3)},
+        {"n": 3, "mask": None, "x": torch.zeros(6)},
+        {"scalar": torch.tensor(2.0), "x": torch.zeros(4)},
+        # a container first: its tensor is the first one
+        {"nested": {"a": torch.zeros(2)}, "x": torch.zeros(7)},
+        {"nested": [None, (torch.zeros(9, 2),)], "x": torch.zeros(7)},
+        (torch.zeros(3), torch.zeros(4)),
+    ],
+)
+def test_size_or_none_reads_the_first_tensor_like_batch_size_of(batch):
+    assert size_or_none(batch) == batch_size_of(batch)
+    assert size_or_none({"n": 3}) is None  # no tensor: unreadable, not an error
+
+
+def free_monitor(model: torch.nn.Module, last: list[bool] | None = None) -> Monitor:
+    """A Monitor in its free mode on one process (accumulation 3); ``last[0]``: the backward is the step's last
+    (it reads the total)."""
+    mon = Monitor(window=100)
+    mon.start(
+        model,
+        accumulation=3,
+        world=1,
+        free_possible=True,
+        micro_batch=None,
+        num_samples=60,
+        train_source=None,
+        probe_source=None,
+        log_every=1,
+        total_when=None if last is None else (lambda: last[0]),
+    )
+    return mon
+
+
+def test_steps_are_held_on_one_process_and_solved_as_each_step_would_be():
+    """On one process a step's readings wait as tensors; publish / summary / stop (or MAX_PENDING steps) solve
+    them, each into the estimate that micro_estimate gives on that step's float64 gradients."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    ref_model = copy.deepcopy(model).double()
+    last = [False]
+    mon = free_monitor(model, last)
+    sizes, want = [3, 5, 4], []
+    shares = [b / sum(sizes) for b in sizes]
+    for step in range(1, MAX_PENDING + 3):
+        xs = [torch.randn(b, 4) for b in sizes]
+        mon.begin_step()
+        contrib = []
+        for i, (x, s) in enumerate(zip(xs, shares)):
+            last[0] = i == len(xs) - 1
+            (model(x).pow(2).mean() * s).backward()
+            loss = ref_model(x.double()).pow(2).mean() * s
+            contrib.append(
+                torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(ref_model.parameters()))])
+            )
+        total = sum(contrib)
+        want.append(
+            micro_estimate(
+                [float(c @ c) for c in contrib], sizes, shares, float(total @ total), num_samples=60
+            )
+        )
+        lazy = step % 2 == 0  # shares given as a function, called when the step is solved
+        mon.end_step(step, sizes, (lambda: shares) if lazy else shares, micro_scale=1.0)
+        model.zero_grad(set_to_none=True)
+        if step == MAX_PENDING - 1:
+            assert len(mon.window) == 0  # all held
+        if step == MAX_PENDING:
+            assert len(mon.window) == MAX_PENDING  # the limit solved them
+    assert len(mon.window) == MAX_PENDING
+    mon.stop()
+    got = [(g, t) for _, g, t in mon.window.rows]
+    assert [r[0] for r in mon.window.rows] == list(range(1, MAX_PENDING + 3))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_a_step_whose_shares_fail_is_left_out_with_a_warning():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    mon = free_monitor(model)
+    for step in (1, 2):
+        mon.begin_step()
+        for _ in range(2):
+            (model(torch.randn(4, 3)).pow(2).mean() / 2).backward()
+
+        def shares():
+            raise RuntimeError("no counts")
+
+        total = GradCapture.grad_sq_of(model.parameters())
+        mon.end_step(step, [4, 4], shares if step == 1 else [0.5, 0.5], total_sq=total)
+        model.zero_grad(set_to_none=True)
+    with pytest.warns(MeasurementWarning, match=r"shares at step 1 failed \(RuntimeError: no counts\)"):
+        summary = mon.summary()
+    assert summary.num_estimates == 1 and summary.first_step == 2
+    mon.stop()

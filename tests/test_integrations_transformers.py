@@ -243,6 +243,93 @@ def test_micro_batch_noise_scale_agrees_with_references(tmp_path):
     np.testing.assert_allclose(got, exact_step_estimates(steps), rtol=1e-4)
 
 
+class RaggedLM(torch.utils.data.Dataset):
+    """LMData's sequences cut to 6..16 tokens, a fifth of their labels masked with -100."""
+
+    def __init__(self, n: int = 64, seed: int = 0):
+        self.ids = LMData(n, seed).ids
+        g = torch.Generator().manual_seed(seed + 1)
+        self.lengths = torch.randint(6, T + 1, (n,), generator=g).tolist()
+        self.masked = torch.rand(n, T, generator=g) < 0.2
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        n = self.lengths[i]
+        labels = self.ids[i, :n].clone()
+        labels[self.masked[i, :n]] = -100
+        return {"input_ids": self.ids[i, :n], "labels": labels}
+
+
+def padder(fixed: bool):
+    """Pads with label -100 (and token 0) to T tokens, or to the longest sequence of the micro-batch."""
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = T if fixed else max(len(r["input_ids"]) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, : len(r["input_ids"])], labels[j, : len(r["labels"])] = r["input_ids"], r["labels"]
+        return {"input_ids": ids, "labels": labels}
+
+    return collate
+
+
+@pytest.mark.parametrize("pad", ["fixed", "longest", "fixed, counted each step"])
+def test_label_item_shares_with_masked_and_ragged_labels(tmp_path, monkeypatch, pad):
+    """Labels with -100 (masked tokens, padding) in micro-batches of one shape (counted for many steps at once),
+    of several shapes (dynamic padding), or counted at once each step (a tiny label budget): every step's
+    estimate equals micro_estimate on float64 contributions (n_i / num_items) g_i, with n_i counted here."""
+    if pad.endswith("each step"):
+        monkeypatch.setattr(lhf, "_HELD_LABELS", 1)
+    cb = lhf.LrbsCallback(window=1000)
+    kw = dict(output_dir=str(tmp_path), use_cpu=True, max_steps=8, per_device_train_batch_size=8)
+    kw.update(gradient_accumulation_steps=4, learning_rate=0.0, report_to=[], logging_steps=4, seed=0)
+    args = transformers.TrainingArguments(**kw, save_strategy="no", disable_tqdm=True)
+    tr = transformers.Trainer(
+        model=gpt2(), args=args, train_dataset=RaggedLM(), data_collator=padder(pad.startswith("fixed"))
+    )
+    lhf.attach(tr, cb)
+    seen = []
+    tr.model.register_forward_pre_hook(
+        lambda mod, a, kw: (
+            seen.append({k: v.clone() for k, v in kw.items() if torch.is_tensor(v)}) if mod.training else None
+        ),
+        with_kwargs=True,
+    )
+    tr.train()
+    m = gpt2().double().train()
+    params = [p for p in m.parameters() if p.requires_grad]
+    want, equal = [], []
+    for j in range(8):
+        micro = seen[4 * j : 4 * j + 4]
+        num_items = float(micro[-1]["num_items_in_batch"])
+        counts = [sum(x != -100 for row in b["labels"].tolist() for x in row[1:]) for b in micro]
+        shares = [c / num_items for c in counts]
+        grads = [
+            torch.cat(
+                [
+                    g.reshape(-1)
+                    for g in torch.autograd.grad(m(input_ids=b["input_ids"], labels=b["labels"]).loss, params)
+                ]
+            )
+            for b in micro
+        ]
+        contrib = [s * g for s, g in zip(shares, grads)]
+        total = float(sum(contrib).square().sum())
+        sq = [float(c @ c) for c in contrib]
+        want.append(lrbs.integrations.measure.micro_estimate(sq, [8] * 4, shares, total, num_samples=64))
+        equal.append(
+            lrbs.integrations.measure.micro_estimate(
+                [q / s**2 / 16 for q, s in zip(sq, shares)], [8] * 4, [0.25] * 4, total, num_samples=64
+            )
+        )
+    got = np.array([(g, t) for _, g, t in cb.window.rows])
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert np.abs(np.array(equal) / np.array(want) - 1).max() > 1e-2  # the shares matter here
+
+
 @pytest.mark.parametrize("held", ["train", "other"])
 def test_probe_when_there_is_no_accumulation(tmp_path, held):
     cb = lhf.LrbsCallback(probe_data="train" if held == "train" else LMData(seed=1), probe_draws=2)

@@ -192,14 +192,14 @@ def size_or_none(batch: Any) -> int | None:
     A dict whose first tensor comes before any nested container (the usual keyword batch) is read directly: the
     same first tensor as :func:`~lrbs.batches.batch_tensors`'s depth-first order, without walking the whole batch.
     """
-    from ..batches import batch_size_of
-
     if isinstance(batch, dict):
         for v in batch.values():
             if isinstance(v, torch.Tensor):
                 return int(v.shape[0]) if v.dim() else 1
             if isinstance(v, (Mapping, tuple, list)):
                 break  # a nested container first: the general rule below
+    from ..batches import batch_size_of
+
     try:
         return batch_size_of(batch)
     except Exception:  # an exotic batch must not break the training step; the estimate is skipped instead

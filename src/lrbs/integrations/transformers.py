@@ -89,9 +89,60 @@ def _label_counts(labels: list[torch.Tensor], shifted: list[bool]) -> torch.Tens
     return torch.stack([(t[..., 1:] if f else t).ne(-100).sum() for t, f in zip(labels, shifted)])
 
 
+class _Items:
+    """The label items of the micro-batches of consecutive steps, counted together (:func:`_label_counts`: one
+    pass for labels of one shape) when first read, or as soon as the labels held reach :data:`_HELD_LABELS`
+    bytes; until then references to the labels, no copy. Takes no more labels once counted (``tried``)."""
+
+    def __init__(self) -> None:
+        self.labels: list[torch.Tensor] = []
+        self.shifted: list[bool] = []
+        self.nbytes = 0
+        self.counts: torch.Tensor | None = None
+        self.values: list[int] | None = None
+        self.tried = False
+
+    def add(self, labels: list[torch.Tensor], shifted: list[bool]) -> tuple[int, int]:
+        """Hold one step's labels; their positions in the group."""
+        start = len(self.labels)
+        self.labels += labels
+        self.shifted += shifted
+        self.nbytes += sum(t.nelement() * t.element_size() for t in labels)
+        if self.nbytes >= _HELD_LABELS:
+            self.count()
+        return start, start + len(labels)
+
+    def count(self) -> None:
+        """Count every micro-batch held (asynchronously on an accelerator) and let the labels go."""
+        self.tried = True
+        try:
+            self.counts = _label_counts(self.labels, self.shifted)
+        except Exception:  # left to each step's own count in read()
+            return
+        self.labels, self.shifted = [], []
+
+    def read(self, start: int, stop: int) -> list[int] | None:
+        """The counts of the micro-batches at ``start:stop`` (None where they cannot be counted)."""
+        if not self.tried:
+            self.count()
+        if self.counts is None:  # a batch the one pass cannot count: this step on its own
+            try:
+                return _label_counts(self.labels[start:stop], self.shifted[start:stop]).tolist()
+            except Exception:  # never break training; equal shares are assumed instead
+                return None
+        if self.values is None:
+            self.values = self.counts.tolist()
+        return self.values[start:stop]
+
+
+_HELD_LABELS = 4 * 2**20  # bytes of labels an _Items holds before it counts them
+
+
 def _scalar(x: Any) -> float:
     """A count the Trainer passes as a number or a tensor (expanded over GPUs under DataParallel): its value."""
-    return float(x.reshape(-1)[0]) if isinstance(x, torch.Tensor) else float(x)
+    if isinstance(x, torch.Tensor):
+        return float(x.item() if x.numel() == 1 else x.reshape(-1)[0].item())
+    return float(x)
 
 
 def _map_source(dataset: Any, collate_fn: Callable | None) -> Any:
@@ -168,6 +219,7 @@ class LrbsCallback(Monitor, _hf.TrainerCallback):
         train_source = _map_source(dataset, collate)
         world = int(getattr(args, "world_size", 1) or 1)
         self._micro: list[tuple] = []
+        self._items = _Items()
         sharded = bool(getattr(args, "deepspeed", None) or getattr(args, "fsdp", None))
         self._world = world
         self._across = world > 1 and bool(getattr(args, "average_tokens_across_devices", False))
@@ -232,20 +284,21 @@ class LrbsCallback(Monitor, _hf.TrainerCallback):
     def _shares(self, micro: list[tuple]) -> list[float] | Callable[[], list[float]]:
         """Each micro-batch's share in this rank's accumulated gradient, as its loss was normalised: its label
         items over ``num_items_in_batch`` (which ``compute_loss`` multiplies by the world size when that counts
-        the items of every rank, ``average_tokens_across_devices``), else ``1/k``. The items are counted now (the
-        labels are let go) and read as numbers when the step is solved: a function that returns the shares."""
+        the items of every rank, ``average_tokens_across_devices``), else ``1/k``. A function that returns them
+        when the step is solved: the items of many steps are counted at once (:class:`_Items`)."""
         equal = [1.0 / max(1, len(micro))] * len(micro)
         if not micro or any(m[1] is None for m in micro):
             return equal
-        try:
-            counts = _label_counts([m[1] for m in micro], [m[2] for m in micro])
-        except Exception:  # never break the training step; equal shares are assumed instead
-            return equal
+        if self._items.tried:
+            self._items = _Items()
+        items = self._items
+        start, stop = items.add([m[1] for m in micro], [m[2] for m in micro])
         num_items, div = micro[-1][3], (self._world if self._across else 1)
 
         def shares() -> list[float]:
+            counts = items.read(start, stop)
             total = _scalar(num_items) / div
-            return [c / total for c in counts.tolist()] if total > 0 else equal
+            return [c / total for c in counts] if counts is not None and total > 0 else equal
 
         return shares
 
