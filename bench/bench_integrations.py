@@ -173,7 +173,8 @@ def _self_time(tmp: str, steps: int) -> tuple[float, float]:
 
     for name in ("_on_grad", "_on_backward_end", "_read_total"):
         timed(measure.GradCapture, name)
-    for name in ("on_step_begin", "on_step_end", "on_log", "_record"):
+    # on_log solves the steps held since the last log (on_train_end those after it)
+    for name in ("on_step_begin", "on_step_end", "on_log", "_record", "on_train_end"):
         timed(LrbsCallback, name)
     try:
         tr = _trainer(tmp, steps, LrbsCallback())

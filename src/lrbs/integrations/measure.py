@@ -88,6 +88,7 @@ __all__ = [
     "protected_rng",
     "guarded",
     "micro_estimate",
+    "micro_estimates",
     "micro_sums",
     "solve_micro",
     "sum_over_ranks",
@@ -325,6 +326,58 @@ def micro_estimate(
     return solve_micro(sums, total_sq, num_samples=num_samples, world=world)
 
 
+def micro_estimates(
+    micro_sq: np.ndarray,
+    sizes: np.ndarray,
+    shares: np.ndarray,
+    total_sq: np.ndarray,
+    *,
+    num_samples: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r""":func:`micro_estimate` of many steps on one process at once: row ``j`` of the ``(steps, k)`` arrays and
+    ``total_sq[j]`` are one step's arguments. The arithmetic of :func:`micro_sums` and :func:`solve_micro`, in
+    the same order (each sum accumulated left to right), on whole columns.
+
+    Returns:
+        ``(|G|^2, tr Sigma, solved)``: ``solved`` marks the steps :func:`micro_estimate` solves without an error
+        (``k >= 2``, sizes and shares > 0, finite sums, two distinct batch sizes); the others hold no value to use.
+    """
+    k = micro_sq.shape[1]
+    n = num_samples
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        cs = (
+            1.0 / sizes
+            if n is None or n <= 1
+            else np.where(sizes >= n, 1.0 / sizes, (n - sizes) / (sizes * (n - 1)))
+        )
+        s2 = shares * shares
+
+        def row_sum(x: np.ndarray) -> np.ndarray:  # left to right, as micro_sums's sum()
+            out = x[:, 0].copy()
+            for j in range(1, k):
+                out += x[:, j]
+            return out
+
+        sums = np.stack(
+            [
+                row_sum(micro_sq / s2),
+                row_sum(cs),
+                np.full(len(sizes), float(k)),
+                row_sum(shares),
+                row_sum(s2),
+                row_sum(s2 * cs),
+            ]
+        )
+        m1, b1 = sums[0] / sums[2], sums[1] / sums[2]
+        sq_tot = np.array([v**2 for v in sums[3].tolist()])  # libm's pow, as solve_micro's numpy scalars
+        cross = (sq_tot - sums[4]) / (n - 1) if n and n > 1 else 0.0
+        det = (sums[5] - cross) - sq_tot * b1
+        trace = (total_sq - sq_tot * m1) / det
+        grad_sq = m1 - b1 * trace
+    solved = (k >= 2) & (shares > 0).all(1) & (sizes > 0).all(1) & np.isfinite(sums).all(0) & (det < 0)
+    return grad_sq, trace, solved
+
+
 def sum_over_ranks(world: int) -> Callable[[np.ndarray], tuple[np.ndarray, int]] | None:
     """A function that sums a float64 vector over the default process group (one blocking ``all_reduce`` of that
     small tensor: a collective's latency, tens of microseconds with NCCL, ~0.1 ms with gloo) and returns it with
@@ -522,11 +575,12 @@ class GradCapture:
         self.contrib, self.total_parts, self._pending = [], [], []
 
     def _on_grad(self, grad: torch.Tensor) -> None:
-        if not self._pending:
+        pending = self._pending
+        if not pending:
             self._queue(self._on_backward_end)
-        # an alias, not the hook's own tensor object: holding that would keep AccumulateGrad from taking the
-        # gradient as .grad without a copy
-        self._pending.append(grad.detach())
+        # an alias (``.data``: as ``detach()``, without a dispatcher call), not the hook's own tensor object:
+        # holding that would keep AccumulateGrad from taking the gradient as .grad without a copy
+        pending.append(grad.data)
 
     def _norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The squared norm as a 0-d tensor in the gradients' dtype (no device sync, no conversion: the floats
