@@ -1053,21 +1053,17 @@ def hessian_trace(
     """Trace of the Hessian of the full-data loss: data-split Hutchinson (default) or Hutch++.
 
     **The default** draws one Rademacher probe per piece of ``probe_samples`` samples
-    (:func:`batch_hutchinson_trace` on :meth:`Objective.rebatched <lrbs.objective.Objective.rebatched>`), so
-    that one pass over the data -- the work of one full-data HVP -- averages many independent probes, and
-    stops after at least 2 passes once the standard error is within ``rtol = TRACE_RTOL`` (4%) of the estimate:
-    about the accuracy of PyHessian's ``trace()`` default, whose running-mean rule gave RMS errors of 3.5% (mlp)
-    and 6.1% (cnn1d) on the trained MNIST-1D models of ``bench/bench_curvature.py``. There a pass over pieces of
-    100 has a relative sd of 4.3-4.6% / 9.1% against 12.5% / 22.3% for one probe on all the data (smaller pieces
-    gain little more: the floor is how much the samples' Hessians differ), and the default's RMS error was 2.8%
-    (2 passes) / 4.3% (4 passes) against PyHessian's 14-22 HVPs (times: bench/RESULTS.md). The pieces are
-    multiplied together on stacked copies of the parameters when they fit (:meth:`Objective.batch_hvp
-    <lrbs.objective.Objective.batch_hvp>`, ``settings["batch_hvp_block"]``), so small pieces cost little more
-    than large ones.
-    A trace near zero against the probe noise (an indefinite Hessian, e.g. at initialization) cannot meet a
-    relative test: then the whole budget runs and ``stderr`` says how well it is known.
-    ``probe_samples=None`` is the classic estimator (one probe for all the data); with ``bn="train"`` the
-    Objective's own batches are the pieces (their statistics depend on the cut). ``method="hutch++"`` spends
+    (:func:`batch_hutchinson_trace` on :meth:`Objective.rebatched <lrbs.objective.Objective.rebatched>`): one
+    pass over the data -- the work of one full-data HVP, the pieces multiplied together on stacked parameter
+    copies when they fit (``settings["batch_hvp_block"]``) -- averages many independent probes; it stops after at
+    least 2 passes once the standard error is within ``rtol = TRACE_RTOL`` (4%) of the estimate. On the trained
+    MNIST-1D mlp / cnn1d of ``bench/bench_curvature.py`` a pass has a relative sd of 4.3-4.6% / 9.1% against
+    12.5% / 22.3% for one probe on all the data (smaller pieces gain little more: the samples' Hessians differ),
+    and the default's RMS error was 2.8% (2 passes) / 4.3% (4 passes) against 3.5% / 6.1% for PyHessian's
+    ``trace()`` default after its 14-22 HVPs (times: bench/RESULTS.md).
+    A trace near zero against the probe noise (an indefinite Hessian, at initialization) runs the whole budget;
+    ``stderr`` says how well it is known. ``probe_samples=None``: one probe for all the data (the classic
+    estimator); with ``bn="train"`` the Objective's batches are the pieces. ``method="hutch++"`` spends
     ``num_hvps`` full-data HVPs on Hutch++ (its low-rank sketch pays at tight accuracy on decaying spectra).
 
     Args:

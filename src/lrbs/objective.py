@@ -116,8 +116,9 @@ def rule_batch_hvp_block(num_batches: int, num_groups: int, num_params: int, met
     parameters a row of one stacked leaf per group of same-shaped batches, one ``vmap``-ed forward per group and one
     autograd call per product for all rows) when the HVP is ``rev_rev``, there are at least two batches, at most
     half as many groups as batches, and ``num_batches x num_params <= STACK_LIMIT``; else ``"loop"`` (one autograd
-    call per batch). On the 2-core CPUs of bench/RESULTS.md the stacked way cut a 16-piece pass of the trained
-    MNIST-1D mlp from ~24 ms to ~18 ms and the graph from ~23 ms to ~18 ms (per-call overhead of small pieces)."""
+    call per batch). On the 2-core CPUs of bench/RESULTS.md the stacked way cut a pass over 40 pieces of 100
+    samples of the trained MNIST-1D mlp from 35-47 ms to 22-24 ms and its graph from ~37 ms to ~13 ms (the loop pays
+    a per-call overhead for every small piece); on the cnn1d both ways cost the same at that size."""
     stack = method == "rev_rev" and num_batches >= 2 and 2 * num_groups <= num_batches
     return "stacked" if stack and num_batches * num_params <= STACK_LIMIT else "loop"
 
@@ -564,8 +565,11 @@ class Objective:
         return other
 
     # ------------------------------------------------------------------ batch-level evaluation
-    def _state(self, theta: torch.Tensor, buffers: dict | None) -> dict[str, torch.Tensor]:
-        return {**self._frozen, **(self._buffers if buffers is None else buffers), **self.unflatten(theta)}
+    def _state(self, theta: torch.Tensor | Mapping, buffers: dict | None) -> dict[str, torch.Tensor]:
+        """The module state at ``theta``: a flat vector, or ``{name: tensor}`` of every trainable parameter (used
+        as given, e.g. the per-batch rows of the stacked HVP)."""
+        params = dict(theta) if isinstance(theta, Mapping) else self.unflatten(theta)
+        return {**self._frozen, **(self._buffers if buffers is None else buffers), **params}
 
     def forward(self, theta: torch.Tensor, batch: Any, buffers: dict | None = None) -> Any:
         """The model's output on ``batch`` at the flat point ``theta`` (functional, differentiable in ``theta``).
@@ -764,38 +768,51 @@ class Objective:
             groups.setdefault(_stack_key(batch), []).append(i)
         return list(groups.values())
 
-    def _build_stacked(self, theta: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``[(indices, leaf, gradient)]`` per group of same-shaped batches: ``leaf`` holds one copy of ``theta`` per
-        batch (a row each), the group's batches are stacked on a new leading dimension and ``vmap`` evaluates batch
-        ``c``'s loss at row ``c``, so row ``c`` of ``gradient`` (``create_graph=True``) is batch ``c``'s weighted
-        gradient and its derivative reaches row ``c`` of ``leaf`` only."""
+    def _build_stacked(self, theta: torch.Tensor) -> list[tuple[torch.Tensor, list[torch.Tensor], list]]:
+        """``[(indices, leaves, gradients)]`` per group of same-shaped batches: each trainable parameter's leaf
+        holds one copy of it per batch (a row each, contiguous per parameter: batched matmuls on views of one flat
+        ``(C, n)`` leaf ran 2-3x slower), the group's batches are stacked on a new leading dimension and ``vmap``
+        evaluates batch ``c``'s loss at row ``c``, so row ``c`` of the gradients (``create_graph=True``) is batch
+        ``c``'s weighted gradient and its derivative reaches row ``c`` of the leaves only."""
         buffers = self.buffers_at(theta.detach())
+        names = self._layout.names
 
-        def piece_loss(t: torch.Tensor, batch: Any) -> torch.Tensor:
-            return self.loss_on(t, batch, buffers)
+        def piece_loss(parts: tuple[torch.Tensor, ...], batch: Any) -> torch.Tensor:
+            return self.loss_on(dict(zip(names, parts)), batch, buffers)
 
         out = []
         with torch.enable_grad():
             for idx in self._stack_groups():
-                leaf = theta.detach().expand(len(idx), -1).clone().requires_grad_(True)
+                rows = len(idx)
+                leaves = [
+                    p.detach().expand(rows, *p.shape).clone().requires_grad_(True)
+                    for p in self.unflatten(theta.detach()).values()
+                ]
                 batch = _join([self._batches[i] for i in idx], torch.stack)
-                scale = torch.tensor(
-                    [self._weights[i] / self._total_weight for i in idx], dtype=leaf.dtype, device=leaf.device
+                scale = torch.tensor([self._weights[i] / self._total_weight for i in idx], dtype=theta.dtype)
+                losses = torch.func.vmap(piece_loss)(tuple(leaves), batch)
+                grads = torch.autograd.grad(
+                    (losses * scale.to(losses.device)).sum(), leaves, create_graph=True
                 )
-                losses = torch.func.vmap(piece_loss)(leaf, batch)
-                (g,) = torch.autograd.grad((losses * scale).sum(), leaf, create_graph=True)
-                out.append((torch.tensor(idx, device=leaf.device), leaf, g))
+                out.append((torch.tensor(idx, device=theta.device), leaves, list(grads)))
         return out
 
     def _stacked_rows(self, theta: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """:meth:`batch_hvp`'s rows with one autograd call over the stacked graphs (``d(sum_c g_c . v_c)`` with
         respect to the stacked leaves: row ``c`` is ``H_c v_c``)."""
         groups = self._cached(theta, "stacked", self._build_stacked)
-        total = sum((g * V[idx]).sum() for idx, _, g in groups)
-        rows = torch.autograd.grad(total, [leaf for _, leaf, _ in groups], retain_graph=True)
+        numels = list(self._layout.numels)
+        total = 0
+        for idx, _, grads in groups:
+            parts = torch.split(V[idx], numels, dim=1)
+            total = total + sum((g * v.view(g.shape)).sum() for g, v in zip(grads, parts))
+        leaves = [leaf for _, group, _ in groups for leaf in group]
+        rows = torch.autograd.grad(total, leaves, retain_graph=True)
         out = torch.empty_like(V)
-        for (idx, _, _), r in zip(groups, rows):
-            out[idx] = r
+        k = 0
+        for idx, group, _ in groups:
+            out[idx] = torch.cat([r.reshape(len(idx), -1) for r in rows[k : k + len(group)]], dim=1)
+            k += len(group)
         return out
 
     def _hvp_revrev(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
