@@ -1108,14 +1108,8 @@ def hessian_trace(
     split = obj if obj.bn == "train" else obj.rebatched(probe_samples)
     theta = split.check_finite(split.theta() if params is None else params)
     shape = (len(split.batches), split.num_params)
-    res = batch_hutchinson_trace(
-        lambda V: split.batch_hvp(theta, V),
-        shape,
-        num_passes=num_hvps,
-        rtol=rtol,
-        seed=seed,
-        dtype=split.dtype,
-    )
+    mm = lambda V: split.batch_hvp(theta, V)  # noqa: E731
+    res = batch_hutchinson_trace(mm, shape, num_passes=num_hvps, rtol=rtol, seed=seed, dtype=split.dtype)
     obj.hvp_method = obj.hvp_method or split.hvp_method
     extra = {"batch_hvp_block": split.batch_hvp_block or "loop"}
     if split.fallbacks:
