@@ -18,7 +18,6 @@ from lrbs.integrations.measure import (
     finite_c,
     host_floats,
     micro_estimate,
-    micro_estimates,
     size_or_none,
     squared_norm,
     stability_threshold,
@@ -303,35 +302,3 @@ def test_a_step_whose_shares_fail_is_left_out_with_a_warning():
         summary = mon.summary()
     assert summary.num_estimates == 1 and summary.first_step == 2
     mon.stop()
-
-
-@pytest.mark.parametrize("num_samples", [None, 40, 1])
-def test_micro_estimates_are_micro_estimate_step_by_step(num_samples):
-    """The vectorised form gives micro_estimate's numbers bit for bit, and marks exactly the steps it rejects
-    (in effect one batch size: degenerate; a share <= 0; a NaN contribution)."""
-    rng = np.random.default_rng(0)
-    steps, k = 30, 3
-    micro = rng.uniform(0.1, 2.0, (steps, k))
-    sizes = rng.integers(1, 60, (steps, k)).astype(float)
-    shares = rng.uniform(0.05, 0.6, (steps, k))
-    total = rng.uniform(0.01, 1.0, steps)
-    sizes[3], shares[3] = [1, 60, 60], [1, 1e-9, 1e-9]  # in effect one batch size: degenerate
-    shares[5, 1] = 0.0
-    micro[7, 2] = np.nan
-    g, t, ok = micro_estimates(micro, sizes, shares, total, num_samples=num_samples)
-    for j in range(steps):
-        try:
-            want = micro_estimate(
-                micro[j].tolist(),
-                sizes[j].tolist(),
-                shares[j].tolist(),
-                float(total[j]),
-                num_samples=num_samples,
-            )
-        except ConfigError:
-            want = None
-        if want is None or not np.isfinite(want).all():
-            assert not ok[j], j
-        else:
-            assert ok[j] and (g[j], t[j]) == want, j
-    assert not ok[[3, 5, 7]].any() and ok.sum() == steps - 3

@@ -88,7 +88,6 @@ __all__ = [
     "protected_rng",
     "guarded",
     "micro_estimate",
-    "micro_estimates",
     "micro_sums",
     "solve_micro",
     "sum_over_ranks",
@@ -249,18 +248,11 @@ def micro_sums(
         )
     if any(s <= 0 for s in shares) or any(b <= 0 for b in sizes):
         raise ConfigError(f"shares {list(shares)} and sizes {list(sizes)} must all be > 0")
-    cs = [finite_c(b, num_samples) for b in sizes]
-    return np.array(
-        [
-            sum(m / (s * s) for m, s in zip(micro_sq, shares)),  # sum |g_i|^2
-            sum(cs),
-            float(k),
-            sum(shares),
-            sum(s * s for s in shares),
-            sum(s * s * c for s, c in zip(shares, cs)),
-        ],
-        dtype=np.float64,
-    )
+    g = cs = total = s2 = s2c = 0  # one pass; each sum accumulated left to right, as sum() does
+    for m, b, s in zip(micro_sq, sizes, shares):
+        c, ss = finite_c(b, num_samples), s * s
+        g, cs, total, s2, s2c = g + m / ss, cs + c, total + s, s2 + ss, s2c + ss * c  # g: sum |g_i|^2
+    return np.array([g, cs, float(k), total, s2, s2c], dtype=np.float64)
 
 
 def solve_micro(
@@ -273,19 +265,20 @@ def solve_micro(
     Raises:
         ConfigError: fewer than 2 micro-batches in all, or sizes that leave the two equations degenerate.
     """
-    if not np.isfinite(sums).all():
+    v = np.asarray(sums, dtype=np.float64).tolist()  # Python floats: the same IEEE arithmetic, faster
+    if not all(math.isfinite(x) for x in v):
         return math.nan, math.nan
-    n = sums[2]
+    n = v[2]
     if n < 2:
         raise ConfigError(f"{int(n)} micro-batch gradient(s) at this step: the estimate needs at least 2")
-    m1, b1 = sums[0] / n, sums[1] / n
-    s_tot, s2, s2c = sums[3] / world, sums[4] / world**2, sums[5] / world**2
+    m1, b1 = v[0] / n, v[1] / n
+    s_tot, s2, s2c = v[3] / world, v[4] / world**2, v[5] / world**2
     cross = (s_tot**2 - s2) / (num_samples - 1) if num_samples and num_samples > 1 else 0.0
     b2 = s2c - cross
     det = b2 - s_tot**2 * b1
     if not det < 0:
         raise ConfigError(
-            f"micro-batches with sums {sums.tolist()} give one batch size only: the noise scale needs the "
+            f"micro-batches with sums {v} give one batch size only: the noise scale needs the "
             "micro-batches and their sum to differ in size"
         )
     trace = (float(total_sq) - s_tot**2 * m1) / det
@@ -324,58 +317,6 @@ def micro_estimate(
     if all_reduce is not None:
         sums, world = all_reduce(sums)
     return solve_micro(sums, total_sq, num_samples=num_samples, world=world)
-
-
-def micro_estimates(
-    micro_sq: np.ndarray,
-    sizes: np.ndarray,
-    shares: np.ndarray,
-    total_sq: np.ndarray,
-    *,
-    num_samples: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    r""":func:`micro_estimate` of many steps on one process at once: row ``j`` of the ``(steps, k)`` arrays and
-    ``total_sq[j]`` are one step's arguments. The arithmetic of :func:`micro_sums` and :func:`solve_micro`, in
-    the same order (each sum accumulated left to right), on whole columns.
-
-    Returns:
-        ``(|G|^2, tr Sigma, solved)``: ``solved`` marks the steps :func:`micro_estimate` solves without an error
-        (``k >= 2``, sizes and shares > 0, finite sums, two distinct batch sizes); the others hold no value to use.
-    """
-    k = micro_sq.shape[1]
-    n = num_samples
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        cs = (
-            1.0 / sizes
-            if n is None or n <= 1
-            else np.where(sizes >= n, 1.0 / sizes, (n - sizes) / (sizes * (n - 1)))
-        )
-        s2 = shares * shares
-
-        def row_sum(x: np.ndarray) -> np.ndarray:  # left to right, as micro_sums's sum()
-            out = x[:, 0].copy()
-            for j in range(1, k):
-                out += x[:, j]
-            return out
-
-        sums = np.stack(
-            [
-                row_sum(micro_sq / s2),
-                row_sum(cs),
-                np.full(len(sizes), float(k)),
-                row_sum(shares),
-                row_sum(s2),
-                row_sum(s2 * cs),
-            ]
-        )
-        m1, b1 = sums[0] / sums[2], sums[1] / sums[2]
-        sq_tot = np.array([v**2 for v in sums[3].tolist()])  # libm's pow, as solve_micro's numpy scalars
-        cross = (sq_tot - sums[4]) / (n - 1) if n and n > 1 else 0.0
-        det = (sums[5] - cross) - sq_tot * b1
-        trace = (total_sq - sq_tot * m1) / det
-        grad_sq = m1 - b1 * trace
-    solved = (k >= 2) & (shares > 0).all(1) & (sizes > 0).all(1) & np.isfinite(sums).all(0) & (det < 0)
-    return grad_sq, trace, solved
 
 
 def sum_over_ranks(world: int) -> Callable[[np.ndarray], tuple[np.ndarray, int]] | None:

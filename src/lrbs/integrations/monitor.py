@@ -27,7 +27,6 @@ from .measure import (
     current_lr,
     guarded,
     host_floats,
-    micro_estimates,
     micro_sums,
     probe_estimates,
     protected_rng,
@@ -253,7 +252,7 @@ class Monitor:
         flat = [v for r in records for v in (*r.micro, *r.totals)]
         got = guarded("reading the gradient norms", records[0].step, lambda: host_floats(flat))
         values = iter(got if got is not None else [math.nan] * len(flat))
-        rows = []
+        rows = []  # every share function first, then the estimates
         for r in records:
             micro = [next(values) for _ in r.micro]
             totals = [next(values) for _ in r.totals]
@@ -262,42 +261,8 @@ class Monitor:
             if callable(shares):
                 shares = guarded("the micro-batch shares", r.step, shares)
             rows.append((r.step, micro, r.sizes, shares, r.micro_scale, total))
-        if all_reduce is None:
-            self._estimate_many(rows)
-        else:
-            for row in rows:
-                self._estimate(*row, all_reduce)
-
-    def _estimate_many(self, rows: list[tuple]) -> None:
-        """:meth:`_estimate` of many steps of one process: those that read cleanly, with the same number
-        ``k >= 2`` of micro-batches, solved at once by :func:`~lrbs.integrations.measure.micro_estimates` (same
-        numbers); every other step, and any it cannot solve, one by one (with their warnings), in step order."""
-        solved: dict[int, tuple[float, float]] = {}
-        by_k: dict[int, list[int]] = {}
-        for i, (_, micro, sizes, shares, _, total) in enumerate(rows):
-            k = len(micro)
-            regular = total is not None and shares is not None and len(sizes) == k == len(shares) and k >= 2
-            if regular and all(b is not None for b in sizes):
-                by_k.setdefault(k, []).append(i)
-        for idx in by_k.values():
-            part = [rows[i] for i in idx]
-            scale2 = np.array([[float(r[4]) ** 2] for r in part])
-            g, t, ok = micro_estimates(
-                np.array([r[1] for r in part], dtype=np.float64) / scale2,
-                np.array([r[2] for r in part], dtype=np.float64),
-                np.array([r[3] for r in part], dtype=np.float64),
-                np.array([float(r[5]) for r in part]),
-                num_samples=self.num_samples,
-            )
-            solved.update(
-                (i, (gi, ti)) for i, gi, ti, oki in zip(idx, g.tolist(), t.tolist(), ok.tolist()) if oki
-            )
-        for i, row in enumerate(rows):
-            if i in solved:
-                self.window.add(row[0], *solved[i])
-                self._fresh = True
-            else:
-                self._estimate(*row, None)
+        for row in rows:
+            self._estimate(*row, all_reduce)
 
     def _estimate(
         self,
