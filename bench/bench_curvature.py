@@ -122,6 +122,8 @@ def _worker(spec: dict) -> dict:
         res = hessian_eigenvalues(obj) if spec["what"] == "eig" else hessian_trace(obj)
         value = res.top if spec["what"] == "eig" else res.value
         hvps, method = res.num_hvps, res.settings.get("hvp_method")
+        if "batch_hvp_block" in res.settings:
+            method = f"{method}, {res.settings['batch_hvp_block']} pieces of {res.settings['probe_samples']}"
     else:
         h = hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=dev.type == "cuda")
         value = h.eigenvalues()[0][0] if spec["what"] == "eig" else float(np.mean(h.trace()))
