@@ -92,7 +92,9 @@ def _label_counts(labels: list[torch.Tensor], shifted: list[bool]) -> torch.Tens
 class _Items:
     """The label items of the micro-batches of consecutive steps, counted together (:func:`_label_counts`: one
     pass for labels of one shape) when first read, or as soon as the labels held reach :data:`_HELD_LABELS`
-    bytes; until then references to the labels, no copy. Takes no more labels once counted (``tried``)."""
+    bytes; until then references to the labels, no copy (the Trainer leaves them as they are; a model that edited
+    its labels in place during the forward would be counted after the edit). Takes no more labels once counted
+    (``tried``)."""
 
     def __init__(self) -> None:
         self.labels: list[torch.Tensor] = []
@@ -171,9 +173,11 @@ class LrbsCallback(Monitor, _hf.TrainerCallback):
     and ``tr Sigma`` (small batch: a micro-batch of one rank; big batch: the all-reduced, accumulated gradient's
     ``k x world_size`` micro-batches); the logged ``lrbs/b_simple`` is the ratio of their means over the last
     ``window`` steps with its bootstrap interval (``lrbs/b_simple_low`` / ``_high``), in samples (sequences) per
-    batch. Cost: a tensor hook per parameter and one squared norm per backward, one more per step (about 3% of a
-    tiny GPT-2's step, bench/RESULTS.md); under DDP also one blocking ``all_reduce`` of 6 float64 numbers per
-    optimizer step (a collective's latency). Under DeepSpeed or FSDP (sharded gradients), and with accumulation 1
+    batch. Cost: a tensor hook per parameter and one squared norm per backward, one more per step, and a reference
+    to each micro-batch's labels; on one process the step's numbers wait as tensors and are solved, label items
+    counted, many steps at once when the callback logs (about 2% of a tiny GPT-2's step in all, bench/RESULTS.md);
+    under DDP each step is solved at once, with one blocking ``all_reduce`` of 6 float64 numbers per optimizer step
+    (a collective's latency). Under DeepSpeed or FSDP (sharded gradients), and with accumulation 1
     on one process, ``probe_data`` is needed (held data, or ``"train"``): every ``log_every`` steps
     :func:`lrbs.noise_scale` runs on ``probe_draws`` batches of ``probe_micro_batches x per_device_train_batch_size``
     samples, i.e. ``probe_draws x probe_micro_batches`` extra forward-backward passes of a micro-batch plus a copy of
@@ -253,7 +257,7 @@ class LrbsCallback(Monitor, _hf.TrainerCallback):
         return _map_source(data, collate) or as_source(data, name="probe_data")
 
     def _record(self, module: Any, args: tuple, kwargs: dict) -> None:
-        """Per forward: the sample count and a reference to the labels (counted once per step, at its end)."""
+        """Per forward: the sample count and a reference to the labels (counted later, many steps at once)."""
         if not (module.training and torch.is_grad_enabled()):
             return  # evaluation, generation
         num_items = kwargs.get("num_items_in_batch")
@@ -272,7 +276,7 @@ class LrbsCallback(Monitor, _hf.TrainerCallback):
         step = int(state.global_step)
         if self.free:
             micro, self._micro = self._micro, []
-            self.end_step(  # the total: the capture's, read before the loss scale is taken out
+            self.end_step(  # total: the capture's, read before unscaling (end_step divides it by micro_scale**2)
                 step,
                 [m[0] for m in micro],
                 self._shares(micro),
