@@ -243,26 +243,25 @@ class Monitor:
             self.flush()
 
     def flush(self) -> None:
-        """Solve the steps held on one process into estimates (one device-to-host copy for all of them)."""
+        """Solve the steps held on one process into estimates, in step order."""
         pending, self._pending = self._pending, []
         if pending:
             self._solve(pending, None)
 
     def _solve(self, records: list[_Step], all_reduce: Callable | None) -> None:
+        """Read the records' norms as floats (:func:`~lrbs.integrations.measure.host_floats`: one device-to-host
+        copy for all of them on an accelerator) and turn each record into its estimate."""
         flat = [v for r in records for v in (*r.micro, *r.totals)]
         got = guarded("reading the gradient norms", records[0].step, lambda: host_floats(flat))
         values = iter(got if got is not None else [math.nan] * len(flat))
-        rows = []  # every share function first, then the estimates
         for r in records:
             micro = [next(values) for _ in r.micro]
             totals = [next(values) for _ in r.totals]
-            total = sum(totals) / r.total_scale**2 if totals else None
+            total = sum(totals) / r.total_scale**2 if totals and r.total_scale else None
             shares = r.shares
             if callable(shares):
                 shares = guarded("the micro-batch shares", r.step, shares)
-            rows.append((r.step, micro, r.sizes, shares, r.micro_scale, total))
-        for row in rows:
-            self._estimate(*row, all_reduce)
+            self._estimate(r.step, micro, r.sizes, shares, r.micro_scale, total, all_reduce)
 
     def _estimate(
         self,
