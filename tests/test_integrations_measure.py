@@ -102,6 +102,26 @@ def test_capture_reads_each_backward_and_the_total_without_changing_gradients():
     assert torch.allclose(got, acc, atol=1e-7)  # the hooks changed nothing
 
 
+def test_capture_lets_the_first_gradient_become_grad_without_a_copy():
+    """In a step's first backward (.grad None) AccumulateGrad takes each gradient itself as .grad: the capture
+    holds aliases, not the hook's tensors, so it still does (holding those would force a copy of every gradient)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    seen: list[int] = []
+    for p in model.parameters():
+        p.register_hook(lambda g: seen.append(g.data_ptr()))  # remembers where, holds nothing
+    cap = GradCapture(model.parameters()).attach()
+    for _ in range(2):
+        seen.clear()
+        model.zero_grad(set_to_none=True)
+        cap.reset()
+        model(torch.randn(5, 4)).pow(2).mean().backward()
+        assert sorted(p.grad.data_ptr() for p in model.parameters()) == sorted(seen)
+        model(torch.randn(5, 4)).pow(2).mean().backward()  # later ones add in place
+        assert len(cap.take()[0]) == 2
+    cap.detach()
+
+
 def diverges(make_opt, lr: float, lam: float = 1.0, steps: int = 800) -> bool:
     """Whether torch's optimizer diverges on f(x) = lam x^2 / 2 from x = 1."""
     x = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))

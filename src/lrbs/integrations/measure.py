@@ -482,6 +482,7 @@ class GradCapture:
         self.contrib: list[torch.Tensor | float] = []
         self.total_parts: list[torch.Tensor | float] = []
         self._pending: list[torch.Tensor] = []
+        self._stealable = True
         self._handles: list[Any] = []
         self.failed = False
         self._queue = self.engine_queue()
@@ -516,14 +517,17 @@ class GradCapture:
     def reset(self) -> None:
         """Forget what the hooks stored (call at the start of each optimizer step)."""
         self.contrib, self.total_parts, self._pending = [], [], []
+        self._stealable = True
 
     def _on_grad(self, grad: torch.Tensor) -> None:
         pending = self._pending
         if not pending:
             self._queue(self._on_backward_end)
-        # an alias (``.data``: as ``detach()``, without a dispatcher call), not the hook's own tensor object:
-        # holding that would keep AccumulateGrad from taking the gradient as .grad without a copy
-        pending.append(grad.data)
+        # In a step's first backward (.grad None after zero_grad) AccumulateGrad takes the gradient itself as .grad
+        # unless something else holds it: hold an alias (.data: as detach(), without a dispatcher call). After
+        # that it adds in place, and holding the hook's own tensor changes nothing (at worst, for a parameter
+        # whose first gradient comes later, AccumulateGrad copies it: same values).
+        pending.append(grad.data if self._stealable else grad)
 
     def _norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The squared norm as a 0-d tensor in the gradients' dtype (no device sync, no conversion: the floats
@@ -532,7 +536,7 @@ class GradCapture:
         return v.detach() if v.requires_grad else v
 
     def _on_backward_end(self) -> None:
-        grads, self._pending = self._pending, []
+        grads, self._pending, self._stealable = self._pending, [], False
         try:
             self.contrib.append(self._norm(grads))
             if self.total_when is not None and self.total_when():
