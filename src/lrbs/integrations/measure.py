@@ -469,7 +469,7 @@ class GradCapture:
 
     Costs a Python call per parameter per backward (it keeps an alias of the gradient) and one squared norm over
     that backward's gradients (one C++ flatten and a dot, left as a 0-d tensor: no conversion, no sync), plus one
-    per optimizer step: +2% on a forward + backward of a tiny GPT-2's micro-batch (28 parameter tensors;
+    per optimizer step: +2-3% on a forward + backward of a tiny GPT-2's micro-batch (28 parameter tensors;
     bench/bench_integrations.py, bench/RESULTS.md). The hooks also fire for other backward
     passes through these parameters (e.g. a gradient penalty inside the loss, reentrant activation
     checkpointing); such steps give more contributions than micro-batches and are skipped by the callbacks.
