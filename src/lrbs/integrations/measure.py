@@ -467,8 +467,9 @@ class GradCapture:
     parameter do the same, more slowly, but read the total before DDP's all-reduce (the HF callback then needs the
     probe under DDP; Lightning reads the total itself, after the all-reduce).
 
-    Costs a Python call per parameter per backward (it keeps an alias of the gradient) and one squared norm over
-    that backward's gradients (one C++ flatten and a dot, left as a 0-d tensor: no conversion, no sync), plus one
+    Costs a Python call per parameter per backward (it keeps the gradient, as an alias in a step's first backward)
+    and one squared norm over that backward's gradients (one C++ flatten and a dot, left as a 0-d tensor: no
+    conversion, no sync), plus one
     per optimizer step: +2-3% on a forward + backward of a tiny GPT-2's micro-batch (28 parameter tensors;
     bench/bench_integrations.py, bench/RESULTS.md). The hooks also fire for other backward
     passes through these parameters (e.g. a gradient penalty inside the loss, reentrant activation
