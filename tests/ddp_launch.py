@@ -18,8 +18,13 @@ def free_port() -> int:
 
 def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 300) -> None:
     """``python -m torch.distributed.run --nproc-per-node nproc script *args``; fails the test (with the tail of
-    its output) unless every process exits 0."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
-    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    its output) unless every process exits 0. The free port can be taken by another process between the probe
+    and torchrun's bind: a run that failed on an address in use is tried once more on a new port."""
+    for attempt in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+        cmd += ["--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out = proc.stdout[-3000:] + proc.stderr[-3000:]
+        if proc.returncode == 0 or attempt or "address already in use" not in out.lower():
+            break
+    assert proc.returncode == 0, out
