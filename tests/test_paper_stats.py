@@ -8,6 +8,7 @@ import math
 import warnings
 
 import numpy as np
+import pytest
 from scipy import stats
 
 from lrbs.noise_scale import bootstrap_ratio
@@ -58,3 +59,21 @@ def test_bootstrap_ratio_stays_defined_where_scipy_bootstrap_is_not():
         )  # fmt: skip
     low, high = res.confidence_interval
     assert not (math.isfinite(low) and math.isfinite(high) and low < high)
+
+
+def test_bootstrap_ratio_is_the_same_resampling_every_call():
+    """The kept resampling indices give what a fresh draw gives (a naive loop over resamples), call after call,
+    for hashable and unhashable entropy, and for a resampling too large to keep."""
+    rng = np.random.default_rng(5)
+    num, den = rng.normal(1.0, 0.3, 40), rng.normal(2.0, 0.5, 40)
+
+    def naive(entropy, B):
+        g = np.random.default_rng(entropy)
+        idx = g.integers(0, len(num), size=(B, len(num)))
+        ratios = sorted(num[i].mean() / den[i].mean() for i in idx)
+        return ratios[int(np.floor(0.05 * (B - 1)))], ratios[int(np.ceil(0.95 * (B - 1)))]
+
+    for entropy, B in ((3, 500), ((7, 1), 500), ([7, 1], 500), (3, 5000)):
+        want = naive(entropy, B)
+        for _ in range(2):
+            assert bootstrap_ratio(num, den, B, 0.9, entropy) == pytest.approx(want, rel=1e-12)

@@ -62,6 +62,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -459,9 +460,13 @@ def bootstrap_ratio(
     (recorded results and the study would change), and interpolation is undefined when some resampled ratios are
     infinite (a mean ``|G|²`` <= 0 below the noise floor); ``"lower"`` / ``"higher"`` quantiles keep them defined.
     """
-    rng = np.random.default_rng(entropy)
     k = len(num)
-    idx = rng.integers(0, k, size=(num_bootstrap, k))
+    idx = None
+    if k * num_bootstrap <= _KEPT_INDICES:  # kept (a callback's window asks for the same ones at every log)
+        with contextlib.suppress(TypeError):  # an unhashable entropy (a list): drawn afresh below
+            idx = _resample_indices(entropy, k, num_bootstrap)
+    if idx is None:
+        idx = np.random.default_rng(entropy).integers(0, k, size=(num_bootstrap, k))
     n, d = num[idx].mean(1), den[idx].mean(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = np.where(d > 0, n / np.where(d > 0, d, 1.0), np.inf)
@@ -470,6 +475,17 @@ def bootstrap_ratio(
     return float(np.quantile(ratios, alpha, method="lower")), float(
         np.quantile(ratios, 1 - alpha, method="higher")
     )
+
+
+_KEPT_INDICES = 2**17  # resampling indices up to this many (1 MiB) are kept, 16 sets at most
+
+
+@functools.lru_cache(maxsize=16)
+def _resample_indices(entropy: Any, k: int, num_bootstrap: int) -> np.ndarray:
+    """The bootstrap's resampling indices, read-only: ``default_rng(entropy).integers(0, k, (num_bootstrap, k))``."""
+    idx = np.random.default_rng(entropy).integers(0, k, size=(num_bootstrap, k))
+    idx.flags.writeable = False
+    return idx
 
 
 # --------------------------------------------------------------------------------------------- drawing big batches
