@@ -219,3 +219,17 @@ def test_stacked_rule_and_bad_block(obj):
         pieces.batch_hvp(pieces.theta(), torch.zeros(9, obj.num_params, dtype=torch.float64), block="batched")
     res = hessian_trace(obj, probe_samples=10, seed=0)
     assert res.settings["batch_hvp_block"] == "stacked"
+
+
+def test_stacked_rows_with_interleaved_groups(data):
+    """Batches of 25, 25, 25, 15 cut into pieces of 10: same-shaped pieces are not consecutive (gathered rows)."""
+    model = build_model("mlp", dataset=data, depth=2, width=6, activation="tanh", seed=0)
+    pieces = Objective(model, data=data, batch_size=25, dtype=torch.float64).rebatched(10)
+    sizes = [len(b[-1]) for b in pieces.batches]
+    assert sizes == [10, 10, 5, 10, 10, 5, 10, 10, 5, 10, 5]
+    V = torch.randn(
+        len(sizes), pieces.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(5)
+    )
+    got = pieces.batch_hvp(pieces.theta(), V)
+    assert pieces.batch_hvp_block == "stacked"
+    torch.testing.assert_close(got, _dense_rows(pieces, V), rtol=1e-9, atol=1e-12)

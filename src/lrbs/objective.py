@@ -174,6 +174,13 @@ def _join(batches: list[Any], join: Callable[[list[torch.Tensor]], torch.Tensor]
     raise LrbsTypeError(f"cannot join batch parts of type {type(first).__name__}")
 
 
+def _rows_of(idx: list[int], device: torch.device) -> slice | torch.Tensor:
+    """Rows ``idx`` of a ``(C, n)`` block: a slice (a view, no copy) when they are consecutive, else an index."""
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return slice(idx[0], idx[0] + len(idx))
+    return torch.tensor(idx, device=device)
+
+
 def _stack_key(batch: Any) -> tuple:
     """Batches with equal keys stack leaf by leaf: the structure and every tensor's shape and dtype."""
     keys = tuple(batch.keys()) if isinstance(batch, Mapping) else ()
@@ -794,7 +801,7 @@ class Objective:
                 grads = torch.autograd.grad(
                     (losses * scale.to(losses.device)).sum(), leaves, create_graph=True
                 )
-                out.append((torch.tensor(idx, device=theta.device), leaves, list(grads)))
+                out.append((_rows_of(idx, theta.device), leaves, list(grads)))
         return out
 
     def _stacked_rows(self, theta: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -811,7 +818,11 @@ class Objective:
         out = torch.empty_like(V)
         k = 0
         for idx, group, _ in groups:
-            out[idx] = torch.cat([r.reshape(len(idx), -1) for r in rows[k : k + len(group)]], dim=1)
+            parts = [r.reshape(r.shape[0], -1) for r in rows[k : k + len(group)]]
+            if isinstance(idx, slice):  # consecutive batches (the usual case): written in place, no gather
+                torch.cat(parts, dim=1, out=out[idx])
+            else:
+                out[idx] = torch.cat(parts, dim=1)
             k += len(group)
         return out
 
