@@ -8,10 +8,12 @@ PyHessian with ``cuda=True`` on a GPU):
   number, so every first-call cost is in: the private model copy, the gradient graph, the method choice, the
   allocator). Ours ``hessian_eigenvalues(obj)`` against PyHessian ``hessian(model, criterion, data=(x, y))
   .eigenvalues()``; ours ``hessian_trace(obj)`` against PyHessian's ``.trace()`` (the mean of its samples).
-  Runs alternate ours / theirs; PyHessian's global RNG is seeded per run (its start vector and probes). The
+  Runs alternate ours / theirs, 11 fresh processes each (PyHessian's run time depends on its seed: its stopping
+  rules end after 6-30 HVPs, so a median over few seeds moves by +-30%); PyHessian's global RNG is seeded per run
+  (its start vector and probes). The
   errors are against tight references: Lanczos at ``tol=1e-10`` on a float64 Objective from a random start
   (eigenvalue), Hutch++ with 900 HVPs (trace); the trace errors are RMS over seeds, measured in this process
-  (PyHessian over 20 seeds; ours over 5 ``seed`` values of the same default call). Target: ours >= 2x
+  (PyHessian over 20 seeds; ours over 20 ``seed`` values of the same default call). Target: ours >= 2x
   faster at an error no larger than PyHessian's.
 - ``grad`` / ``hvp_rev_rev`` / ``hvp_fwd_rev``: one full-data gradient and one HVP by each implementation (the
   HVP ratio is to one gradient; the target is <= 3x).
@@ -175,7 +177,7 @@ def _defaults(
 ) -> list[dict]:
     """The fresh-process comparison at both tools' default arguments."""
     dev = common.device()
-    reps = 2 if quick else 5
+    reps = 2 if quick else 11  # PyHessian stops at a random HVP count (6-30): 11 fresh processes each
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         state = str(Path(tmp) / f"{name}.pt")

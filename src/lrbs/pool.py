@@ -49,8 +49,10 @@ __all__ = [
     "start_fork_server",
 ]
 
-#: modules imported once in the fork server, so that every worker starts with them loaded
-PRELOAD = ("torch", "numpy", "lrbs.pool", "lrbs.train", "lrbs.objective")
+#: modules imported once in the fork server, so that every worker starts with them loaded; ``torch._dynamo`` is
+#: what the first ``torch.optim`` optimizer of a process imports (``add_param_group`` is wrapped by
+#: ``torch._disable_dynamo``): 1-1.5 s of every worker's first training run otherwise
+PRELOAD = ("torch", "torch._dynamo", "numpy", "lrbs.pool", "lrbs.train", "lrbs.objective")
 
 
 class WorkerDied(LrbsError, RuntimeError):
