@@ -160,19 +160,7 @@ def step_monitor() -> tuple[Monitor, torch.nn.Module]:
     """A Monitor in its free mode (2 'ranks', accumulation 2) on a small model, hooks attached."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
-    mon = Monitor(window=10)
-    mon.start(
-        model,
-        accumulation=2,
-        world=2,
-        free_possible=True,
-        micro_batch=4,
-        num_samples=None,
-        train_source=None,
-        probe_source=None,
-        log_every=1,
-        total_when=None,
-    )
+    mon = free_monitor(model, accumulation=2, world=2, window=10, micro_batch=4, num_samples=None)
     mon.begin_step()
     for _ in range(2):
         (model(torch.randn(4, 3)).pow(2).mean() / 2).backward()
@@ -243,17 +231,26 @@ def test_size_or_none_reads_the_first_tensor_like_batch_size_of(batch):
     assert size_or_none({"n": 3}) is None  # no tensor: unreadable, not an error
 
 
-def free_monitor(model: torch.nn.Module, last: list[bool] | None = None) -> Monitor:
-    """A Monitor in its free mode on one process (accumulation 3); ``last[0]``: the backward is the step's last
-    (it reads the total)."""
-    mon = Monitor(window=100)
+def free_monitor(
+    model: torch.nn.Module,
+    last: list[bool] | None = None,
+    *,
+    accumulation: int = 3,
+    world: int = 1,
+    window: int = 100,
+    micro_batch: int | None = None,
+    num_samples: int | None = 60,
+) -> Monitor:
+    """A Monitor in its free mode (default: one process, accumulation 3), hooks attached; ``last[0]``: the
+    backward is the step's last (it reads the total)."""
+    mon = Monitor(window=window)
     mon.start(
         model,
-        accumulation=3,
-        world=1,
+        accumulation=accumulation,
+        world=world,
         free_possible=True,
-        micro_batch=None,
-        num_samples=60,
+        micro_batch=micro_batch,
+        num_samples=num_samples,
         train_source=None,
         probe_source=None,
         log_every=1,

@@ -616,7 +616,9 @@ _BYTE_SIGNS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1) * 2 - 1
 
 def _rademacher_bytes(rows: int, n: int, g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     """Rademacher ``(rows, n)`` entries from one random byte per 8 of them (a table lookup): the same
-    distribution as :func:`_rademacher` at an eighth of the random draws (3-5x faster for the data-split probes)."""
+    distribution as :func:`_rademacher` at an eighth of the random draws (3-5x faster for the data-split probes).
+    :func:`_rademacher` stays for Hutch++ and the one-probe estimator: their recorded numbers (the study's
+    Hutch++ trace among them) follow its stream."""
     b = torch.randint(0, 256, (rows, (n + 7) // 8), generator=g)
     return _BYTE_SIGNS.to(dtype)[b].reshape(rows, -1)[:, :n]
 

@@ -796,11 +796,10 @@ class Objective:
                     for p in self.unflatten(theta.detach()).values()
                 ]
                 batch = _join([self._batches[i] for i in idx], torch.stack)
-                scale = torch.tensor([self._weights[i] / self._total_weight for i in idx], dtype=theta.dtype)
+                weights = [self._weights[i] / self._total_weight for i in idx]
+                scale = torch.tensor(weights, dtype=theta.dtype, device=theta.device)
                 losses = torch.func.vmap(piece_loss)(tuple(leaves), batch)
-                grads = torch.autograd.grad(
-                    (losses * scale.to(losses.device)).sum(), leaves, create_graph=True
-                )
+                grads = torch.autograd.grad((losses * scale).sum(), leaves, create_graph=True)
                 out.append((_rows_of(idx, theta.device), leaves, list(grads)))
         return out
 
