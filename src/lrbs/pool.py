@@ -11,7 +11,12 @@ runs and measurements in worker processes of a :class:`WorkerPool`:
 - tasks and results travel as plain pickles (tensors by value), results come back in submission order to whoever
   reads them (:meth:`Job.result`), and the workers never touch the store: the driver is the only writer;
 - a worker that dies (killed, out of memory) fails only the task it was running, with :class:`WorkerDied`; a fresh
-  worker takes its place and every other task goes on. Workers exit when the driver process dies.
+  worker takes its place and every other task goes on. Workers exit when the driver process dies;
+- a worker that dies while starting (before it says it is up) never ran its task, which goes back to the queue;
+  after :data:`STARTUP_FAILURES` such deaths in a row the pool stops and every task fails with the reason. The
+  usual cause is a script without ``if __name__ == "__main__":`` (each worker imports the script again while it
+  starts); lrbs refuses to start workers from such a half-started worker (:func:`check_can_start_workers`), where
+  it used to replace dying workers forever.
 
 :func:`shared_pool` keeps one pool alive for the whole process (closed at exit), so consecutive sweeps reuse warm
 workers instead of paying the start (``import torch``) again.
@@ -44,6 +49,7 @@ __all__ = [
     "WorkerDied",
     "WorkerPool",
     "available_cpus",
+    "check_can_start_workers",
     "shared_pool",
     "shutdown_shared_pool",
     "start_fork_server",
@@ -63,6 +69,29 @@ class TaskCancelled(LrbsError, RuntimeError):
     """A queued task was dropped because its pool was closed before a worker took it."""
 
 
+#: what a worker sends once it is up, before any result (results are pickles: they start with b"\\x80")
+_READY = b"ready"
+#: workers in a row that die before they are up: the pool stops (every task fails with the reason) instead of
+#: starting new ones forever
+STARTUP_FAILURES = 3
+MAIN_GUARD_HINT = (
+    "worker processes import the script that started them again (Python's multiprocessing, forkserver or "
+    "spawn), so a script that starts lrbs's workers (lrbs.sweep(..., max_concurrency > 1), a study with "
+    'jobs > 1, a WorkerPool) must keep that code under `if __name__ == "__main__":`'
+)
+
+
+def check_can_start_workers() -> None:
+    """Refuse to start workers from a process that is itself still starting as a worker (a script without the
+    main guard, imported again in the worker): the error that Python raises there comes later and says less.
+
+    Raises:
+        LrbsError: this process is a worker still importing the script that started it (:data:`MAIN_GUARD_HINT`).
+    """
+    if getattr(mp.current_process(), "_inheriting", False):  # what multiprocessing itself checks
+        raise LrbsError(f"lrbs workers cannot start from a process that is still starting: {MAIN_GUARD_HINT}")
+
+
 def available_cpus() -> int:
     """The CPUs this process may run on (``len(os.sched_getaffinity(0))``, else ``os.cpu_count()``)."""
     try:
@@ -77,6 +106,7 @@ def start_fork_server(preload: Sequence[str] = ()) -> None:
 
     Only the first start of the process's fork server sets what it imports.
     """
+    check_can_start_workers()
     if sys.platform != "linux":
         return
     from multiprocessing import forkserver
@@ -170,6 +200,7 @@ def _worker_main(conn: Any, alive: Any) -> None:
     """A worker's loop: read ``(job_id, threads, pickled (fn, args))``, run it, send back ``(job_id, ok, value)``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the driver, which closes the pool
     threading.Thread(target=_watch_driver, args=(alive,), daemon=True).start()
+    conn.send_bytes(_READY)
     while True:
         try:
             msg = conn.recv_bytes()
@@ -207,6 +238,8 @@ class _Worker:
         alive_r.close()
         self.conn = here
         self.job: Job | None = None
+        self.item: tuple | None = None  # the queue entry of ``job`` (put back if the worker dies starting)
+        self.ready = False  # it sent _READY: it started (a death before that is a failed start)
 
     def close(self) -> None:
         for c in (self.conn, self.alive):
@@ -245,6 +278,7 @@ class WorkerPool:
     def __init__(self, workers: int, *, method: str | None = None, preload: Sequence[str] = ()):
         from .errors import check_choice
 
+        check_can_start_workers()
         self.workers = check_int("workers", workers, low=1)
         method = method or ("forkserver" if sys.platform == "linux" else "spawn")
         self.method = check_choice("method", method, ("forkserver", "spawn"))
@@ -258,6 +292,8 @@ class WorkerPool:
         self._next_id = 0
         self._pool: list[_Worker] = []
         self.started = 0  # worker processes started so far (replacements included)
+        self._failed_starts = 0  # workers in a row that died before they were up
+        self._stopped_by: BaseException | None = None  # why the pool stopped on its own
         self._warm = False  # keep all workers started (after start())
         self._thread: threading.Thread | None = None
 
@@ -275,7 +311,7 @@ class WorkerPool:
         job = Job(describe or getattr(fn, "__name__", repr(fn)))
         with self._lock:
             if self._closing:
-                raise LrbsError("this WorkerPool is closed: create a new one")
+                raise self._closed_error()
             job_id = self._next_id
             self._next_id += 1
         task = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
@@ -290,11 +326,16 @@ class WorkerPool:
         """Start every worker now, in the background (otherwise they start with the first tasks)."""
         with self._lock:
             if self._closing:
-                raise LrbsError("this WorkerPool is closed: create a new one")
+                raise self._closed_error()
             self._warm = True
             self._ensure_thread()
         os.write(self._wake_w, b"x")
         return self
+
+    def _closed_error(self) -> LrbsError:
+        if self._stopped_by is not None:
+            return LrbsError(f"this WorkerPool stopped ({self._stopped_by}): create a new one")
+        return LrbsError("this WorkerPool is closed: create a new one")
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
@@ -359,11 +400,12 @@ class WorkerPool:
         busy = [w for w in self._pool if w.job is not None]
         if closing and not busy and not self._queue:
             return False
-        ready = mp_wait([self._wake_r] + [w.conn for w in busy] + [w.process.sentinel for w in self._pool])
+        talking = [w.conn for w in self._pool if w.job is not None or not w.ready]
+        ready = mp_wait([self._wake_r] + talking + [w.process.sentinel for w in self._pool])
         if self._wake_r in ready:
             os.read(self._wake_r, 4096)
         for w in list(self._pool):
-            if w.job is not None and w.conn in ready:
+            if w.conn in ready and (w.job is not None or not w.ready):
                 self._receive(w)
             elif w.process.sentinel in ready or not w.process.is_alive():
                 self._bury(w)
@@ -387,7 +429,7 @@ class WorkerPool:
                     heapq.heappush(self._queue, item)
                 self._bury(w)
                 continue
-            w.job, job.pid = job, w.process.pid
+            w.job, w.item, job.pid = job, item, w.process.pid
 
     def _spawn(self) -> _Worker:
         w = _Worker(self._context)
@@ -398,7 +440,11 @@ class WorkerPool:
     def _receive(self, w: _Worker) -> None:
         job = w.job
         try:
-            job_id, ok, value = pickle.loads(w.conn.recv_bytes())
+            msg = w.conn.recv_bytes()
+            if msg == _READY and not w.ready:
+                w.ready, self._failed_starts = True, 0
+                return
+            job_id, ok, value = pickle.loads(msg)
         except (EOFError, OSError):
             self._bury(w)
             return
@@ -421,13 +467,22 @@ class WorkerPool:
             self._done(job, error=exc)
 
     def _bury(self, w: _Worker) -> None:
-        """A dead worker: fail its task (only that one) and drop it; the dispatcher starts a fresh one."""
+        """A dead worker: fail its task (only that one) and drop it; the dispatcher starts a fresh one.
+
+        A worker that died before it was up never ran its task: the task goes back to the queue, and after
+        :data:`STARTUP_FAILURES` such deaths in a row the pool stops (:class:`LrbsError`, with the usual cause).
+        """
         w.process.join(timeout=5)
         code = w.process.exitcode
+        if not w.ready:  # up, but its first word was not read yet (killed at once, say)
+            with contextlib.suppress(EOFError, OSError):
+                w.ready = w.conn.poll() and w.conn.recv_bytes() == _READY
         w.close()
         if w in self._pool:
             self._pool.remove(w)
-        if w.job is not None:
+        if not w.ready:
+            self._failed_start(w, code)
+        elif w.job is not None:
             job, w.job = w.job, None
             self._done(
                 job,
@@ -437,12 +492,25 @@ class WorkerPool:
                 ),
             )
 
+    def _failed_start(self, w: _Worker, code: int | None) -> None:
+        if w.job is not None:
+            with self._lock:
+                heapq.heappush(self._queue, w.item)
+            w.job = w.item = None
+        self._failed_starts += 1
+        if self._failed_starts >= STARTUP_FAILURES:
+            raise LrbsError(
+                f"{self._failed_starts} worker processes in a row exited while starting ({_death_text(code)}), "
+                f"before taking any task; the usual cause: {MAIN_GUARD_HINT}"
+            )
+
     def _done(self, job: Job, value: Any = None, error: BaseException | None = None) -> None:
         job.finish(value, error)
 
     def _shutdown(self, error: BaseException | None = None) -> None:
         with self._lock:
             self._closing = True
+            self._stopped_by = error
             queued = [(job, data) for _, _, job, data in sorted(self._queue)]
             self._queue.clear()
         why = (

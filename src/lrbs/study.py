@@ -21,6 +21,7 @@ from typing import Any
 from .errors import ConfigError, LrbsError, check_choice, check_int
 from .papers import PAPERS
 from .papers._common import Context, Executor, PaperResult, clean
+from .pool import check_can_start_workers
 
 __all__ = ["run_study", "StudyResult", "PAPERS"]
 
@@ -76,6 +77,8 @@ def run_study(
     from .store import Store
 
     names, n_seeds, n_jobs, threads = _study_args(papers, backend, seeds, quick, jobs, threads, log)
+    if backend == "local" and n_jobs > 1:
+        check_can_start_workers()  # before the store: a script without the main guard, re-run by a worker
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
