@@ -121,6 +121,45 @@ def _overhead_row(case: str, t: tuple[list[float], list[float]], steps: int) -> 
     )
 
 
+def _tiny_linear_row(dev: torch.device, repeat: int, steps: int) -> dict:
+    """fit's own time per step, in microseconds: a 4 -> 2 linear model on batches of 10, where torch's part of a
+    step is a few hundred microseconds and the difference is lrbs's Python (sampler, the shared step, history,
+    callbacks loop), not the noise of a millisecond-long step."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1000, 4, generator=g).to(dev), torch.randint(0, 2, (1000,), generator=g).to(dev)
+
+    def linear() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Linear(4, 2).to(dev)
+
+    def ours():
+        fit(
+            linear(),
+            (x, y),
+            optimizer="adam",
+            lr=1e-3,
+            batch_size=10,
+            steps=steps,
+            seed=0,
+            eval_max_samples=1,
+        )
+
+    def hand():
+        _hand_loop(linear(), x, y, steps, 10, 1e-3, 0)
+
+    (t_hand, t_ours), (c_hand, c_ours) = interleaved_best([hand, ours], repeat)
+    return row(
+        "fit_overhead",
+        f"linear 4->2 adam b10 x{steps} (lrbs's own time per step)",
+        t_ours,
+        "hand loop",
+        t_hand,
+        note=f"{1e6 * (t_ours - t_hand) / steps:+.1f} us wall, {1e6 * (c_ours - c_hand) / steps:+.1f} us CPU per "
+        f"step (best of each; the hand loop's step: {1e6 * t_hand / steps:.0f} us); "
+        f"{100 * (LAST_PAIRED[0] - 1):+.1f}% median of paired rounds",
+    )
+
+
 def main(quick: bool = False, device: torch.device | str | None = None) -> list[dict]:
     """Run the benchmark on ``device`` (default: the one ``python -m bench --device`` chose); return rows."""
     if device is not None:
@@ -156,6 +195,8 @@ def main(quick: bool = False, device: torch.device | str | None = None) -> list[
             what = "eval_max_samples=1 (per-step overhead)" if small_eval else "+1 final eval"
             t = interleaved_best([hand, ours], repeat)
             rows.append(_overhead_row(f"{name} adam b100 x{steps} ({what})", t, steps))
+
+    rows.append(_tiny_linear_row(dev, repeat, 600 if quick else 3000))
 
     # ---- tiny GPT-2 on dict batches: fit (batch protocol + TrainStep) vs a hand loop over the same batches
     batches = [{k: v.to(dev) for k, v in b.items()} for b in lm_batches()]
