@@ -496,6 +496,7 @@ class WorkerPool:
         if w.job is not None:
             with self._lock:
                 heapq.heappush(self._queue, w.item)
+            w.job.pid = None  # queued again: no worker has it
             w.job = w.item = None
         self._failed_starts += 1
         if self._failed_starts >= STARTUP_FAILURES:
