@@ -400,12 +400,12 @@ class WorkerPool:
         busy = [w for w in self._pool if w.job is not None]
         if closing and not busy and not self._queue:
             return False
-        talking = [w.conn for w in self._pool if w.job is not None or not w.ready]
-        ready = mp_wait([self._wake_r] + talking + [w.process.sentinel for w in self._pool])
+        talking = [w for w in self._pool if w.job is not None or not w.ready]  # a result or _READY may come
+        ready = mp_wait([self._wake_r] + [w.conn for w in talking] + [w.process.sentinel for w in self._pool])
         if self._wake_r in ready:
             os.read(self._wake_r, 4096)
         for w in list(self._pool):
-            if w.conn in ready and (w.job is not None or not w.ready):
+            if w in talking and w.conn in ready:
                 self._receive(w)
             elif w.process.sentinel in ready or not w.process.is_alive():
                 self._bury(w)
