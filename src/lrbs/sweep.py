@@ -690,15 +690,21 @@ def _execute_local(todo: list[dict], collect: Callable, start: Callable, workers
     pool = shared_pool(workers).start()
     finished: queue.Queue = queue.Queue()
     waiting, in_flight = list(todo), 0
-    while waiting or in_flight:
+
+    def submit_more() -> None:
+        nonlocal in_flight
         while waiting and in_flight < workers:
             t = waiting.pop(0)
             start(t)
             job = pool.submit(_run_task, t, threads=None, describe=f"sweep run {t['params']}")
             job.add_done_callback(lambda j, t=t: finished.put((t, j)))
             in_flight += 1
+
+    submit_more()
+    while in_flight:
         t, job = finished.get()
         in_flight -= 1
+        submit_more()  # the freed worker gets its next run before this result is written (~30 ms in the store)
         try:
             out = job.result()
         except Exception as e:  # a dead worker process (WorkerDied)
