@@ -134,3 +134,34 @@ def test_console_script_exit_status():
     )
     assert out.returncode == 2
     assert "unknown model 'nope'" in out.stderr and "Traceback" not in out.stderr
+
+
+_EARLY_START = """
+import sys
+import lrbs.pool
+from lrbs.errors import LrbsError
+
+def record(preload=()):
+    raise LrbsError("fork server asked for; torch imported: %s" % ("torch" in sys.modules))
+
+lrbs.pool.start_fork_server = record
+from lrbs.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["sweep", "study"])
+def test_workers_start_before_this_process_imports_torch(command, tmp_path):
+    """`lrbs sweep --max-concurrency 2` and `lrbs study --jobs 2` ask for the fork server before the driver
+    imports torch (its parser and spec checks included), so the workers' imports overlap the driver's."""
+    spec = tmp_path / "s.toml"
+    spec.write_text('[base]\nmodel = "mlp"\ndataset = "blobs"\nsteps = 2\n[grid]\nseed = [0, 1]\n')
+    args = {
+        "sweep": ["sweep", str(spec), "--max-concurrency", "2", "--store", str(tmp_path / "s.sqlite")],
+        "study": ["study", "--quick", "--jobs", "2", "--out", str(tmp_path / "study")],
+    }[command]
+    out = subprocess.run(
+        [sys.executable, "-c", _EARLY_START, *args], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2, out.stderr
+    assert "fork server asked for; torch imported: False" in out.stderr

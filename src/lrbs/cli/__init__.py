@@ -33,16 +33,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or of the subcommand ``only`` alone: some subcommands' options import
+    torch (their defaults), and ``lrbs study`` / ``lrbs sweep`` start their workers' imports before their own."""
     from .. import __version__
 
     parser = _Parser(prog="lrbs", description="Learning rate and batch size: measure, choose, reproduce.")
     parser.add_argument("--version", action="version", version=f"lrbs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for (
-        module
-    ) in SUBCOMMANDS.values():  # every subcommand module ships with lrbs (its heavy imports are in run)
-        importlib.import_module(f".{module}", __name__).add_parser(sub)
+    for name, module in SUBCOMMANDS.items():  # every subcommand module ships with lrbs
+        if only is None or name == only:
+            importlib.import_module(f".{module}", __name__).add_parser(sub)
     return parser
 
 
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"lrbs {__version__}")
         return 0
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv[:1] and argv[0] in SUBCOMMANDS else None)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:

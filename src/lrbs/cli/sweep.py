@@ -58,6 +58,12 @@ def load_spec(path: str | Path) -> dict[str, dict[str, Any]]:
         ConfigError: missing file, malformed TOML (the message has the line and column), unknown tables or
             ``[sweep]`` options (the closest name is suggested), a missing ``[grid]``.
     """
+    return check_spec(path, read_spec(path))
+
+
+def read_spec(path: str | Path) -> dict[str, Any]:
+    """The spec's tables as TOML gives them, the file and its tables checked (no torch import: the options are
+    checked by :func:`check_spec`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"spec={str(path)!r} does not exist: give the path of a TOML sweep spec")
@@ -73,6 +79,13 @@ def load_spec(path: str | Path) -> dict[str, dict[str, Any]]:
             raise LrbsTypeError(f"spec={str(path)!r}: {name} must be a table [{name}], got {data[name]!r}")
     if "grid" not in data:
         raise ConfigError(f"spec={str(path)!r} has no [grid] table: give at least one option = [values]")
+    return data
+
+
+def check_spec(path: str | Path, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The spec of :func:`read_spec`'s tables ``data`` with its ``[sweep]`` options checked and its store path
+    made relative to the spec's folder."""
+    path = Path(path)
     opts = dict(data.get("sweep", {}))
     for k in opts:
         if k not in sweep_options():
@@ -112,17 +125,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _local_pool(opts: dict[str, Any]) -> bool:
+    """Whether the sweep of these options runs in a local process pool (a valid ``max_concurrency`` > 1); a bad
+    value is left to :func:`lrbs.sweep.sweep`, whose error names it."""
+    n = opts.get("max_concurrency")
+    return (
+        opts.get("backend", "local") == "local" and isinstance(n, int) and not isinstance(n, bool) and n > 1
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    data = read_spec(args.spec)
+    overrides = {
+        k: getattr(args, k)
+        for k in ("backend", "ray_address", "store", "max_concurrency", "measure")
+        if getattr(args, k, None) is not None
+    }
+    if _local_pool({**data.get("sweep", {}), **overrides}):
+        from ..pool import start_fork_server
+
+        start_fork_server()  # the workers import torch while this process does (before the options are checked)
     from ..sweep import sweep
 
-    spec = load_spec(args.spec)
-    opts = dict(spec["sweep"])
-    for k in ("backend", "ray_address", "store", "max_concurrency", "measure"):
-        v = getattr(args, k, None)
-        if v is not None:
-            opts[k] = v
+    spec = check_spec(args.spec, data)
+    opts = {**spec["sweep"], **overrides}
     result = sweep(spec["base"], spec["grid"], progress=not args.no_progress, **opts)
     console = Console()
     console.print(result.table(title=f"sweep {Path(args.spec).name}"))
