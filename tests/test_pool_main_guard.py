@@ -63,20 +63,21 @@ def test_a_pool_started_at_import_fails_fast_naming_the_guard(tmp_path):
 
 
 def test_a_sweep_without_the_guard_returns_failed_runs_naming_it(tmp_path):
+    """Also the runs submitted after the pool stopped: the sweep used to raise there (more runs than workers)."""
     out, _ = _run_script(
         tmp_path,
         """
         import sys
         from lrbs import sweep
-        res = sweep({"model": "mlp", "steps": 2}, {"lr": [0.01, 0.1]}, max_concurrency=2, progress=False,
-                    store=sys.argv[1])
+        res = sweep({"model": "mlp", "steps": 2}, {"lr": [0.01, 0.1, 0.2, 0.3]}, max_concurrency=2,
+                    progress=False, store=sys.argv[1])
         for r in res.runs:
             print("RUN", r.status, r.error)
         """,
         str(tmp_path / "lab.sqlite"),
     )
     runs = [line for line in out.stdout.splitlines() if line.startswith("RUN ")]
-    assert out.returncode == 0 and len(runs) == 2, out.stderr[-2000:]
+    assert out.returncode == 0 and len(runs) == 4, out.stderr[-2000:]  # more runs than workers: none raises
     for line in runs:
         assert line.startswith("RUN failed") and GUARD in line and "exited while starting" in line
 

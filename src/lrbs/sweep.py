@@ -45,6 +45,7 @@ from ._util import progress as _progress
 from .errors import (
     ConfigError,
     DependencyError,
+    LrbsError,
     LrbsTypeError,
     check_choice,
     check_int,
@@ -696,7 +697,11 @@ def _execute_local(todo: list[dict], collect: Callable, start: Callable, workers
         while waiting and in_flight < workers:
             t = waiting.pop(0)
             start(t)
-            job = pool.submit(_run_task, t, threads=None, describe=f"sweep run {t['params']}")
+            try:
+                job = pool.submit(_run_task, t, threads=None, describe=f"sweep run {t['params']}")
+            except LrbsError as e:  # the pool stopped (its workers died starting: a script without the guard)
+                collect(t, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+                continue
             job.add_done_callback(lambda j, t=t: finished.put((t, j)))
             in_flight += 1
 
