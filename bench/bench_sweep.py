@@ -6,17 +6,28 @@ The peer of each parallel case is the same 4 runs one after the other in this pr
 includes starting them (fork server + ``import torch``, what a user waits for once); the "warm" row is the best of
 two later sweeps interleaved with two sequential ones (best of two too). Ray's cluster start (``ray.init``) is
 outside the timed region; its workers are warmed up by one small task first.
+
+The last local row (not with ``--quick``) is what a user types: ``lrbs sweep examples/sweep.toml`` (the README's
+example, 32 runs) in a fresh process each, ``--max-concurrency 2`` against the default of one run at a time, two
+pairs in ABBA order, each with its own new store; its time is the whole command's (imports and the pool's start
+included).
 """
 
 from __future__ import annotations
 
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 from bench.common import peak_gflops, row
 from lrbs.sweep import sweep
 
 BASE = {"model": "mlp", "dataset": "mnist1d", "lr": 0.05, "batch_size": 64, "eval_every": 10**9}
 GRID = {"seed": [0, 1, 2, 3]}  # 4 equal runs (distinct keys)
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sweep.toml"
 
 
 def _time(**kw) -> tuple[float, list]:
@@ -63,6 +74,8 @@ def main(quick: bool = False) -> list[dict]:
             note=f"best of 2 vs best of 3; speed-up {min(seq) / min(warm):.2f}x",
         )
     )
+    if not quick:
+        rows.append(_cli_row())
     try:
         import ray
     except ImportError:
@@ -96,6 +109,37 @@ def main(quick: bool = False) -> list[dict]:
     finally:
         ray.shutdown()
     return rows
+
+
+def _cli_time(concurrency: int) -> float:
+    """Wall time of ``lrbs sweep examples/sweep.toml --max-concurrency N`` in a fresh process, new store."""
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "lrbs", "sweep", str(EXAMPLE), "--store", f"{d}/sweep.sqlite"]
+        t0 = time.perf_counter()
+        done = subprocess.run(
+            [*cmd, "--max-concurrency", str(concurrency)], capture_output=True, text=True, cwd=d
+        )
+        wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"lrbs sweep failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return wall
+
+
+def _cli_row(pairs: int = 2) -> dict:
+    """The README's sweep from the command line, 2 processes against 1, ``pairs`` pairs in ABBA order."""
+    two, one = [], []
+    for p in range(pairs):
+        for c in (2, 1) if p % 2 == 0 else (1, 2):
+            (two if c == 2 else one).append(_cli_time(c))
+    ratios = [a / b for a, b in zip(two, one)]
+    return row(
+        "sweep",
+        f"`lrbs sweep examples/sweep.toml` (32 runs), fresh process each (peak fp32 {peak_gflops():.0f} GFLOP/s)",
+        statistics.median(two),
+        "--max-concurrency 1 (the default)",
+        statistics.median(one),
+        note=f"{pairs} ABBA pairs, ratios {', '.join(f'{r:.2f}' for r in ratios)}; the whole command each",
+    )
 
 
 BASE_STEPS: dict = {}
