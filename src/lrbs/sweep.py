@@ -677,6 +677,11 @@ def _run_from_record(task: dict, rec: Any) -> SweepRun:
     )
 
 
+def _failed_out(e: BaseException) -> dict[str, Any]:
+    """The result of a run that never came back from its worker (the worker or the pool died)."""
+    return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+
+
 def _execute_local(todo: list[dict], collect: Callable, start: Callable, workers: int) -> None:
     """Run the tasks here (one worker) or in the process-wide pool of warm workers (:func:`lrbs.pool.shared_pool`,
     started once and reused by later sweeps), at most ``workers`` in flight; results are recorded here, in the
@@ -700,7 +705,7 @@ def _execute_local(todo: list[dict], collect: Callable, start: Callable, workers
             try:
                 job = pool.submit(_run_task, t, threads=None, describe=f"sweep run {t['params']}")
             except LrbsError as e:  # the pool stopped (its workers died starting: a script without the guard)
-                collect(t, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+                collect(t, _failed_out(e))
                 continue
             job.add_done_callback(lambda j, t=t: finished.put((t, j)))
             in_flight += 1
@@ -713,7 +718,7 @@ def _execute_local(todo: list[dict], collect: Callable, start: Callable, workers
         try:
             out = job.result()
         except Exception as e:  # a dead worker process (WorkerDied)
-            out = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+            out = _failed_out(e)
         collect(t, out)
 
 
@@ -741,7 +746,7 @@ def _execute_ray(
             try:
                 out = ray.get(ref)
             except Exception as e:  # the worker died more than max_retries times
-                out = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                out = _failed_out(e)
             collect(t, out)
 
 
